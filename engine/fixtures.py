@@ -1,0 +1,282 @@
+"""Tiny random FLUX model sets in the real file formats (names, dtypes, prefixes, tokenizer files).
+
+Used by the tests and by `python -m engine selftest`: the same loaders, the same code path as the 17 GB files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+from engine.autoencoder import AutoEncoder, AutoEncoderParams
+from engine.flux_model import Flux, FluxParams
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    hidden: int = 64
+    heads: int = 2
+    depth: int = 1
+    depth_single: int = 2
+    guidance: bool = True  # [dev] has guidance_in, [schnell] has not
+    clip_hidden: int = 64
+    clip_layers: int = 2
+    t5_dim: int = 64
+    t5_layers: int = 2
+    t5_heads: int = 2
+    t5_vocab: int = 512
+    vae_ch: int = 32
+    vae_levels: int = 4  # 8× down-sampling needs four levels
+    seed: int = 0
+
+    def flux_params(self) -> FluxParams:
+        head_dim = self.hidden // self.heads
+        rope = (7 * head_dim // 16) // 2 * 2
+        return FluxParams(
+            in_channels=64,
+            context_in_dim=self.t5_dim,
+            vec_in_dim=self.clip_hidden,
+            hidden_size=self.hidden,
+            mlp_hidden=4 * self.hidden,
+            num_heads=self.heads,
+            depth=self.depth,
+            depth_single=self.depth_single,
+            axes_dim=(head_dim - 2 * rope, rope, rope),
+            guidance_embed=self.guidance,
+            qkv_bias=True,
+        )
+
+
+SCHNELL = TinySpec(guidance=False)
+
+
+def _seeded(seed: int, build):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build()
+
+
+def flux_state(spec: TinySpec) -> dict[str, torch.Tensor]:
+    """BFL names; weights scaled up a little so a tiny random model draws more than noise."""
+    model = _seeded(spec.seed, lambda: Flux(spec.flux_params()))
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def ae_state(spec: TinySpec) -> dict[str, torch.Tensor]:
+    params = AutoEncoderParams(3, spec.vae_ch, (1,) * spec.vae_levels, 1, 16, 3)
+    model = _seeded(spec.seed + 1, lambda: AutoEncoder(params))
+    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def clip_state(spec: TinySpec, vocab_size: int) -> dict[str, torch.Tensor]:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.clip_hidden,
+        intermediate_size=2 * spec.clip_hidden,
+        num_hidden_layers=spec.clip_layers,
+        num_attention_heads=max(1, spec.clip_hidden // 64),
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    model = _seeded(spec.seed + 2, lambda: CLIPTextModel(config))
+    # clip_l.safetensors names everything under text_model. (transformers' older layout)
+    return {f"text_model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+def t5_state(spec: TinySpec) -> dict[str, torch.Tensor]:
+    config = T5Config(
+        vocab_size=spec.t5_vocab,
+        d_model=spec.t5_dim,
+        d_kv=spec.t5_dim // spec.t5_heads,
+        d_ff=2 * spec.t5_dim,
+        num_layers=spec.t5_layers,
+        num_heads=spec.t5_heads,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+    )
+    model = _seeded(spec.seed + 3, lambda: T5EncoderModel(config))
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    state.pop("encoder.embed_tokens.weight", None)  # the files people download store the shared table once
+    return state
+
+
+def cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+def is_big_weight(name: str, tensor: torch.Tensor) -> bool:
+    """The tensors fp8 files store as fp8: matrices of linear and conv layers (norms and biases stay)."""
+    return name.endswith(".weight") and tensor.ndim >= 2
+
+
+def to_fp8(state: dict[str, torch.Tensor], dtype=torch.float8_e4m3fn, scaled: bool = False) -> dict[str, torch.Tensor]:
+    """An fp8 file as ComfyUI stores them; `scaled` adds the scaled-fp8 marker and per-layer scale_weight."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if not is_big_weight(name, tensor):
+            out[name] = tensor.to(torch.bfloat16)
+            continue
+        if scaled:
+            scale = tensor.abs().max().float() / torch.finfo(dtype).max * 4
+            out[name] = (tensor.float() / scale).to(dtype)
+            out[name[: -len(".weight")] + ".scale_weight"] = scale.reshape(1)
+        else:
+            out[name] = tensor.to(dtype)
+    if scaled:
+        out["scaled_fp8"] = torch.zeros(0, dtype=dtype)
+    return out
+
+
+def dequantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What an fp8 (or scaled-fp8) state means in float32: the oracle's weights."""
+    out = {}
+    for name, tensor in state.items():
+        if name == "scaled_fp8" or name.endswith(".scale_weight"):
+            continue
+        value = tensor.float()
+        scale = state.get(name[: -len(".weight")] + ".scale_weight") if name.endswith(".weight") else None
+        out[name] = value * scale.float() if scale is not None else value
+    return out
+
+
+# ---- tokenizers ----
+
+
+def _byte_alphabet() -> list[str]:
+    """The byte-level BPE alphabet: each byte as a printable character (GPT-2/CLIP convention)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+_WORDS = (
+    "a photo of cat dog red blue green house tree under over sky night day portrait painting "
+    "the in on with and city river mountain forest glass light dark old young woman man robot"
+).split()
+
+
+def write_clip_tokenizer(folder: Path) -> int:
+    """vocab.json + merges.txt; returns the vocabulary size (end-of-text is the highest id, as in CLIP)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    alphabet = _byte_alphabet()
+    tokens = alphabet + [c + "</w>" for c in alphabet]
+    merges = ["t h", "th e</w>", "c a", "ca t</w>", "o f</w>", "d o", "do g</w>"]
+    tokens += [m.replace(" ", "") for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    return len(tokens)
+
+
+def write_t5_tokenizer(folder: Path) -> None:
+    """A SentencePiece spiece.model trained on a tiny corpus, with T5's special ids (pad 0, eos 1, unk 2)."""
+    import sentencepiece as spm
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    sentences = [" ".join(rng.choice(_WORDS) for _ in range(8)) for _ in range(400)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=100,
+        hard_vocab_limit=False,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
+    (folder / "spiece.model").write_bytes(model.getvalue())
+
+
+# ---- whole model sets ----
+
+
+@dataclass
+class TinyStates:
+    """The four components' state dicts in float32 (BFL/HF names), before any storage cast."""
+
+    transformer: dict[str, torch.Tensor]
+    clip: dict[str, torch.Tensor]
+    t5: dict[str, torch.Tensor]
+    vae: dict[str, torch.Tensor]
+
+
+def tiny_states(spec: TinySpec, clip_vocab: int) -> TinyStates:
+    return TinyStates(flux_state(spec), clip_state(spec, clip_vocab), t5_state(spec), ae_state(spec))
+
+
+def write_tokenizers(models_dir: Path) -> int:
+    write_t5_tokenizer(models_dir / "tokenizers" / "t5xxl")
+    return write_clip_tokenizer(models_dir / "tokenizers" / "clip_l")
+
+
+def write_split(models_dir: Path, states: TinyStates, transformer_dtype=torch.bfloat16, name="flux-tiny") -> dict:
+    """Split files as BFL and comfyanonymous publish them: bf16 transformer, fp16 text encoders, fp32 autoencoder."""
+    paths = {
+        "transformer": models_dir / "diffusion_models" / f"{name}.safetensors",
+        "clip": models_dir / "text_encoders" / "clip_l.safetensors",
+        "t5": models_dir / "text_encoders" / "t5xxl_fp16.safetensors",
+        "vae": models_dir / "vae" / "ae.safetensors",
+    }
+    transformer = (
+        to_fp8(states.transformer, transformer_dtype) if transformer_dtype in FP8 else cast(states.transformer, transformer_dtype)
+    )
+    contents = {
+        "transformer": transformer,
+        "clip": cast(states.clip, torch.float16),
+        "t5": cast(states.t5, torch.float16),
+        "vae": states.vae,
+    }
+    for role, path in paths.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(contents[role], str(path))
+    return paths
+
+
+def write_checkpoint(path: Path, parts: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """A ComfyUI all-in-one checkpoint from stored-dtype parts (roles: transformer, clip, t5, vae)."""
+    prefixes = {
+        "transformer": "model.diffusion_model.",
+        "clip": "text_encoders.clip_l.transformer.",
+        "t5": "text_encoders.t5xxl.transformer.",
+        "vae": "vae.",
+    }
+    merged = {prefixes[role] + k: v for role, state in parts.items() for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(merged, str(path))
+    return path
+
+
+def write_tiny_model_set(models_dir: Path, spec: TinySpec = TinySpec()) -> dict[str, Path]:
+    """A complete tiny models folder in the ComfyUI layout; returns the path of each role's file."""
+    models_dir = Path(models_dir)
+    clip_vocab = write_tokenizers(models_dir)
+    return write_split(models_dir, tiny_states(spec, clip_vocab))
+
+
+def wide_spec(width: int = 512, depth: int = 2, depth_single: int = 4) -> TinySpec:
+    """Small in depth but wide: matrix multiplies dominate, as in the real model (for benchmarks)."""
+    return replace(TinySpec(), hidden=width, heads=width // 64, depth=depth, depth_single=depth_single)

@@ -1,0 +1,80 @@
+"""Which file gives each role: explicit flags, an all-in-one checkpoint, or a ComfyUI models folder scanned by tensor names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.errors import UserError
+from engine.request import ModelFiles
+from engine.weights import ROLE_NAMES, ROLES, Component, SafetensorsFile, component_from, describe, find_components
+
+# ComfyUI's folders, in the order they are searched (later folders are the older names).
+MODEL_FOLDERS = ("diffusion_models", "unet", "checkpoints", "text_encoders", "clip", "vae")
+WEIGHT_SUFFIXES = (".safetensors", ".sft")
+FLAGS = {"transformer": "--transformer", "clip": "--clip", "t5": "--t5", "vae": "--vae"}
+
+
+@dataclass
+class ResolvedFiles:
+    components: dict[str, Component]  # one per role
+    clip_tokenizer: Path | None
+    t5_tokenizer: Path | None
+
+
+def scan_models_dir(models_dir: Path) -> dict[str, list[Component]]:
+    """Every weight file under the ComfyUI folders, grouped by the roles its tensor names show."""
+    if not models_dir.is_dir():
+        raise UserError(f"The models folder {models_dir} does not exist: check --models-dir.")
+    found: dict[str, list[Component]] = {role: [] for role in ROLES}
+    for folder in MODEL_FOLDERS:
+        for path in sorted((models_dir / folder).rglob("*")):
+            if path.suffix.lower() not in WEIGHT_SUFFIXES or not path.is_file():
+                continue
+            try:
+                components = find_components(SafetensorsFile(path))
+            except UserError:
+                continue  # a truncated or foreign file in a shared folder must not stop the others
+            for role, component in components.items():
+                found[role].append(component)
+    return found
+
+
+def _prefer_single_role(candidates: list[Component]) -> Component:
+    """A file of its own for the role beats the same role inside an all-in-one checkpoint."""
+    standalone = [c for c in candidates if c.prefix == "" or len(find_components(c.file)) == 1]
+    return (standalone or candidates)[0]
+
+
+def resolve(files: ModelFiles) -> ResolvedFiles:
+    components: dict[str, Component] = {}
+    if files.checkpoint:
+        checkpoint = SafetensorsFile(files.checkpoint)
+        components.update(find_components(checkpoint))
+        if not components:
+            raise UserError(f"--checkpoint {files.checkpoint} looks like {describe(checkpoint)}: give a FLUX checkpoint.")
+    for role in ROLES:
+        path = getattr(files, role)
+        if path:
+            components[role] = component_from(path, role, FLAGS[role])
+    clip_tok = Path(files.clip_tokenizer) if files.clip_tokenizer else None
+    t5_tok = Path(files.t5_tokenizer) if files.t5_tokenizer else None
+    if files.models_dir:
+        models_dir = Path(files.models_dir)
+        scanned = scan_models_dir(models_dir)
+        if not any(scanned.values()):
+            raise UserError(
+                f"The models folder {models_dir} holds no FLUX model files: download them "
+                "(python -m bootstrap download) or point --models-dir at a ComfyUI models folder."
+            )
+        for role in ROLES:
+            if role not in components and scanned[role]:
+                components[role] = _prefer_single_role(scanned[role])
+        clip_tok = clip_tok or models_dir / "tokenizers" / "clip_l"
+        t5_tok = t5_tok or models_dir / "tokenizers" / "t5xxl"
+    missing = [role for role in ROLES if role not in components]
+    if missing:
+        where = f"in {files.models_dir}" if files.models_dir else "among the files given"
+        wanted = ", ".join(f"{ROLE_NAMES[r]} ({FLAGS[r]})" for r in missing)
+        raise UserError(f"No {wanted} was found {where}: add the missing file.")
+    return ResolvedFiles(components, clip_tok, t5_tok)

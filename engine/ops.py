@@ -1,0 +1,118 @@
+"""The one place a layer gets its weight.
+
+Every weight-carrying layer of every model (our FLUX transformer and autoencoder, and transformers' CLIP and T5,
+whose nn.Linear / nn.Embedding are re-classed to the ones here) keeps its weight in the dtype the file stored it
+in (fp8 stays fp8 in RAM) and calls `fetch` when it runs: the weight is moved to the input's device, cast to the
+compute dtype, multiplied by a scaled-fp8 scale and patched (LoRA) there. Streaming, quantized storage and
+patches compose in `fetch`, not in model code.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A patch takes the cast weight (compute dtype, on the compute device) and returns the patched weight.
+WeightPatch = Callable[[torch.Tensor], torch.Tensor]
+
+
+class WeightSource:
+    """How a stored weight becomes a compute weight. Plain tensors need only a cast; GGUF weights dequantize."""
+
+    def materialize(self, stored: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return stored.to(device=device, dtype=dtype, non_blocking=True)
+
+
+class CastMixin:
+    """State shared by the layers below: an optional scaled-fp8 scale, optional patches, an optional source."""
+
+    scale_weight: torch.Tensor | None = None
+    patches: tuple[WeightPatch, ...] = ()
+    source: WeightSource | None = None
+
+    def fetch(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return fetch(self, like.dtype, like.device)
+
+
+def fetch(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's weight and bias, on `device` in `dtype`, with scale and patches applied."""
+    source = layer.source or _PLAIN
+    weight = source.materialize(layer.weight, dtype, device)
+    if layer.scale_weight is not None:
+        weight = weight * layer.scale_weight.to(device=device, dtype=dtype)
+    for patch in layer.patches:
+        weight = patch(weight)
+    bias = layer.bias
+    if bias is not None:
+        bias = bias.to(device=device, dtype=dtype, non_blocking=True)
+    return weight, bias
+
+
+_PLAIN = WeightSource()
+
+
+class Linear(CastMixin, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.fetch(x)
+        return F.linear(x, weight, bias)
+
+
+class Conv2d(CastMixin, nn.Conv2d):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.fetch(x)
+        return self._conv_forward(x, weight, bias)
+
+
+class Embedding(CastMixin, nn.Embedding):
+    bias = None
+    compute_dtype: torch.dtype = torch.float32
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        weight, _ = fetch(self, self.compute_dtype, ids.device)
+        return F.embedding(ids, weight, self.padding_idx)
+
+
+_RECLASS = {nn.Linear: Linear, nn.Conv2d: Conv2d, nn.Embedding: Embedding}
+
+
+def adopt(model: nn.Module) -> nn.Module:
+    """Re-class a foreign model's nn.Linear / nn.Conv2d / nn.Embedding in place so they fetch through here."""
+    for module in model.modules():
+        cast_class = _RECLASS.get(type(module))
+        if cast_class is not None:
+            module.__class__ = cast_class
+    return model
+
+
+def is_cast_layer(module: nn.Module) -> bool:
+    return isinstance(module, CastMixin)
+
+
+def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
+    """Small parameters of layers outside the chokepoint (norms, embeddings' compute dtype) follow `dtype`."""
+    for module in model.modules():
+        if isinstance(module, Embedding):
+            module.compute_dtype = dtype
+        if is_cast_layer(module):
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_floating_point() and param.dtype != dtype:
+                setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+
+
+def load_into(
+    model: nn.Module, state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], dtype: torch.dtype
+) -> nn.Module:
+    """Give a model built on the meta device its weights, as stored (no copy, no cast of the big ones)."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for name, scale in scales.items():
+        model.get_submodule(name).scale_weight = scale
+    for param in model.parameters():
+        param.requires_grad_(False)
+    set_compute_dtype(model, dtype)
+    return model.eval()

@@ -1,0 +1,231 @@
+"""A generation from request to PNG: load (and keep) the models, encode, denoise, decode, save."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from engine import ops, sampling
+from engine.autoencoder import AutoEncoder, AutoEncoderParams
+from engine.errors import Cancelled, UserError
+from engine.events import Done, EventSink, Stage, Step, ignore
+from engine.flux_model import Flux, FluxParams, position_embedding
+from engine.model_files import resolve
+from engine.png_output import check_writable, parameters_text, save_png
+from engine.request import GenerateRequest
+from engine.text_encoders import (
+    build_clip,
+    build_t5,
+    encode_clip,
+    encode_t5,
+    load_clip_tokenizer,
+    load_t5_tokenizer,
+)
+from engine.weights import Component, split_scaled_fp8
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pick_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError(
+            "--device cuda was asked for but this torch has no usable CUDA GPU: use --device cpu, "
+            "or rebuild the environment with the CUDA build of torch (run_gpu)."
+        )
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dtype != "auto":
+        return dev, DTYPES[dtype]
+    if dev.type == "cuda":
+        return dev, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return dev, torch.float32
+
+
+_BUILDERS = {
+    "transformer": lambda state, scales, dtype: _build_own(Flux, FluxParams, state, scales, dtype),
+    "vae": lambda state, scales, dtype: _build_own(AutoEncoder, AutoEncoderParams, state, scales, dtype),
+    "clip": build_clip,
+    "t5": build_t5,
+}
+
+
+def _build_own(model_class, params_class, state, scales, dtype) -> nn.Module:
+    params = params_class.from_shapes({k: tuple(v.shape) for k, v in state.items()})
+    with torch.device("meta"):
+        model = model_class(params)
+    return ops.load_into(model, state, scales, dtype)
+
+
+def build_model(component: Component, dtype: torch.dtype) -> nn.Module:
+    """A role's model from its file, weights kept in the stored dtype."""
+    state, scales = split_scaled_fp8(component.load())
+    try:
+        return _BUILDERS[component.role](state, scales, dtype)
+    except (KeyError, ValueError, IndexError) as e:
+        raise UserError(
+            f"{component.file.path} does not have the tensors a {component.role} needs ({e}): "
+            "the file is damaged or of another model family."
+        ) from None
+
+
+def place(model: nn.Module, device: torch.device) -> nn.Module:
+    """Everything on `device`. (Budgeted residency and streaming belong to the memory manager.)"""
+    return model.to(device)
+
+
+@dataclass(frozen=True)
+class _Key:
+    path: str
+    prefix: str
+    mtime: float
+    dtype: torch.dtype
+    device: torch.device
+
+
+class Engine:
+    """Keeps models loaded between jobs; one job at a time."""
+
+    def __init__(self) -> None:
+        self._models: dict[str, tuple[_Key, nn.Module]] = {}
+        self._tokenizers: dict[tuple[str, str], object] = {}
+        self._lock = threading.Lock()
+
+    def _model(self, component: Component, dtype: torch.dtype, device: torch.device) -> nn.Module:
+        path = component.file.path
+        key = _Key(str(path.resolve()), component.prefix, path.stat().st_mtime, dtype, device)
+        cached = self._models.get(component.role)
+        if cached and cached[0] == key:
+            return cached[1]
+        self._models.pop(component.role, None)
+        model = place(build_model(component, dtype), device)
+        self._models[component.role] = (key, model)
+        return model
+
+    def _tokenizer(self, kind: str, folder: Path | None):
+        key = (kind, str(folder))
+        if key not in self._tokenizers:
+            loader = load_clip_tokenizer if kind == "clip" else load_t5_tokenizer
+            self._tokenizers[key] = loader(folder)
+        return self._tokenizers[key]
+
+    def generate(
+        self, request: GenerateRequest, on_event: EventSink = ignore, cancel: threading.Event | None = None
+    ) -> list[str]:
+        with self._lock:
+            return self._generate(request, on_event, cancel or threading.Event())
+
+    def _generate(self, request: GenerateRequest, on_event: EventSink, cancel: threading.Event) -> list[str]:
+        started = time.perf_counter()
+        request.validate()
+        out = check_writable(request.out)
+        device, dtype = pick_device(request.device, request.dtype)
+        files = resolve(request.files)
+
+        on_event(Stage("loading", f"{device.type} {str(dtype).removeprefix('torch.')}"))
+        clip_tok = self._tokenizer("clip", files.clip_tokenizer)
+        t5_tok = self._tokenizer("t5", files.t5_tokenizer)
+        transformer = self._model(files.components["transformer"], dtype, device)
+        schnell = not transformer.params.guidance_embed
+        steps = request.steps or (4 if schnell else 28)
+        t5_length = request.t5_max_length or (256 if schnell else 512)
+
+        on_event(Stage("encoding"))
+        clip = self._model(files.components["clip"], dtype, device)
+        t5 = self._model(files.components["t5"], dtype, device)
+        clip_prompt = request.prompt if request.clip_prompt is None else request.clip_prompt
+        true_cfg = request.cfg > 1.0 and request.negative is not None
+        prompts = [(clip_prompt, request.prompt)] + ([(request.negative, request.negative)] if true_cfg else [])
+        conds = [
+            (
+                encode_clip(clip, clip_tok, [c], device).to(dtype),
+                encode_t5(t5, t5_tok, [t], t5_length, device).to(dtype),
+            )
+            for c, t in prompts
+        ]
+
+        batch, height, width = request.batch, request.height, request.width
+        noise = sampling.make_noise(request.seed, batch, height, width)
+        mu = _mu(request.shift, schnell, (height // 16) * (width // 16))
+        times = sampling.schedule(steps, mu)
+        vae = None
+        if request.init_image:
+            vae = self._model(files.components["vae"], dtype, device)
+            x0 = _encode_image(vae, request.init_image, width, height, device, dtype).expand(batch, -1, -1, -1)
+            start, times = sampling.img2img_start(noise, x0.float().cpu(), times, request.denoise)
+        else:
+            start = noise
+        x = sampling.pack(start).to(device)
+
+        img_ids = sampling.image_ids(batch, height, width).to(device)
+        txt_ids = torch.zeros(batch, t5_length, 3, device=device)
+        pe = position_embedding(torch.cat((txt_ids, img_ids), 1), transformer.params.axes_dim, transformer.params.theta)
+        guidance = torch.full((batch,), request.guidance, device=device) if transformer.params.guidance_embed else None
+        y, txt = [torch.cat([c[0]] * batch) for c in conds], [torch.cat([c[1]] * batch) for c in conds]
+
+        @torch.inference_mode()
+        def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+            if cancel.is_set():
+                raise Cancelled("cancelled")
+            timesteps = torch.full((batch,), t, device=device, dtype=dtype)
+            xin = x.to(dtype)
+            v = [transformer(xin, img_ids, txt[i], txt_ids, timesteps, y[i], guidance, pe).float() for i in range(len(y))]
+            return v[0] if len(v) == 1 else v[1] + request.cfg * (v[0] - v[1])
+
+        on_event(Stage("denoising", f"{len(times) - 1} steps"))
+        step_seconds: list[float] = []
+
+        def on_step(report: sampling.StepReport) -> None:
+            step_seconds.append(report.seconds)
+            on_event(Step(report.step, report.total, report.seconds))
+
+        x = sampling.euler(x, times, velocity, on_step)
+
+        on_event(Stage("decoding"))
+        vae = vae or self._model(files.components["vae"], dtype, device)
+        with torch.inference_mode():
+            latents = sampling.unpack(x, height, width).to(dtype)
+            pixels = torch.cat([vae.decode(latents[i : i + 1]).float().cpu() for i in range(batch)])
+
+        on_event(Stage("saving"))
+        model_name = files.components["transformer"].file.path.stem
+        paths = []
+        for i, image in enumerate(_to_images(pixels)):
+            record = request.to_dict() | {"batch_index": i, "steps": steps, "t5_max_length": t5_length}
+            text = parameters_text(request, steps=steps, model=model_name, batch_index=i)
+            paths.append(str(save_png(image, out, text, record)))
+        mean = sum(step_seconds) / len(step_seconds) if step_seconds else 0.0
+        on_event(Done(paths, time.perf_counter() - started, mean))
+        return paths
+
+
+def _mu(shift: str, schnell: bool, image_tokens: int) -> float | None:
+    if shift == "none" or (shift == "auto" and schnell):
+        return None
+    if shift == "auto":
+        return sampling.shift_mu(image_tokens)
+    return float(shift)
+
+
+def _encode_image(vae: AutoEncoder, path: str, width: int, height: int, device, dtype) -> torch.Tensor:
+    try:
+        image = Image.open(path).convert("RGB")
+    except OSError:
+        raise UserError(f"--init-image {path} is not an image file: give a PNG or JPEG.") from None
+    image = image.resize((width, height), Image.Resampling.LANCZOS)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    with torch.inference_mode():
+        return vae.encode(pixels.to(device=device, dtype=dtype))
+
+
+def _to_images(pixels: torch.Tensor) -> list[Image.Image]:
+    """[-1, 1] float images → 8-bit PIL images (rounded, as diffusers does)."""
+    arrays = ((pixels / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a) for a in arrays]

@@ -1,0 +1,94 @@
+"""PNG files with the request inside them (A1111/Forge `parameters` text and our JSON), never overwriting."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image, PngImagePlugin
+
+from engine.errors import UserError
+from engine.request import GenerateRequest
+
+JSON_KEY = "fluxdeck"
+VERSION = "FluxDeck 0.1.0"
+
+
+def parameters_text(request: GenerateRequest, *, steps: int, model: str, batch_index: int = 0) -> str:
+    """The A1111/Forge `parameters` chunk that image viewers, Civitai and Forge's PNG Info read."""
+    lines = [request.prompt]
+    if request.negative:
+        lines.append(f"Negative prompt: {request.negative}")
+    fields = {
+        "Steps": steps,
+        "Sampler": "Euler",
+        "Schedule type": "Simple",
+        "CFG scale": _num(request.cfg),
+        "Distilled CFG Scale": _num(request.guidance),
+        "Seed": request.seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model": model,
+    }
+    if request.batch > 1:
+        fields["Batch size"] = request.batch
+        fields["Batch pos"] = batch_index
+    if request.clip_prompt is not None and request.clip_prompt != request.prompt:
+        fields["CLIP prompt"] = json.dumps(request.clip_prompt)
+    if request.init_image:
+        fields["Denoising strength"] = _num(request.denoise)
+    if request.shift != "auto":
+        fields["Shift"] = request.shift
+    fields["Version"] = VERSION
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def check_writable(out: str | Path) -> Path:
+    """Fail before any model loads when the output cannot be written; creates the folder if needed."""
+    path = Path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = path.parent / f".{path.name}.probe"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"Cannot write to {path.parent} ({e.strerror}): choose another --out.") from None
+    return path
+
+
+def free_path(path: Path) -> Path:
+    """`path`, or `name-1.png`, `name-2.png`... whichever does not exist yet."""
+    candidate = path
+    n = 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
+
+
+def save_png(image: Image.Image, out: Path, parameters: str, request_json: dict) -> Path:
+    """Write the PNG under a name that does not exist yet (exclusive create: a racing writer cannot clobber it)."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    info.add_text(JSON_KEY, json.dumps(request_json))
+    while True:
+        path = free_path(out)
+        try:
+            with path.open("xb") as f:
+                image.save(f, format="PNG", pnginfo=info)
+            return path
+        except FileExistsError:
+            continue
+
+
+def read_request(path: str | Path) -> dict:
+    """The JSON request stored in one of our PNGs."""
+    with Image.open(path) as image:
+        text = image.text.get(JSON_KEY)
+    if text is None:
+        raise UserError(f"{path} carries no FluxDeck request.")
+    return json.loads(text)

@@ -1,0 +1,41 @@
+"""`python -m engine selftest`: the whole generation path on a tiny random model, to prove an install."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from engine.cli import StderrProgress
+from engine.fixtures import write_tiny_model_set
+from engine.pipeline import Engine, pick_device
+from engine.request import GenerateRequest, ModelFiles
+
+
+def run_selftest(device: str = "auto") -> int:
+    dev, dtype = pick_device(device, "auto")
+    print(f"torch {torch.__version__}, device {dev}, dtype {str(dtype).removeprefix('torch.')}", file=sys.stderr)
+    if dev.type == "cuda":
+        print(f"GPU: {torch.cuda.get_device_name(dev)}", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="fluxdeck-selftest-") as tmp:
+        models = Path(tmp) / "models"
+        start = time.perf_counter()
+        write_tiny_model_set(models)
+        print(f"wrote a tiny model set in {time.perf_counter() - start:.2f} s", file=sys.stderr)
+        request = GenerateRequest(
+            prompt="a photo of a cat",
+            width=64,
+            height=64,
+            steps=2,
+            seed=1,
+            device=device,
+            files=ModelFiles(models_dir=str(models)),
+            out=str(Path(tmp) / "selftest.png"),
+        )
+        paths = Engine().generate(request, StderrProgress())
+        size = Path(paths[0]).stat().st_size
+        print(f"selftest passed: wrote {paths[0]} ({size} bytes) on {dev}", file=sys.stderr)
+    return 0

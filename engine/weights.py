@@ -1,0 +1,202 @@
+"""Weight files: reading safetensors headers, telling what a file holds, and loading a component in its stored dtype.
+
+A file holds one or more components (an all-in-one checkpoint holds all four), each found by its tensor names
+under a known prefix. Tensors are loaded one at a time in the dtype the file stores (fp8 stays fp8).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from engine.errors import UserError
+
+ROLES = ("transformer", "clip", "t5", "vae")
+ROLE_NAMES = {
+    "transformer": "a FLUX transformer (diffusion model)",
+    "clip": "a CLIP-L text encoder",
+    "t5": "a T5-XXL text encoder",
+    "vae": "a FLUX autoencoder (VAE)",
+}
+
+# Prefixes under which each role's tensors appear: ComfyUI all-in-one checkpoints first, then bare files.
+PREFIXES = {
+    "transformer": ("model.diffusion_model.", "diffusion_model.", ""),
+    "clip": ("text_encoders.clip_l.transformer.", "cond_stage_model.clip_l.transformer.", ""),
+    "t5": ("text_encoders.t5xxl.transformer.", "cond_stage_model.t5xxl.transformer.", ""),
+    "vae": ("vae.", "first_stage_model.", ""),
+}
+# One tensor that only that role has, relative to its prefix.
+MARKERS = {
+    "transformer": "double_blocks.0.img_attn.qkv.weight",
+    "clip": "text_model.embeddings.token_embedding.weight",
+    "t5": "encoder.block.0.layer.0.SelfAttention.q.weight",
+    "vae": "decoder.conv_in.weight",
+}
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str  # safetensors' name: "BF16", "F8_E4M3", ...
+    shape: tuple[int, ...]
+
+
+class SafetensorsFile:
+    """A safetensors file whose header has been read and checked against the file's size."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.tensors, self.metadata = _read_header(self.path)
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, in the dtype stored, read one by one."""
+        out = {}
+        with safe_open(str(self.path), framework="pt") as f:
+            for name in names:
+                out[name] = f.get_tensor(name)
+        return out
+
+
+def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    if not path.exists():
+        raise UserError(f"{path} does not exist: check the path.")
+    if not path.is_file():
+        raise UserError(f"{path} is a folder, not a weights file: give the .safetensors file inside it.")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(f"{path} is empty or truncated: download it again.")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, 100_000_000):
+            raise UserError(
+                f"{path} is not a safetensors file (or its download is incomplete): download it again "
+                "or give the right file."
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise UserError(f"{path} is not a safetensors file: its header is unreadable.") from None
+    metadata = header.pop("__metadata__", {}) or {}
+    tensors: dict[str, TensorInfo] = {}
+    end = 0
+    for name, info in header.items():
+        tensors[name] = TensorInfo(info["dtype"], tuple(info["shape"]))
+        end = max(end, info["data_offsets"][1])
+    if 8 + header_len + end > size:
+        missing = 8 + header_len + end - size
+        raise UserError(
+            f"{path} is truncated ({missing:,} bytes missing): its download did not finish; download it again."
+        )
+    return tensors, metadata
+
+
+@dataclass
+class Component:
+    """One role's tensors inside a file: names are given relative to `prefix`."""
+
+    role: str
+    file: SafetensorsFile
+    prefix: str
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        n = len(self.prefix)
+        return {name[n:]: info.shape for name, info in self.file.tensors.items() if name.startswith(self.prefix)}
+
+    def stored_dtypes(self) -> set[str]:
+        return {info.dtype for name, info in self.file.tensors.items() if name.startswith(self.prefix)}
+
+    def load(self) -> dict[str, torch.Tensor]:
+        n = len(self.prefix)
+        names = [name for name in self.file.tensors if name.startswith(self.prefix)]
+        return {name[n:]: tensor for name, tensor in self.file.load(names).items()}
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for name, info in self.file.tensors.items():
+            if name.startswith(self.prefix):
+                count = 1
+                for d in info.shape:
+                    count *= d
+                total += count * _DTYPES[info.dtype].itemsize
+        return total
+
+
+def find_components(file: SafetensorsFile) -> dict[str, Component]:
+    """Every role this file holds, found by its tensor names."""
+    names = file.tensors
+    found = {}
+    for role in ROLES:
+        for prefix in PREFIXES[role]:
+            if prefix + MARKERS[role] in names:
+                found[role] = Component(role, file, prefix)
+                break
+    return found
+
+
+def describe(file: SafetensorsFile) -> str:
+    """What the file looks like, for error messages."""
+    roles = find_components(file)
+    if len(roles) > 1:
+        return "an all-in-one checkpoint with " + ", ".join(ROLE_NAMES[r] for r in roles)
+    if roles:
+        return ROLE_NAMES[next(iter(roles))]
+    names = list(file.tensors)
+    if any("lora_" in n or ".lora" in n for n in names):
+        return "a LoRA"
+    if any("transformer_blocks." in n and "attn.to_q" in n for n in names):
+        return "a diffusers-format transformer (use the single-file BFL/ComfyUI format instead)"
+    if any("input_blocks." in n for n in names):
+        return "a Stable Diffusion UNet checkpoint"
+    if any("joint_blocks." in n for n in names):
+        return "a Stable Diffusion 3 model"
+    return f"an unknown model ({len(names)} tensors, e.g. {', '.join(names[:3])})"
+
+
+def component_from(path: str | Path, role: str, flag: str) -> Component:
+    """The `role` component of the file a flag named, or one sentence saying what the file is instead."""
+    file = SafetensorsFile(path)
+    found = find_components(file)
+    if role not in found:
+        raise UserError(
+            f"{flag} {path} looks like {describe(file)}, not {ROLE_NAMES[role]}: give the right file for {flag}."
+        )
+    return found[role]
+
+
+def split_scaled_fp8(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Take ComfyUI scaled-fp8 extras out of a state dict: (weights, {layer name: scale_weight})."""
+    scales = {}
+    weights = {}
+    for name, tensor in state.items():
+        if name == "scaled_fp8" or name.endswith(".scale_input"):
+            continue
+        if name.endswith(".scale_weight"):
+            scales[name[: -len(".scale_weight")]] = tensor
+        else:
+            weights[name] = tensor
+    return weights, scales
