@@ -146,7 +146,9 @@ class Decoder(nn.Module):
         levels: list[Level] = []
         for i in reversed(range(len(widths))):
             c_out = widths[i]
-            level = Level([ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(p.num_res_blocks + 1)])
+            level = Level(
+                [ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(p.num_res_blocks + 1)]
+            )
             if i != 0:
                 level.upsample = Upsample(c_out)
             levels.insert(0, level)

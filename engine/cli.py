@@ -53,7 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     gen.add_argument("--vram-budget", type=float, help="GB of weights to keep on the GPU")
-    gen.add_argument("--out", required=True, help="the PNG to write (never overwritten: a free name is picked)")
+    gen.add_argument(
+        "--out", required=True, help="the PNG to write (never overwritten: a free name is picked)"
+    )
 
     test = sub.add_parser("selftest", help="run the whole path on a tiny random model")
     test.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -73,8 +75,12 @@ def request_from_args(args: argparse.Namespace) -> GenerateRequest:
         clip_tokenizer=args.clip_tokenizer,
         t5_tokenizer=args.t5_tokenizer,
     )
-    if not (files.checkpoint or files.models_dir or all([files.transformer, files.clip, files.t5, files.vae])):
-        raise UserError("Say where the model is: --checkpoint FILE, --models-dir DIR, or all of --transformer --clip --t5 --vae.")
+    if not (
+        files.checkpoint or files.models_dir or all([files.transformer, files.clip, files.t5, files.vae])
+    ):
+        raise UserError(
+            "Say where the model is: --checkpoint FILE, --models-dir DIR, or all of --transformer --clip --t5 --vae."
+        )
     return GenerateRequest(
         prompt=args.prompt,
         clip_prompt=args.clip_prompt,
@@ -109,7 +115,11 @@ class StderrProgress:
         if isinstance(event, Stage):
             print(f"[{event.stage}] {event.detail}".rstrip(), file=self.stream, flush=True)
         elif isinstance(event, Step):
-            print(f"  step {event.step}/{event.total}  {event.seconds_per_it:.3f} s/it", file=self.stream, flush=True)
+            print(
+                f"  step {event.step}/{event.total}  {event.seconds_per_it:.3f} s/it",
+                file=self.stream,
+                flush=True,
+            )
         elif isinstance(event, Message):
             print(f"  note: {event.text}", file=self.stream, flush=True)
         elif isinstance(event, Done):
@@ -146,5 +156,8 @@ def main(argv: list[str]) -> int:
         return 130
     except Exception as e:  # a bug: say so plainly, keep the details for the report
         traceback.print_exc()
-        print(f"error: the engine failed unexpectedly ({type(e).__name__}: {e}); please report it.", file=sys.stderr)
+        print(
+            f"error: the engine failed unexpectedly ({type(e).__name__}: {e}); please report it.",
+            file=sys.stderr,
+        )
         return 1

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Union
 
 STAGES = ("loading", "encoding", "denoising", "decoding", "saving")
 
@@ -46,7 +46,7 @@ class Message:
     text: str
 
 
-Event = Union[Stage, Step, Preview, Done, Message]
+Event = Stage | Step | Preview | Done | Message
 EventSink = Callable[[Event], None]
 
 

@@ -59,22 +59,37 @@ class TinySpec:
 SCHNELL = TinySpec(guidance=False)
 
 
-def _seeded(seed: int, build):
+def _seeded(seed: int, build) -> dict[str, torch.Tensor]:
+    """A model's state dict from a seeded random init, livened so that every tensor shows in the output."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build()
+        state = build().state_dict()
+        return {name: _liven(t.detach().clone()) for name, t in state.items()}
+
+
+def _liven(t: torch.Tensor) -> torch.Tensor:
+    """Default inits leave norms at 1 and biases at 0 (a swapped pair would go unseen) and modulations weak;
+    randomize the first two and strengthen the matrices, so a test fails when any weight is misused."""
+    if not t.is_floating_point():
+        return t.contiguous()
+    if t.ndim == 1 and bool((t == 1).all()):
+        return (1 + 0.3 * torch.randn_like(t)).contiguous()
+    if t.ndim == 1 and bool((t == 0).all()):
+        return (0.2 * torch.randn_like(t)).contiguous()
+    return (t * GAIN).contiguous() if t.ndim >= 2 else t.contiguous()
+
+
+GAIN = 1.6
 
 
 def flux_state(spec: TinySpec) -> dict[str, torch.Tensor]:
-    """BFL names; weights scaled up a little so a tiny random model draws more than noise."""
-    model = _seeded(spec.seed, lambda: Flux(spec.flux_params()))
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    """BFL names."""
+    return _seeded(spec.seed, lambda: Flux(spec.flux_params()))
 
 
 def ae_state(spec: TinySpec) -> dict[str, torch.Tensor]:
     params = AutoEncoderParams(3, spec.vae_ch, (1,) * spec.vae_levels, 1, 16, 3)
-    model = _seeded(spec.seed + 1, lambda: AutoEncoder(params))
-    return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    return _seeded(spec.seed + 1, lambda: AutoEncoder(params))
 
 
 def clip_state(spec: TinySpec, vocab_size: int) -> dict[str, torch.Tensor]:
@@ -90,9 +105,9 @@ def clip_state(spec: TinySpec, vocab_size: int) -> dict[str, torch.Tensor]:
         eos_token_id=2,
         pad_token_id=1,
     )
-    model = _seeded(spec.seed + 2, lambda: CLIPTextModel(config))
+    state = _seeded(spec.seed + 2, lambda: CLIPTextModel(config))
     # clip_l.safetensors names everything under text_model. (transformers' older layout)
-    return {f"text_model.{k}": v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    return {f"text_model.{k}": v for k, v in state.items()}
 
 
 def t5_state(spec: TinySpec) -> dict[str, torch.Tensor]:
@@ -106,8 +121,7 @@ def t5_state(spec: TinySpec) -> dict[str, torch.Tensor]:
         feed_forward_proj="gated-gelu",
         is_encoder_decoder=False,
     )
-    model = _seeded(spec.seed + 3, lambda: T5EncoderModel(config))
-    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    state = _seeded(spec.seed + 3, lambda: T5EncoderModel(config))
     state.pop("encoder.embed_tokens.weight", None)  # the files people download store the shared table once
     return state
 
@@ -121,7 +135,9 @@ def is_big_weight(name: str, tensor: torch.Tensor) -> bool:
     return name.endswith(".weight") and tensor.ndim >= 2
 
 
-def to_fp8(state: dict[str, torch.Tensor], dtype=torch.float8_e4m3fn, scaled: bool = False) -> dict[str, torch.Tensor]:
+def to_fp8(
+    state: dict[str, torch.Tensor], dtype=torch.float8_e4m3fn, scaled: bool = False
+) -> dict[str, torch.Tensor]:
     """An fp8 file as ComfyUI stores them; `scaled` adds the scaled-fp8 marker and per-layer scale_weight."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
@@ -184,6 +200,7 @@ def write_clip_tokenizer(folder: Path) -> int:
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 77}), encoding="utf-8")
     return len(tokens)
 
 
@@ -209,6 +226,7 @@ def write_t5_tokenizer(folder: Path) -> None:
         minloglevel=2,
     )
     (folder / "spiece.model").write_bytes(model.getvalue())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512}), encoding="utf-8")
 
 
 # ---- whole model sets ----
@@ -233,7 +251,9 @@ def write_tokenizers(models_dir: Path) -> int:
     return write_clip_tokenizer(models_dir / "tokenizers" / "clip_l")
 
 
-def write_split(models_dir: Path, states: TinyStates, transformer_dtype=torch.bfloat16, name="flux-tiny") -> dict:
+def write_split(
+    models_dir: Path, states: TinyStates, transformer_dtype=torch.bfloat16, name="flux-tiny"
+) -> dict:
     """Split files as BFL and comfyanonymous publish them: bf16 transformer, fp16 text encoders, fp32 autoencoder."""
     paths = {
         "transformer": models_dir / "diffusion_models" / f"{name}.safetensors",
@@ -242,7 +262,9 @@ def write_split(models_dir: Path, states: TinyStates, transformer_dtype=torch.bf
         "vae": models_dir / "vae" / "ae.safetensors",
     }
     transformer = (
-        to_fp8(states.transformer, transformer_dtype) if transformer_dtype in FP8 else cast(states.transformer, transformer_dtype)
+        to_fp8(states.transformer, transformer_dtype)
+        if transformer_dtype in FP8
+        else cast(states.transformer, transformer_dtype)
     )
     contents = {
         "transformer": transformer,

@@ -163,7 +163,9 @@ def _layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 def _mlp(p: FluxParams) -> nn.Sequential:
     return nn.Sequential(
-        ops.Linear(p.hidden_size, p.mlp_hidden), nn.GELU(approximate="tanh"), ops.Linear(p.mlp_hidden, p.hidden_size)
+        ops.Linear(p.hidden_size, p.mlp_hidden),
+        nn.GELU(approximate="tanh"),
+        ops.Linear(p.mlp_hidden, p.hidden_size),
     )
 
 
@@ -177,8 +179,12 @@ class DoubleStreamBlock(nn.Module):
     def forward(self, img, txt, vec, pe):
         img_mod = self.img_mod(vec)
         txt_mod = self.txt_mod(vec)
-        iq, ik, iv = self.img_attn.qkv_heads(modulate(_layer_norm(img), img_mod[0], img_mod[1]), self.num_heads)
-        tq, tk, tv = self.txt_attn.qkv_heads(modulate(_layer_norm(txt), txt_mod[0], txt_mod[1]), self.num_heads)
+        iq, ik, iv = self.img_attn.qkv_heads(
+            modulate(_layer_norm(img), img_mod[0], img_mod[1]), self.num_heads
+        )
+        tq, tk, tv = self.txt_attn.qkv_heads(
+            modulate(_layer_norm(txt), txt_mod[0], txt_mod[1]), self.num_heads
+        )
         attn = attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2), pe)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
         img = img + img_mod[2] * self.img_attn.proj(img_attn)

@@ -81,6 +81,11 @@ def _k_scales_mins(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale.float().unsqueeze(-1), mins.float().unsqueeze(-1)
 
 
+def _scaled(d: torch.Tensor, sub_scales: torch.Tensor) -> torch.Tensor:
+    """fp16 super-block factor (n, 2 bytes) times per-sub-block integers (n, k, 1) -> (n, k, 1) float32."""
+    return _f16(d).unsqueeze(-1) * sub_scales
+
+
 # ---- one function per type family: (n_blocks, type_size) uint8 -> (n_blocks, block_size) float32 -------
 
 
@@ -137,14 +142,14 @@ def _q4_k(blocks: torch.Tensor) -> torch.Tensor:
     d, dmin, scales, qs = _split(blocks, 2, 2, 12)
     scale, mins = _k_scales_mins(scales)
     q = _bits(qs, 32, 4).reshape(-1, 8, 32).float()
-    return ((_f16(d).unsqueeze(-1) * scale) * q - _f16(dmin).unsqueeze(-1) * mins).reshape(blocks.shape[0], -1)
+    return (_scaled(d, scale) * q - _scaled(dmin, mins)).reshape(blocks.shape[0], -1)
 
 
 def _q5_k(blocks: torch.Tensor) -> torch.Tensor:
     d, dmin, scales, qh, qs = _split(blocks, 2, 2, 12, 32)
     scale, mins = _k_scales_mins(scales)
     q = (_bits(qs, 32, 4) | (_bits(qh, 32, 1) << 4)).reshape(-1, 8, 32).float()
-    return ((_f16(d).unsqueeze(-1) * scale) * q - _f16(dmin).unsqueeze(-1) * mins).reshape(blocks.shape[0], -1)
+    return (_scaled(d, scale) * q - _scaled(dmin, mins)).reshape(blocks.shape[0], -1)
 
 
 def _q6_k(blocks: torch.Tensor) -> torch.Tensor:

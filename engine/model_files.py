@@ -7,7 +7,15 @@ from pathlib import Path
 
 from engine.errors import UserError
 from engine.request import ModelFiles
-from engine.weights import ROLE_NAMES, ROLES, Component, SafetensorsFile, component_from, describe, find_components
+from engine.weights import (
+    ROLE_NAMES,
+    ROLES,
+    Component,
+    SafetensorsFile,
+    component_from,
+    describe,
+    find_components,
+)
 
 # ComfyUI's folders, in the order they are searched (later folders are the older names).
 MODEL_FOLDERS = ("diffusion_models", "unet", "checkpoints", "text_encoders", "clip", "vae")
@@ -52,7 +60,9 @@ def resolve(files: ModelFiles) -> ResolvedFiles:
         checkpoint = SafetensorsFile(files.checkpoint)
         components.update(find_components(checkpoint))
         if not components:
-            raise UserError(f"--checkpoint {files.checkpoint} looks like {describe(checkpoint)}: give a FLUX checkpoint.")
+            raise UserError(
+                f"--checkpoint {files.checkpoint} looks like {describe(checkpoint)}: give a FLUX checkpoint."
+            )
     for role in ROLES:
         path = getattr(files, role)
         if path:

@@ -9,7 +9,7 @@ patches compose in `fetch`, not in model code.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +37,9 @@ class CastMixin:
         return fetch(self, like.dtype, like.device)
 
 
-def fetch(layer: nn.Module, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def fetch(
+    layer: nn.Module, dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's weight and bias, on `device` in `dtype`, with scale and patches applied."""
     source = layer.source or _PLAIN
     weight = source.materialize(layer.weight, dtype, device)

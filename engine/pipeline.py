@@ -142,7 +142,9 @@ class Engine:
         t5 = self._model(files.components["t5"], dtype, device)
         clip_prompt = request.prompt if request.clip_prompt is None else request.clip_prompt
         true_cfg = request.cfg > 1.0 and request.negative is not None
-        prompts = [(clip_prompt, request.prompt)] + ([(request.negative, request.negative)] if true_cfg else [])
+        prompts = [(clip_prompt, request.prompt)] + (
+            [(request.negative, request.negative)] if true_cfg else []
+        )
         conds = [
             (
                 encode_clip(clip, clip_tok, [c], device).to(dtype),
@@ -158,7 +160,9 @@ class Engine:
         vae = None
         if request.init_image:
             vae = self._model(files.components["vae"], dtype, device)
-            x0 = _encode_image(vae, request.init_image, width, height, device, dtype).expand(batch, -1, -1, -1)
+            x0 = _encode_image(vae, request.init_image, width, height, device, dtype).expand(
+                batch, -1, -1, -1
+            )
             start, times = sampling.img2img_start(noise, x0.float().cpu(), times, request.denoise)
         else:
             start = noise
@@ -166,8 +170,14 @@ class Engine:
 
         img_ids = sampling.image_ids(batch, height, width).to(device)
         txt_ids = torch.zeros(batch, t5_length, 3, device=device)
-        pe = position_embedding(torch.cat((txt_ids, img_ids), 1), transformer.params.axes_dim, transformer.params.theta)
-        guidance = torch.full((batch,), request.guidance, device=device) if transformer.params.guidance_embed else None
+        pe = position_embedding(
+            torch.cat((txt_ids, img_ids), 1), transformer.params.axes_dim, transformer.params.theta
+        )
+        guidance = (
+            torch.full((batch,), request.guidance, device=device)
+            if transformer.params.guidance_embed
+            else None
+        )
         y, txt = [torch.cat([c[0]] * batch) for c in conds], [torch.cat([c[1]] * batch) for c in conds]
 
         @torch.inference_mode()
@@ -176,7 +186,10 @@ class Engine:
                 raise Cancelled("cancelled")
             timesteps = torch.full((batch,), t, device=device, dtype=dtype)
             xin = x.to(dtype)
-            v = [transformer(xin, img_ids, txt[i], txt_ids, timesteps, y[i], guidance, pe).float() for i in range(len(y))]
+            v = [
+                transformer(xin, img_ids, txt[i], txt_ids, timesteps, y[i], guidance, pe).float()
+                for i in range(len(y))
+            ]
             return v[0] if len(v) == 1 else v[1] + request.cfg * (v[0] - v[1])
 
         on_event(Stage("denoising", f"{len(times) - 1} steps"))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -15,13 +15,17 @@ LATENT_CHANNELS = 16
 def make_noise(seed: int, batch: int, height: int, width: int) -> torch.Tensor:
     """The project's seed convention (ComfyUI's): a CPU generator, float32, so a seed is the same everywhere."""
     generator = torch.Generator("cpu").manual_seed(seed)
-    return torch.randn((batch, LATENT_CHANNELS, height // 8, width // 8), generator=generator, dtype=torch.float32)
+    return torch.randn(
+        (batch, LATENT_CHANNELS, height // 8, width // 8), generator=generator, dtype=torch.float32
+    )
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) → (B, H/2·W/2, C·4), the 2×2 patch as the fastest axes."""
     b, c, h, w = x.shape
-    return x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    return (
+        x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    )
 
 
 def unpack(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -65,7 +69,9 @@ class StepReport:
     x: torch.Tensor
 
 
-def euler(x: torch.Tensor, times: list[float], velocity: Velocity, on_step: Callable[[StepReport], None]) -> torch.Tensor:
+def euler(
+    x: torch.Tensor, times: list[float], velocity: Velocity, on_step: Callable[[StepReport], None]
+) -> torch.Tensor:
     """x ← x + (t_next − t)·v(x, t), in float32 between steps whatever the compute dtype."""
     total = len(times) - 1
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):

@@ -77,10 +77,14 @@ def _without_cast_to_storage(model: nn.Module) -> None:
             module.__class__ = _T5FF
 
 
-def build_clip(state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], dtype: torch.dtype) -> CLIPTextModel:
+def build_clip(
+    state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], dtype: torch.dtype
+) -> CLIPTextModel:
     # The files name CLIP's tensors text_model.*; a text_projection (unused by FLUX) may sit beside them.
     n = len("text_model.")
-    state = {k[n:]: v for k, v in state.items() if k.startswith("text_model.") and not k.endswith("position_ids")}
+    state = {
+        k[n:]: v for k, v in state.items() if k.startswith("text_model.") and not k.endswith("position_ids")
+    }
     scales = {k[n:]: v for k, v in scales.items() if k.startswith("text_model.")}
     config = clip_config({k: tuple(v.shape) for k, v in state.items()})
     config._attn_implementation = "sdpa"
@@ -92,7 +96,9 @@ def build_clip(state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], 
     return model
 
 
-def build_t5(state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], dtype: torch.dtype) -> T5EncoderModel:
+def build_t5(
+    state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], dtype: torch.dtype
+) -> T5EncoderModel:
     state = dict(state)
     if "shared.weight" not in state and "encoder.embed_tokens.weight" in state:
         state["shared.weight"] = state["encoder.embed_tokens.weight"]
@@ -113,14 +119,22 @@ def _tokenizer_folder(folder: str | Path | None, what: str, flag: str) -> Path:
         raise UserError(f"No {what} tokenizer folder was given: pass {flag} DIR or use --models-dir.")
     path = Path(folder)
     if not path.is_dir():
-        raise UserError(f"The {what} tokenizer folder {path} does not exist: download the tokenizer or pass {flag}.")
+        raise UserError(
+            f"The {what} tokenizer folder {path} does not exist: download the tokenizer or pass {flag}."
+        )
     return path
 
 
 def load_clip_tokenizer(folder: str | Path | None) -> CLIPTokenizer:
     path = _tokenizer_folder(folder, "CLIP", "--clip-tokenizer")
-    if not ((path / "tokenizer.json").is_file() or (path / "vocab.json").is_file() and (path / "merges.txt").is_file()):
-        raise UserError(f"{path} has no tokenizer.json nor vocab.json + merges.txt: it is not a CLIP tokenizer folder.")
+    if not (
+        (path / "tokenizer.json").is_file()
+        or (path / "vocab.json").is_file()
+        and (path / "merges.txt").is_file()
+    ):
+        raise UserError(
+            f"{path} has no tokenizer.json nor vocab.json + merges.txt: it is not a CLIP tokenizer folder."
+        )
     return CLIPTokenizer.from_pretrained(str(path))
 
 
@@ -137,7 +151,9 @@ def _ids(tokenizer, prompts: list[str], length: int, device: torch.device) -> to
 
 
 @torch.inference_mode()
-def encode_clip(model: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str], device: torch.device) -> torch.Tensor:
+def encode_clip(
+    model: CLIPTextModel, tokenizer: CLIPTokenizer, prompts: list[str], device: torch.device
+) -> torch.Tensor:
     """The pooled CLIP-L output (B, 768), padded to 77 tokens."""
     return model(_ids(tokenizer, prompts, CLIP_LENGTH, device)).pooler_output
 

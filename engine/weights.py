@@ -124,7 +124,9 @@ class Component:
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         n = len(self.prefix)
-        return {name[n:]: info.shape for name, info in self.file.tensors.items() if name.startswith(self.prefix)}
+        return {
+            name[n:]: info.shape for name, info in self.file.tensors.items() if name.startswith(self.prefix)
+        }
 
     def stored_dtypes(self) -> set[str]:
         return {info.dtype for name, info in self.file.tensors.items() if name.startswith(self.prefix)}
@@ -188,7 +190,9 @@ def component_from(path: str | Path, role: str, flag: str) -> Component:
     return found[role]
 
 
-def split_scaled_fp8(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def split_scaled_fp8(
+    state: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Take ComfyUI scaled-fp8 extras out of a state dict: (weights, {layer name: scale_weight})."""
     scales = {}
     weights = {}
