@@ -84,7 +84,8 @@ def resolve(files: ModelFiles) -> ResolvedFiles:
         t5_tok = t5_tok or models_dir / "tokenizers" / "t5xxl"
     missing = [role for role in ROLES if role not in components]
     if missing:
-        where = f"in {files.models_dir}" if files.models_dir else "among the files given"
-        wanted = ", ".join(f"{ROLE_NAMES[r]} ({FLAGS[r]})" for r in missing)
-        raise UserError(f"No {wanted} was found {where}: add the missing file.")
+        where = f"The models folder {files.models_dir} lacks" if files.models_dir else "The files given lack"
+        wanted = [f"{ROLE_NAMES[r]} ({FLAGS[r]})" for r in missing]
+        listed = wanted[0] if len(wanted) == 1 else ", ".join(wanted[:-1]) + " and " + wanted[-1]
+        raise UserError(f"{where} {listed}: add the missing file or give it with its flag.")
     return ResolvedFiles(components, clip_tok, t5_tok)
