@@ -68,23 +68,22 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10_0
 
 
 def rope(pos: torch.Tensor, dim: int, theta: int) -> torch.Tensor:
-    """Rotation matrices (…, n, dim/2, 2, 2) for positions `pos` (…, n) along one axis."""
+    """Unit complex rotations (…, n, dim/2) for positions `pos` (…, n) along one axis."""
     omega = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64, device=pos.device) / dim)
     angles = pos.to(torch.float64)[..., None] * omega
-    cos, sin = torch.cos(angles), torch.sin(angles)
-    return torch.stack([cos, -sin, sin, cos], dim=-1).unflatten(-1, (2, 2)).float()
+    return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
 
 
 def position_embedding(ids: torch.Tensor, axes_dim: tuple[int, ...], theta: int) -> torch.Tensor:
-    """RoPE for (batch, n, axes) ids: (batch, 1, n, head_dim/2, 2, 2)."""
+    """RoPE for (batch, n, axes) ids: complex (batch, 1, n, head_dim/2)."""
     parts = [rope(ids[..., i], d, theta) for i, d in enumerate(axes_dim)]
-    return torch.cat(parts, dim=-3).unsqueeze(1)
+    return torch.cat(parts, dim=-1).unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
-    pairs = x.float().unflatten(-1, (-1, 1, 2))
-    rotated = pe[..., 0] * pairs[..., 0] + pe[..., 1] * pairs[..., 1]
-    return rotated.flatten(-2).type_as(x)
+    """Rotate each (even, odd) pair of features by its position's angle: one complex multiply."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * pe).flatten(-2).type_as(x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
@@ -206,7 +205,11 @@ class SingleStreamBlock(nn.Module):
 
     def forward(self, x, vec, pe):
         shift, scale, gate = self.modulation(vec)
-        qkv, mlp = self.linear1(modulate(_layer_norm(x), shift, scale)).split(self.split, dim=-1)
+        # linear1 as two products over row blocks of its weight: contiguous outputs, no split copies
+        weight, bias = self.linear1.fetch(x)
+        x_mod = modulate(_layer_norm(x), shift, scale)
+        qkv = F.linear(x_mod, weight[: self.split[0]], None if bias is None else bias[: self.split[0]])
+        mlp = F.linear(x_mod, weight[self.split[0] :], None if bias is None else bias[self.split[0] :])
         q, k, v = split_heads(qkv, self.num_heads)
         attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe)
         return x + gate * self.linear2(torch.cat((attn, F.gelu(mlp, approximate="tanh")), -1))
