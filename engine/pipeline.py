@@ -15,8 +15,9 @@ from torch import nn
 from engine import ops, sampling
 from engine.autoencoder import AutoEncoder, AutoEncoderParams
 from engine.errors import Cancelled, UserError
-from engine.events import Done, EventSink, Stage, Step, ignore
+from engine.events import Done, EventSink, Message, Stage, Step, ignore
 from engine.flux_model import Flux, FluxParams, position_embedding
+from engine.lora import apply_loras
 from engine.model_files import resolve
 from engine.png_output import check_writable, parameters_text, save_png
 from engine.request import GenerateRequest
@@ -139,6 +140,8 @@ class Engine:
 
         on_event(Stage("encoding"))
         clip = self._model(files.components["clip"], dtype, device)
+        for note in apply_loras(transformer, clip, request.loras):
+            on_event(Message(note))
         t5 = self._model(files.components["t5"], dtype, device)
         clip_prompt = request.prompt if request.clip_prompt is None else request.clip_prompt
         true_cfg = request.cfg > 1.0 and request.negative is not None
