@@ -141,10 +141,11 @@ def main(argv: list[str]) -> int:
             from engine.selftest import run_selftest
 
             return run_selftest(args.device)
-        from engine.pipeline import Engine
+        from engine.pipeline import Engine, EngineOptions, default_cache_dir
 
         request = request_from_args(args)
-        paths = Engine().generate(request, StderrProgress())
+        engine = Engine(EngineOptions(cache_dir=str(default_cache_dir())))
+        paths = engine.generate(request, StderrProgress())
         for path in paths:
             print(path)
         return 0

@@ -99,6 +99,14 @@ def split_heads(qkv: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.
     return q, k, v
 
 
+def fp16_safe(x: torch.Tensor) -> torch.Tensor:
+    """fp16's range ends at 65504 and FLUX's residual stream goes past it: saturate instead of inf/NaN
+    (black images). A no-op in bf16 and fp32."""
+    if x.dtype != torch.float16:
+        return x
+    return torch.nan_to_num(x, nan=0.0, posinf=65504.0, neginf=-65504.0)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.addcmul(shift, x, 1 + scale)
 
@@ -190,7 +198,7 @@ class DoubleStreamBlock(nn.Module):
         img = img + img_mod[5] * self.img_mlp(modulate(_layer_norm(img), img_mod[3], img_mod[4]))
         txt = txt + txt_mod[2] * self.txt_attn.proj(txt_attn)
         txt = txt + txt_mod[5] * self.txt_mlp(modulate(_layer_norm(txt), txt_mod[3], txt_mod[4]))
-        return img, txt
+        return fp16_safe(img), fp16_safe(txt)
 
 
 class SingleStreamBlock(nn.Module):
@@ -212,7 +220,7 @@ class SingleStreamBlock(nn.Module):
         mlp = F.linear(x_mod, weight[self.split[0] :], None if bias is None else bias[self.split[0] :])
         q, k, v = split_heads(qkv, self.num_heads)
         attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe)
-        return x + gate * self.linear2(torch.cat((attn, F.gelu(mlp, approximate="tanh")), -1))
+        return fp16_safe(x + gate * self.linear2(torch.cat((attn, F.gelu(mlp, approximate="tanh")), -1)))
 
 
 class LastLayer(nn.Module):

@@ -26,12 +26,23 @@ class WeightSource:
         return stored.to(device=device, dtype=dtype, non_blocking=True)
 
 
+class Staged:
+    """A layer's stored tensors copied to the compute device (by the memory manager), still in storage dtype."""
+
+    __slots__ = ("weight", "bias", "scale_weight")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, scale_weight: torch.Tensor | None):
+        self.weight, self.bias, self.scale_weight = weight, bias, scale_weight
+
+
 class CastMixin:
-    """State shared by the layers below: an optional scaled-fp8 scale, optional patches, an optional source."""
+    """State shared by the layers below: an optional scaled-fp8 scale, optional patches, an optional source,
+    and the device copy the memory manager staged (None: the stored tensors are used where they are)."""
 
     scale_weight: torch.Tensor | None = None
     patches: tuple[WeightPatch, ...] = ()
     source: WeightSource | None = None
+    staged: Staged | None = None
 
     def fetch(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return fetch(self, like.dtype, like.device)
@@ -41,13 +52,14 @@ def fetch(
     layer: nn.Module, dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The layer's weight and bias, on `device` in `dtype`, with scale and patches applied."""
+    stored = layer.staged or layer
     source = layer.source or _PLAIN
-    weight = source.materialize(layer.weight, dtype, device)
-    if layer.scale_weight is not None:
-        weight = weight * layer.scale_weight.to(device=device, dtype=dtype)
+    weight = source.materialize(stored.weight, dtype, device)
+    if stored.scale_weight is not None:
+        weight = weight * stored.scale_weight.to(device=device, dtype=dtype)
     for patch in layer.patches:
         weight = patch(weight)
-    bias = layer.bias
+    bias = stored.bias
     if bias is not None:
         bias = bias.to(device=device, dtype=dtype, non_blocking=True)
     return weight, bias

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -17,11 +19,14 @@ from engine.autoencoder import AutoEncoder, AutoEncoderParams
 from engine.errors import Cancelled, UserError
 from engine.events import Done, EventSink, Message, Stage, Step, ignore
 from engine.flux_model import Flux, FluxParams, position_embedding
+from engine.embedding_cache import EmbeddingCache
 from engine.lora import apply_loras
-from engine.model_files import resolve
+from engine.memory import GB, MemoryManager, auto_budget
+from engine.model_files import ResolvedFiles, resolve
 from engine.png_output import check_writable, parameters_text, save_png
 from engine.request import GenerateRequest
 from engine.text_encoders import (
+    CLIP_LENGTH,
     build_clip,
     build_t5,
     encode_clip,
@@ -77,11 +82,6 @@ def build_model(component: Component, dtype: torch.dtype) -> nn.Module:
         ) from None
 
 
-def place(model: nn.Module, device: torch.device) -> nn.Module:
-    """Everything on `device`. (Budgeted residency and streaming belong to the memory manager.)"""
-    return model.to(device)
-
-
 @dataclass(frozen=True)
 class _Key:
     path: str
@@ -91,24 +91,73 @@ class _Key:
     device: torch.device
 
 
-class Engine:
-    """Keeps models loaded between jobs; one job at a time."""
+@dataclass
+class EngineOptions:
+    """How the engine spends memory. keep_models: "auto" keeps models loaded between stages and jobs when RAM
+    holds them all, "never" loads each stage's model and releases it after (peak RAM ≈ the largest model)."""
 
-    def __init__(self) -> None:
+    keep_models: str = "auto"
+    cache_dir: str | None = None  # text-embedding cache; None: none
+
+
+def default_cache_dir() -> Path:
+    return (
+        Path(os.environ.get("FLUXDECK_CACHE") or Path(__file__).resolve().parents[1] / "cache") / "embeddings"
+    )
+
+
+class Engine:
+    """Keeps models loaded between jobs (RAM allowing); one job at a time."""
+
+    def __init__(self, options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
+        self.cache = EmbeddingCache(self.options.cache_dir)
+        self.loads: list[str] = []  # roles loaded, in order: what tests and benchmarks look at
+        self.memory: MemoryManager | None = None
         self._models: dict[str, tuple[_Key, nn.Module]] = {}
         self._tokenizers: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
+
+    # ---- models and memory ----
+
+    def _memory(self, device: torch.device, budget_gb: float | None) -> MemoryManager:
+        budget = int(budget_gb * GB) if budget_gb is not None else auto_budget(device)
+        if self.memory is None or self.memory.device != device:
+            for role in list(self._models):
+                self._drop(role)
+            self.memory = MemoryManager(device, budget)
+        elif self.memory.budget != budget:
+            self.memory.set_budget(budget)
+        return self.memory
 
     def _model(self, component: Component, dtype: torch.dtype, device: torch.device) -> nn.Module:
         path = component.file.path
         key = _Key(str(path.resolve()), component.prefix, path.stat().st_mtime, dtype, device)
         cached = self._models.get(component.role)
         if cached and cached[0] == key:
-            return cached[1]
-        self._models.pop(component.role, None)
-        model = place(build_model(component, dtype), device)
-        self._models[component.role] = (key, model)
+            model = cached[1]
+        else:
+            self._drop(component.role)
+            model = self.memory.manage(build_model(component, dtype))
+            self._models[component.role] = (key, model)
+            self.loads.append(component.role)
+        self.memory.activate(model)
         return model
+
+    def _drop(self, role: str) -> None:
+        cached = self._models.pop(role, None)
+        if cached is not None and self.memory is not None:
+            self.memory.forget(cached[1])
+
+    def _release_after_stage(self, roles: tuple[str, ...], files: ResolvedFiles) -> None:
+        """With RAM short, a stage's models go once it is done (their memory-mapped pages with them)."""
+        if self.options.keep_models == "always":
+            return
+        if self.options.keep_models == "auto" and _ram_holds(files):
+            return
+        for role in roles:
+            self._drop(role)
+        gc.collect()
 
     def _tokenizer(self, kind: str, folder: Path | None):
         key = (kind, str(folder))
@@ -116,6 +165,8 @@ class Engine:
             loader = load_clip_tokenizer if kind == "clip" else load_t5_tokenizer
             self._tokenizers[key] = loader(folder)
         return self._tokenizers[key]
+
+    # ---- a job ----
 
     def generate(
         self, request: GenerateRequest, on_event: EventSink = ignore, cancel: threading.Event | None = None
@@ -129,44 +180,31 @@ class Engine:
         out = check_writable(request.out)
         device, dtype = pick_device(request.device, request.dtype)
         files = resolve(request.files)
-
-        on_event(Stage("loading", f"{device.type} {str(dtype).removeprefix('torch.')}"))
-        clip_tok = self._tokenizer("clip", files.clip_tokenizer)
-        t5_tok = self._tokenizer("t5", files.t5_tokenizer)
-        transformer = self._model(files.components["transformer"], dtype, device)
-        schnell = not transformer.params.guidance_embed
+        memory = self._memory(device, request.vram_budget)
+        memory.reset_stats()
+        schnell = "guidance_in.in_layer.weight" not in files.components["transformer"].shapes()
         steps = request.steps or (4 if schnell else 28)
         t5_length = request.t5_max_length or (256 if schnell else 512)
 
-        on_event(Stage("encoding"))
-        clip = self._model(files.components["clip"], dtype, device)
-        for note in apply_loras(transformer, clip, request.loras):
+        on_event(Stage("encoding", f"{device.type} {str(dtype).removeprefix('torch.')}"))
+        conds = self._encode(request, files, t5_length, device, dtype)
+        self._release_after_stage(("clip", "t5"), files)
+
+        on_event(Stage("loading", "transformer"))
+        transformer = self._model(files.components["transformer"], dtype, device)
+        for note in apply_loras(transformer, self._models.get("clip", (None, None))[1], request.loras):
             on_event(Message(note))
-        t5 = self._model(files.components["t5"], dtype, device)
-        clip_prompt = request.prompt if request.clip_prompt is None else request.clip_prompt
-        true_cfg = request.cfg > 1.0 and request.negative is not None
-        prompts = [(clip_prompt, request.prompt)] + (
-            [(request.negative, request.negative)] if true_cfg else []
-        )
-        conds = [
-            (
-                encode_clip(clip, clip_tok, [c], device).to(dtype),
-                encode_t5(t5, t5_tok, [t], t5_length, device).to(dtype),
-            )
-            for c, t in prompts
-        ]
 
         batch, height, width = request.batch, request.height, request.width
         noise = sampling.make_noise(request.seed, batch, height, width)
-        mu = _mu(request.shift, schnell, (height // 16) * (width // 16))
-        times = sampling.schedule(steps, mu)
-        vae = None
+        times = sampling.schedule(steps, _mu(request.shift, schnell, (height // 16) * (width // 16)))
         if request.init_image:
             vae = self._model(files.components["vae"], dtype, device)
             x0 = _encode_image(vae, request.init_image, width, height, device, dtype).expand(
                 batch, -1, -1, -1
             )
             start, times = sampling.img2img_start(noise, x0.float().cpu(), times, request.denoise)
+            memory.activate(transformer)
         else:
             start = noise
         x = sampling.pack(start).to(device)
@@ -181,7 +219,8 @@ class Engine:
             if transformer.params.guidance_embed
             else None
         )
-        y, txt = [torch.cat([c[0]] * batch) for c in conds], [torch.cat([c[1]] * batch) for c in conds]
+        y = [c[0].to(device, dtype).expand(batch, -1) for c in conds]
+        txt = [c[1].to(device, dtype).expand(batch, -1, -1) for c in conds]
 
         @torch.inference_mode()
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
@@ -202,13 +241,15 @@ class Engine:
             step_seconds.append(report.seconds)
             on_event(Step(report.step, report.total, report.seconds))
 
-        x = sampling.euler(x, times, velocity, on_step)
+        x = sampling.euler(x, times, self._retrying(velocity, transformer, on_event), on_step)
+        self._release_after_stage(("transformer",), files)
 
         on_event(Stage("decoding"))
-        vae = vae or self._model(files.components["vae"], dtype, device)
+        vae = self._model(files.components["vae"], dtype, device)
         with torch.inference_mode():
             latents = sampling.unpack(x, height, width).to(dtype)
             pixels = torch.cat([vae.decode(latents[i : i + 1]).float().cpu() for i in range(batch)])
+        self._release_after_stage(("vae",), files)
 
         on_event(Stage("saving"))
         model_name = files.components["transformer"].file.path.stem
@@ -220,6 +261,63 @@ class Engine:
         mean = sum(step_seconds) / len(step_seconds) if step_seconds else 0.0
         on_event(Done(paths, time.perf_counter() - started, mean))
         return paths
+
+    def _encode(
+        self, request, files: ResolvedFiles, t5_length: int, device, dtype
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(pooled CLIP, T5 states) for the prompt, and for the negative prompt with true CFG; from the cache
+        when these encoder files already encoded these prompts."""
+        clip_prompt = request.prompt if request.clip_prompt is None else request.clip_prompt
+        true_cfg = request.cfg > 1.0 and request.negative is not None
+        pairs = [(clip_prompt, request.prompt)] + ([(request.negative, request.negative)] if true_cfg else [])
+        conds = []
+        for clip_text, t5_text in pairs:
+            clip_key = self.cache.key(files.components["clip"], clip_text, CLIP_LENGTH, dtype)
+            t5_key = self.cache.key(files.components["t5"], t5_text, t5_length, dtype)
+            pooled, states = self.cache.get(clip_key), self.cache.get(t5_key)
+            if pooled is None:
+                clip = self._model(files.components["clip"], dtype, device)
+                pooled = encode_clip(clip, self._tokenizer("clip", files.clip_tokenizer), [clip_text], device)
+                self.cache.put(clip_key, pooled)
+            if states is None:
+                t5 = self._model(files.components["t5"], dtype, device)
+                states = encode_t5(
+                    t5, self._tokenizer("t5", files.t5_tokenizer), [t5_text], t5_length, device
+                )
+                self.cache.put(t5_key, states)
+            conds.append((pooled, states))
+        return conds
+
+    def _retrying(self, velocity, transformer: nn.Module, on_event: EventSink):
+        """A step that runs out of GPU memory lowers the budget and runs again; it never ends the job."""
+
+        def step(x: torch.Tensor, t: float) -> torch.Tensor:
+            while True:
+                try:
+                    return velocity(x, t)
+                except torch.OutOfMemoryError:
+                    before = self.memory.budget
+                    after = self.memory.lower_budget(transformer)
+                    if before is not None and after >= before:
+                        raise UserError(
+                            "Out of GPU memory even with every block streamed: use a smaller size, "
+                            "close other programs that use the GPU, or use --device cpu."
+                        ) from None
+                    on_event(
+                        Message(
+                            f"out of GPU memory: the weight budget is now {after / GB:.2f} GB; retrying the step"
+                        )
+                    )
+
+        return step
+
+
+def _ram_holds(files: ResolvedFiles) -> bool:
+    """Whether all four models fit in RAM with room to spare (then they stay loaded between stages and jobs)."""
+    import psutil
+
+    needed = sum(c.nbytes for c in files.components.values())
+    return needed < 0.6 * psutil.virtual_memory().total
 
 
 def _mu(shift: str, schnell: bool, image_tokens: int) -> float | None:

@@ -7,12 +7,13 @@ under a known prefix. Tensors are loaded one at a time in the dtype the file sto
 from __future__ import annotations
 
 import json
+import mmap
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from engine.errors import UserError
 
@@ -59,28 +60,46 @@ _DTYPES = {
 class TensorInfo:
     dtype: str  # safetensors' name: "BF16", "F8_E4M3", ...
     shape: tuple[int, ...]
+    start: int  # byte offsets into the data section
+    end: int
 
 
 class SafetensorsFile:
-    """A safetensors file whose header has been read and checked against the file's size."""
+    """A safetensors file whose header has been read and checked against the file's size.
+
+    Tensors are views of a read-only memory map of the file: loading copies nothing, the pages are the OS's
+    file cache (shared, reclaimable), and dropping the tensors gives the memory back.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.tensors, self.metadata = _read_header(self.path)
+        self.tensors, self.metadata, self.data_offset = _read_header(self.path)
 
     def names(self) -> list[str]:
         return list(self.tensors)
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, in the dtype stored, read one by one."""
+        """The named tensors, in the dtype stored, as views of the mapped file (never written to)."""
+        with self.path.open("rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.path.stat().st_size else None
         out = {}
-        with safe_open(str(self.path), framework="pt") as f:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")
             for name in names:
-                out[name] = f.get_tensor(name)
+                info = self.tensors[name]
+                dtype = _DTYPES[info.dtype]
+                count = (info.end - info.start) // dtype.itemsize
+                if count == 0:
+                    out[name] = torch.empty(info.shape, dtype=dtype)
+                    continue
+                flat = torch.frombuffer(
+                    mapped, dtype=dtype, count=count, offset=self.data_offset + info.start
+                )
+                out[name] = flat.reshape(info.shape)
         return out
 
 
-def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     if not path.exists():
         raise UserError(f"{path} does not exist: check the path.")
     if not path.is_file():
@@ -104,14 +123,17 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     tensors: dict[str, TensorInfo] = {}
     end = 0
     for name, info in header.items():
-        tensors[name] = TensorInfo(info["dtype"], tuple(info["shape"]))
-        end = max(end, info["data_offsets"][1])
+        if info.get("dtype") not in _DTYPES:
+            raise UserError(f"{path} holds a tensor of type {info.get('dtype')!r} that FluxDeck cannot read.")
+        start, stop = info["data_offsets"]
+        tensors[name] = TensorInfo(info["dtype"], tuple(info["shape"]), start, stop)
+        end = max(end, stop)
     if 8 + header_len + end > size:
         missing = 8 + header_len + end - size
         raise UserError(
             f"{path} is truncated ({missing:,} bytes missing): its download did not finish; download it again."
         )
-    return tensors, metadata
+    return tensors, metadata, 8 + header_len
 
 
 @dataclass

@@ -55,3 +55,19 @@ def dev_set(tmp_path_factory) -> TinySet:
 @pytest.fixture(scope="session")
 def schnell_set(tmp_path_factory) -> TinySet:
     return _make_set(tmp_path_factory.mktemp("schnell"), fixtures.SCHNELL)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_embedding_cache(tmp_path_factory):
+    """The CLI caches text embeddings under the project's cache/ by default: keep the tests' apart."""
+    import os
+
+    os.environ["FLUXDECK_CACHE"] = str(tmp_path_factory.mktemp("fluxdeck-cache"))
+
+
+@pytest.fixture(scope="session")
+def deep_set(tmp_path_factory) -> TinySet:
+    """Eleven blocks: enough for a budget to keep some resident and stream the rest."""
+    from dataclasses import replace
+
+    return _make_set(tmp_path_factory.mktemp("deep"), replace(fixtures.TinySpec(), depth=1, depth_single=10))

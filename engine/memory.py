@@ -1,0 +1,338 @@
+"""Where each weight lives: the VRAM budget, resident blocks, and blocks streamed from host memory ahead of use.
+
+Every model's weights stay where they were loaded (host memory, in their stored dtype; pinned when streaming to a
+GPU). For the model that runs, the manager stages device copies through `ops.Staged`: the blocks that fit the
+budget once (resident), the others just before they run, the next one copying on a side stream while the
+current one computes, dropped after. Only the storage dtype crosses the bus, nothing is copied back, and the
+model code knows none of this: `ops.fetch` reads the staged copy when there is one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from engine import ops
+
+GB = 1024**3
+LOOKAHEAD = 2  # streamed blocks copied ahead of the one that runs
+
+
+def blocks_of(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks a model is streamed by (what is left of it is small and stays resident)."""
+    for path in ("double_blocks", "single_blocks"):
+        if hasattr(model, path):
+            return [*model.double_blocks, *model.single_blocks]
+    for path in ("encoder.block", "encoder.layers"):  # T5, CLIP
+        try:
+            return list(model.get_submodule(path))
+        except AttributeError:
+            continue
+    return []
+
+
+def cast_layers(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if ops.is_cast_layer(m)]
+
+
+def stored_bytes(layers: list[nn.Module]) -> int:
+    total = 0
+    for layer in layers:
+        for t in (layer.weight, layer.bias, layer.scale_weight):
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
+def spread(count: int, keep: int) -> list[int]:
+    """`keep` of `count` indices, evenly spread, so streamed copies overlap the compute of resident blocks."""
+    if keep <= 0:
+        return []
+    if keep >= count:
+        return list(range(count))
+    return sorted({math.floor(i * count / keep) for i in range(keep)})
+
+
+@dataclass
+class Plan:
+    resident: set[int]  # block indices kept on the device
+    resident_bytes: int  # every resident byte: kept blocks and the non-block rest
+    streamed_bytes: int  # bytes crossing the bus per forward pass
+
+
+def make_plan(block_bytes: list[int], rest_bytes: int, budget: int | None) -> Plan:
+    """The most blocks that fit `budget` (None: all), with room kept for the streamed blocks in flight."""
+    count, total = len(block_bytes), sum(block_bytes)
+    if budget is None or rest_bytes + total <= budget:
+        return Plan(set(range(count)), rest_bytes + total, 0)
+    largest = max(block_bytes, default=0)
+    room = budget - rest_bytes - (LOOKAHEAD + 1) * largest
+    keep = min(count, max(0, room // max(1, largest)))
+    resident = set(spread(count, keep))
+    streamed = sum(b for i, b in enumerate(block_bytes) if i not in resident)
+    return Plan(resident, rest_bytes + total - streamed, streamed)
+
+
+@dataclass
+class Stats:
+    """What the streaming did during the last forward passes (reset per job)."""
+
+    bytes_streamed: int = 0
+    passes: int = 0
+    budget_lowered: int = 0
+
+
+class _Copier:
+    """Copies a block's stored tensors to the device: async from pinned memory on a side stream on CUDA,
+    a plain copy elsewhere (on the CPU the copy stands in for the transfer, so the CPU tests run this path)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def _copy(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        if self.device.type == "cpu":
+            return t.clone()
+        return t.to(self.device, non_blocking=True)
+
+    def stage(self, layers: list[nn.Module]) -> tuple[list[ops.Staged], object]:
+        if self.stream is None:
+            return [
+                ops.Staged(self._copy(m.weight), self._copy(m.bias), self._copy(m.scale_weight))
+                for m in layers
+            ], None
+        with torch.cuda.stream(self.stream):
+            staged = [
+                ops.Staged(self._copy(m.weight), self._copy(m.bias), self._copy(m.scale_weight))
+                for m in layers
+            ]
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return staged, event
+
+    def ready(self, staged: list[ops.Staged], event) -> None:
+        """Make the compute stream wait for the copies, and tell the allocator it uses them."""
+        if event is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_event(event)
+        for s in staged:
+            for t in (s.weight, s.bias, s.scale_weight):
+                if t is not None:
+                    t.record_stream(current)
+
+
+@dataclass
+class _Managed:
+    model: nn.Module
+    blocks: list[list[nn.Module]]  # cast layers per block
+    rest: list[nn.Module]  # cast layers outside the blocks
+    block_bytes: list[int]
+    rest_bytes: int
+    plan: Plan | None = None  # set while the model is active on the device
+    in_flight: dict[int, tuple[list[ops.Staged], object]] = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+    stats: Stats = field(default_factory=Stats)  # this model's share
+
+
+class MemoryManager:
+    """One per engine. `budget_bytes`: weights allowed on the device (None: no limit)."""
+
+    def __init__(self, device: torch.device, budget_bytes: int | None = None):
+        self.device = device
+        self.budget = budget_bytes
+        self.stats = Stats()
+        self._copier = _Copier(device)
+        self._models: dict[int, _Managed] = {}
+        self._active: list[int] = []  # activation order, oldest first
+
+    # ---- registration ----
+
+    def manage(self, model: nn.Module) -> nn.Module:
+        """Take charge of a model: small non-cast tensors move to the device now; weights stay where they are."""
+        blocks = blocks_of(model)
+        block_layers = [cast_layers(b) for b in blocks]
+        in_blocks = {id(m) for layers in block_layers for m in layers}
+        rest = [m for m in cast_layers(model) if id(m) not in in_blocks]
+        managed = _Managed(
+            model, block_layers, rest, [stored_bytes(b) for b in block_layers], stored_bytes(rest)
+        )
+        _move_small_tensors(model, self.device)
+        for i, block in enumerate(blocks):
+            managed.hooks.append(block.register_forward_pre_hook(self._before(managed, i)))
+            managed.hooks.append(block.register_forward_hook(self._after(managed, i)))
+        self._models[id(model)] = managed
+        return model
+
+    def forget(self, model: nn.Module) -> None:
+        managed = self._models.pop(id(model), None)
+        if managed is None:
+            return
+        self._release(managed)
+        for hook in managed.hooks:
+            hook.remove()
+        if id(model) in self._active:
+            self._active.remove(id(model))
+
+    # ---- activation: which model's weights are on the device ----
+
+    def activate(self, model: nn.Module) -> Plan:
+        """Stage `model`'s resident weights, evicting the least recently used models if the budget needs it."""
+        managed = self._models[id(model)]
+        if managed.plan is None:
+            managed.plan = make_plan(managed.block_bytes, managed.rest_bytes, self.budget)
+            self._evict_for(managed)
+            self._stage_resident(managed)
+        if id(model) in self._active:
+            self._active.remove(id(model))
+        self._active.append(id(model))
+        return managed.plan
+
+    def stats_of(self, model: nn.Module) -> Stats:
+        return self._models[id(model)].stats
+
+    def reset_stats(self) -> None:
+        self.stats = Stats()
+        for managed in self._models.values():
+            managed.stats = Stats()
+
+    def set_budget(self, budget_bytes: int | None) -> None:
+        """A new budget: every model is planned again when it next runs."""
+        self.budget = budget_bytes
+        for managed in self._models.values():
+            self._release(managed)
+        self._active.clear()
+
+    def lower_budget(self, model: nn.Module) -> int:
+        """After an out-of-memory: keep half as many blocks resident (and at least one fewer); returns the new
+        budget in bytes."""
+        managed = self._models[id(model)]
+        plan = managed.plan or make_plan(managed.block_bytes, managed.rest_bytes, self.budget)
+        keep = max(0, min(len(plan.resident) // 2, len(plan.resident) - 1))
+        in_flight = (LOOKAHEAD + 1) * max(managed.block_bytes, default=0)
+        self.budget = managed.rest_bytes + in_flight + keep * max(managed.block_bytes, default=0)
+        self._release(managed)
+        for other in list(self._active):
+            if other != id(model):
+                self._release(self._models[other])
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.stats.budget_lowered += 1
+        self.activate(model)
+        return self.budget
+
+    def _evict_for(self, managed: _Managed) -> None:
+        if self.budget is None:
+            return
+        for other_id in list(self._active):
+            used = sum(self._models[i].plan.resident_bytes for i in self._active if self._models[i].plan)
+            if used + managed.plan.resident_bytes <= self.budget:
+                break
+            if other_id != id(managed.model):
+                self._release(self._models[other_id])
+                self._active.remove(other_id)
+
+    def _stage_resident(self, managed: _Managed) -> None:
+        layers = list(managed.rest)
+        for i in sorted(managed.plan.resident):
+            layers += managed.blocks[i]
+        if self.device.type == "cpu":
+            return  # host memory is the device: resident weights are used in place
+        streamed = [m for i, b in enumerate(managed.blocks) if i not in managed.plan.resident for m in b]
+        if streamed and _ram_allows_pinning(stored_bytes(streamed)):
+            _pin(streamed)
+        staged, event = self._copier.stage(layers)
+        self._copier.ready(staged, event)
+        for layer, s in zip(layers, staged, strict=True):
+            layer.staged = s
+
+    def _release(self, managed: _Managed) -> None:
+        for layer in managed.rest + [m for block in managed.blocks for m in block]:
+            layer.staged = None
+        managed.in_flight.clear()
+        managed.plan = None
+
+    # ---- streaming hooks ----
+
+    def _streamed_after(self, managed: _Managed, index: int) -> list[int]:
+        return [i for i in range(index + 1, len(managed.blocks)) if i not in managed.plan.resident][
+            :LOOKAHEAD
+        ]
+
+    def _issue(self, managed: _Managed, index: int) -> None:
+        if index not in managed.in_flight:
+            managed.in_flight[index] = self._copier.stage(managed.blocks[index])
+            self.stats.bytes_streamed += managed.block_bytes[index]
+            managed.stats.bytes_streamed += managed.block_bytes[index]
+
+    def _before(self, managed: _Managed, index: int):
+        def hook(_module, _args):
+            if managed.plan is None:
+                self.activate(managed.model)
+            if index == 0:
+                self.stats.passes += 1
+                managed.stats.passes += 1
+            if index not in managed.plan.resident:
+                self._issue(managed, index)
+                staged, event = managed.in_flight[index]
+                self._copier.ready(staged, event)
+                for layer, s in zip(managed.blocks[index], staged, strict=True):
+                    layer.staged = s
+            for ahead in self._streamed_after(managed, index):
+                self._issue(managed, ahead)
+
+        return hook
+
+    def _after(self, managed: _Managed, index: int):
+        def hook(_module, _args, _output):
+            if managed.plan is not None and index not in managed.plan.resident:
+                managed.in_flight.pop(index, None)
+                for layer in managed.blocks[index]:
+                    layer.staged = None
+
+        return hook
+
+
+def _move_small_tensors(model: nn.Module, device: torch.device) -> None:
+    """Norm scales and the like (everything outside the cast layers' weights) live on the compute device."""
+    for module in model.modules():
+        if ops.is_cast_layer(module):
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.device != device:
+                setattr(module, name, nn.Parameter(param.detach().to(device), requires_grad=False))
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf.device != device:
+                setattr(module, name, buf.to(device))
+
+
+def _pin(layers: list[nn.Module]) -> None:
+    """Page-locked host copies, so copies to the GPU run asynchronously at the bus's speed."""
+    for layer in layers:
+        for name in ("weight", "bias"):
+            t = getattr(layer, name)
+            if t is not None and not t.is_pinned():
+                setattr(layer, name, nn.Parameter(t.detach().pin_memory(), requires_grad=False))
+        if layer.scale_weight is not None:
+            layer.scale_weight = layer.scale_weight.pin_memory()
+
+
+def _ram_allows_pinning(nbytes: int) -> bool:
+    """Page-locked memory cannot be paged out: pin only with room to spare, else copy from pageable memory."""
+    import psutil
+
+    return psutil.virtual_memory().available > 1.5 * nbytes + 2 * GB
+
+
+def auto_budget(device: torch.device) -> int | None:
+    """Free VRAM less a reserve for activations and the autoencoder; None on the CPU (no limit)."""
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    reserve = max(int(1.5 * GB), int(0.12 * total))
+    return max(0, free - reserve)

@@ -1,0 +1,131 @@
+"""The memory manager: the same image at every budget, the bytes it streams, the embedding cache, OOM retries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from engine.events import Message
+from engine.memory import LOOKAHEAD, make_plan, spread
+from engine.pipeline import Engine, EngineOptions
+from engine.request import GenerateRequest, ModelFiles
+
+
+def request(tiny, out, **kw) -> GenerateRequest:
+    base = dict(
+        prompt="a photo of a cat",
+        width=64,
+        height=64,
+        steps=2,
+        seed=3,
+        files=ModelFiles(models_dir=str(tiny.models_dir)),
+    )
+    return GenerateRequest(out=str(out), **(base | kw))
+
+
+def image(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_spread_and_plan():
+    assert spread(10, 0) == [] and spread(10, 10) == list(range(10))
+    assert spread(10, 5) == [0, 2, 4, 6, 8]
+    sizes = [100] * 10
+    assert make_plan(sizes, 50, None).resident == set(range(10))
+    assert make_plan(sizes, 50, 10_000).streamed_bytes == 0
+    part = make_plan(sizes, 50, 50 + (LOOKAHEAD + 1) * 100 + 400)
+    assert len(part.resident) == 4 and part.streamed_bytes == 600
+    assert part.resident_bytes == 50 + 400
+    none = make_plan(sizes, 50, 0)
+    assert none.resident == set() and none.streamed_bytes == 1000
+
+
+@pytest.mark.parametrize("budget_blocks", [None, 1, 2])
+def test_same_image_at_every_budget(deep_set, tmp_path, budget_blocks):
+    """Everything resident (no budget), part streamed, everything streamed: the same pixels, and the bytes
+    streamed per pass are exactly the non-resident blocks'."""
+    tiny = deep_set
+    reference = Engine().generate(request(tiny, tmp_path / "ref.png"))[0]
+    engine = Engine()
+    engine.generate(request(tiny, tmp_path / "warm.png"))  # loads the models; the budget comes next
+    transformer = engine._models["transformer"][1]
+    managed = engine.memory._models[id(transformer)]
+    block = max(managed.block_bytes)
+    budget = 0 if budget_blocks is None else managed.rest_bytes + (LOOKAHEAD + 1 + budget_blocks) * block
+    streamed = engine.generate(request(tiny, tmp_path / "s.png", vram_budget=budget / 1024**3))[0]
+    assert np.array_equal(image(reference), image(streamed))
+    plan = make_plan(managed.block_bytes, managed.rest_bytes, budget)
+    assert len(plan.resident) == (budget_blocks or 0)
+    stats = engine.memory.stats_of(transformer)
+    assert stats.passes == 2  # two steps, one pass each
+    per_pass = sum(b for i, b in enumerate(managed.block_bytes) if i not in plan.resident)
+    assert stats.bytes_streamed == 2 * per_pass > 0
+
+
+def test_embedding_cache_skips_the_text_encoders(dev_set, tmp_path):
+    options = EngineOptions(cache_dir=str(tmp_path / "cache"))
+    first = Engine(options)
+    first.generate(request(dev_set, tmp_path / "a.png", seed=1))
+    assert sorted(first.loads) == ["clip", "t5", "transformer", "vae"]
+    again = Engine(options)  # a new process, as the CLI is: only the cache on disk is shared
+    out = again.generate(request(dev_set, tmp_path / "b.png", seed=2))[0]
+    assert sorted(again.loads) == ["transformer", "vae"]
+    uncached = Engine().generate(request(dev_set, tmp_path / "c.png", seed=2))[0]
+    assert np.array_equal(image(out), image(uncached))
+    changed = Engine(options)
+    changed.generate(request(dev_set, tmp_path / "d.png", seed=2, prompt="a red house"))
+    assert "t5" in changed.loads  # another prompt is encoded
+
+
+def test_out_of_memory_in_a_step_lowers_the_budget_and_retries(dev_set, tmp_path):
+    reference = Engine().generate(request(dev_set, tmp_path / "ref.png"))[0]
+    engine = Engine()
+    engine.generate(request(dev_set, tmp_path / "warm.png"))
+    block = engine._models["transformer"][1].single_blocks[1]
+    original = block.forward
+    failures = []
+
+    def flaky(*args, **kwargs):
+        if not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(*args, **kwargs)
+
+    block.forward = flaky
+    events = []
+    out = engine.generate(request(dev_set, tmp_path / "oom.png", vram_budget=1.0), events.append)[0]
+    assert failures == [1]
+    assert np.array_equal(image(reference), image(out))
+    assert engine.memory.stats.budget_lowered == 1
+    assert any(isinstance(e, Message) and "out of GPU memory" in e.text for e in events)
+
+
+def test_fp16_compute_saturates_instead_of_overflowing():
+    from engine.fixtures import TinySpec, flux_state
+    from engine.flux_model import Flux, FluxParams
+    from engine.ops import load_into
+
+    state = flux_state(TinySpec())
+    p = FluxParams.from_shapes({k: tuple(v.shape) for k, v in state.items()})
+    with torch.device("meta"):
+        model = Flux(p)
+    load_into(model, state, {}, torch.float16)
+    block = model.single_blocks[0]
+    x = torch.full((1, 8, p.hidden_size), 60000.0, dtype=torch.float16)
+    vec = torch.randn(1, p.hidden_size, dtype=torch.float16) * 50
+    from engine.flux_model import position_embedding
+
+    pe = position_embedding(torch.zeros(1, 8, 3), p.axes_dim, p.theta)
+    with torch.inference_mode():
+        out = block(x, vec, pe)
+    assert torch.isfinite(out).all()
+
+
+def test_fp16_generation_is_finite_and_close_to_fp32(dev_set, tmp_path):
+    fp32 = Engine().generate(request(dev_set, tmp_path / "32.png"))[0]
+    fp16 = Engine().generate(request(dev_set, tmp_path / "16.png", dtype="fp16"))[0]
+    from tests.oracle import psnr
+
+    assert psnr(image(fp32), image(fp16)) > 30
