@@ -16,10 +16,10 @@ from torch import nn
 
 from engine import ops, sampling
 from engine.autoencoder import AutoEncoder, AutoEncoderParams
+from engine.embedding_cache import EmbeddingCache
 from engine.errors import Cancelled, UserError
 from engine.events import Done, EventSink, Message, Stage, Step, ignore
 from engine.flux_model import Flux, FluxParams, position_embedding
-from engine.embedding_cache import EmbeddingCache
 from engine.lora import apply_loras
 from engine.memory import GB, MemoryManager, auto_budget
 from engine.model_files import ResolvedFiles, resolve
