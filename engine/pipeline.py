@@ -21,7 +21,7 @@ from engine.errors import Cancelled, UserError
 from engine.events import Done, EventSink, Message, Stage, Step, ignore
 from engine.flux_model import Flux, FluxParams, position_embedding
 from engine.lora import apply_loras
-from engine.memory import GB, MemoryManager, auto_budget
+from engine.memory import GB, MemoryManager, auto_budget, tune_host_allocator
 from engine.model_files import ResolvedFiles, resolve
 from engine.png_output import check_writable, parameters_text, save_png
 from engine.request import GenerateRequest
@@ -111,6 +111,7 @@ class Engine:
 
     def __init__(self, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
+        tune_host_allocator()
         self.cache = EmbeddingCache(self.options.cache_dir)
         self.loads: list[str] = []  # roles loaded, in order: what tests and benchmarks look at
         self.memory: MemoryManager | None = None
