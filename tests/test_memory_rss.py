@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmHWM")
-
 from engine import fixtures
 from engine.weights import SafetensorsFile, find_components
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmHWM")
 
 ROOT = Path(__file__).resolve().parents[1]
 
