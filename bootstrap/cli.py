@@ -1,0 +1,180 @@
+"""`python -m bootstrap env|download|verify|list|wizard|bundle`. User errors are one sentence and exit code 1.
+
+Only the standard library is imported here: `env` must run on a Python that has nothing installed yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from bootstrap.errors import BootstrapError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bootstrap", description="FluxDeck's setup: environment, models, bundle"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    env = sub.add_parser("env", help="build or check the Python environment (a no-op when it is ready)")
+    device = env.add_mutually_exclusive_group()
+    device.add_argument(
+        "--gpu", dest="device", action="store_const", const="gpu", help="insist on a CUDA torch"
+    )
+    device.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="run on the CPU")
+    env.add_argument("--which", action="store_true", help="print the environment's python and exit")
+    env.add_argument("--no-selftest", action="store_true", help="skip the engine's selftest")
+    env.add_argument("--requirements", type=Path, help="the dependency list (default: requirements.txt)")
+
+    def model_args(p: argparse.ArgumentParser, names_help: str) -> None:
+        p.add_argument("names", nargs="*", metavar="NAME", help=names_help)
+        p.add_argument("--preset", action="append", default=[], help="a preset's files (repeatable)")
+        p.add_argument("--models-dir", type=Path, help="default: models_dir of config.toml, else ./models")
+        p.add_argument("--manifest", type=Path, help="default: bootstrap/manifest.toml")
+
+    model_args(sub.add_parser("download", help="download and verify model files"), "file names or @groups")
+    model_args(
+        sub.add_parser("verify", help="re-hash model files against the manifest"),
+        "default: every file present",
+    )
+
+    listing = sub.add_parser("list", help="the manifest's files and presets")
+    listing.add_argument("--manifest", type=Path)
+
+    wizard = sub.add_parser("wizard", help="choose and download a model set for this machine")
+    wizard.add_argument("--models-dir", type=Path)
+    wizard.add_argument("--manifest", type=Path)
+    wizard.add_argument("--config", type=Path, help="default: config.toml at the project root")
+    wizard.add_argument("--yes", action="store_true", help="take the recommendation without asking")
+
+    bundle = sub.add_parser("bundle", help="write <out>/<name>-windows-portable.7z")
+    bundle.add_argument("--out", type=Path, default=None, help="default: dist/")
+    bundle.add_argument(
+        "--python-embed", type=Path, help="the official embeddable Python (.zip or folder) to include"
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except BootstrapError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("stopped: run the same command again to continue where it left off.", file=sys.stderr)
+        return 130
+
+
+def _models_dir(given: Path | None) -> Path:
+    from bootstrap.config_file import ProjectConfig
+
+    return given if given is not None else ProjectConfig.load().models_dir
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from bootstrap.environment import EnvOptions, build_environment, environment_python
+
+    options = EnvOptions(device=args.device or "auto", selftest=not args.no_selftest)
+    if args.requirements:
+        options.requirements = args.requirements
+    if args.which:
+        print(environment_python(options))
+        return 0
+    return build_environment(options)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from bootstrap.download import Downloader
+    from bootstrap.manifest import load_manifest
+    from bootstrap.progress import TerminalProgress
+
+    manifest = load_manifest(args.manifest)
+    if not args.names and not args.preset:
+        raise BootstrapError(
+            f"Name the files to download, or a --preset: one of {', '.join(manifest.presets)} (`python -m bootstrap list`)."
+        )
+    files = manifest.select(args.names, args.preset)
+    models_dir = _models_dir(args.models_dir)
+    downloader = Downloader(
+        models_dir, progress=TerminalProgress(), say=lambda text: print(text, file=sys.stderr)
+    )
+    outcomes, errors = downloader.ensure(files)
+    for outcome in outcomes:
+        word = "already verified" if outcome.status == "present" else "downloaded and verified"
+        print(f"{outcome.file.name}: {word}: {outcome.path}")
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bootstrap.checks import verify_files
+    from bootstrap.manifest import load_manifest
+    from bootstrap.progress import TerminalProgress
+
+    manifest = load_manifest(args.manifest)
+    explicit = bool(args.names or args.preset)
+    files = manifest.select(args.names, args.preset) if explicit else list(manifest.files.values())
+    results = verify_files(_models_dir(args.models_dir), files, explicit, TerminalProgress())
+    for result in results:
+        print(result.line())
+    if not results:
+        print("no manifest file is present in the models folder.")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from bootstrap.manifest import load_manifest
+    from bootstrap.progress import human_bytes
+
+    manifest = load_manifest(args.manifest)
+    print("presets:")
+    for preset in manifest.presets.values():
+        print(
+            f"  {preset.name:<16} {preset.title} ({preset.disk_gb:g} GB; {preset.vram_gb:g} GB VRAM, {preset.ram_gb:g} GB RAM)"
+        )
+    print("files:")
+    for f in manifest.files.values():
+        size = human_bytes(f.size) if f.size else "size from the hub"
+        flags = " gated" if f.gated else ""
+        print(f"  {f.name:<30} {f.relpath:<52} {size}{flags}")
+    for group, names in manifest.groups.items():
+        print(f"  @{group}: {', '.join(names)}")
+    return 0
+
+
+def cmd_wizard(args: argparse.Namespace) -> int:
+    from bootstrap.wizard import TerminalIO, run_wizard
+
+    return run_wizard(
+        TerminalIO(),
+        models_dir=args.models_dir,
+        manifest_path=args.manifest,
+        config_path=args.config,
+        assume_yes=args.yes,
+    )
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from bootstrap.bundle import BundleOptions, build_bundle
+
+    options = BundleOptions(python_embed=args.python_embed)
+    if args.out is not None:
+        options.out_dir = args.out
+    archive = build_bundle(options)
+    print(archive)
+    return 0
+
+
+COMMANDS = {
+    "env": cmd_env,
+    "download": cmd_download,
+    "verify": cmd_verify,
+    "list": cmd_list,
+    "wizard": cmd_wizard,
+    "bundle": cmd_bundle,
+}

@@ -1,0 +1,432 @@
+"""Verified, resumable downloads from the hub: <file>.part, Range resume, SHA-256 of every byte, then rename."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin, urlsplit
+
+import requests
+
+from bootstrap.disk import free_bytes
+from bootstrap.errors import BootstrapError
+from bootstrap.hub import Digest, digest_from_headers, endpoint, file_url, find_token, hub_error, same_origin
+from bootstrap.manifest import ModelFile
+from bootstrap.progress import ProgressSink, QuietProgress, human_bytes
+from bootstrap.verified import StreamHash, VerifiedState, hash_file
+
+USER_AGENT = "fluxdeck-bootstrap/0.1"
+REDIRECTS = (301, 302, 303, 307, 308)
+RETRY_STATUS = (408, 429, 500, 502, 503, 504)
+
+
+@dataclass
+class DownloadOptions:
+    endpoint: str = field(default_factory=endpoint)
+    token: str | None = field(default_factory=find_token)
+    retries: int = 6  # failures in a row without a byte of progress before giving up
+    backoff_s: float = 1.0  # doubles each retry, up to backoff_max_s
+    backoff_max_s: float = 60.0
+    timeout_s: float = 30.0
+    chunk_bytes: int = 1024 * 1024
+    max_redirects: int = 10
+    disk_margin_bytes: int = 200 * 1000 * 1000
+
+
+@dataclass
+class Outcome:
+    file: ModelFile
+    path: Path
+    status: str  # "present" (already verified) or "downloaded"
+    note: str = ""
+
+
+class Retry(Exception):
+    """A failure worth another try: a dropped connection, a timeout, a 5xx."""
+
+    def __init__(self, reason: str, host: str) -> None:
+        super().__init__(reason)
+        self.reason, self.host = reason, host
+
+
+@dataclass
+class Transfer:
+    """One file's download across retries: the part file and the hash of what it holds."""
+
+    file: ModelFile
+    target: Path
+    part: Path
+    expected: Digest | None  # from the manifest; the hub's answer fills it in otherwise
+    total: int | None
+    hasher: StreamHash | None = None
+    check_existing: bool = (
+        False  # a file is in place but was never verified: compare it once the digest is known
+    )
+    notes: list[str] = field(default_factory=list)
+
+    def part_size(self) -> int:
+        try:
+            return self.part.stat().st_size
+        except OSError:
+            return 0
+
+
+def _host(url: str) -> str:
+    parts = urlsplit(url)
+    return parts.netloc or url
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, requests.Timeout):
+        return "the connection timed out"
+    if isinstance(exc, requests.exceptions.ChunkedEncodingError):
+        return "the connection dropped in the middle of the file"
+    return "the connection failed"
+
+
+def _content_range_start(header: str | None) -> tuple[int | None, int | None]:
+    """'bytes 100-199/1000' -> (100, 1000)."""
+    if not header or not header.startswith("bytes "):
+        return None, None
+    span, _, total = header[6:].partition("/")
+    start = span.partition("-")[0]
+    try:
+        return int(start), (int(total) if total.strip() not in ("", "*") else None)
+    except ValueError:
+        return None, None
+
+
+class Downloader:
+    def __init__(
+        self,
+        models_dir: Path,
+        options: DownloadOptions | None = None,
+        progress: ProgressSink | None = None,
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        free_space: Callable[[Path], int] = free_bytes,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        self.models_dir = models_dir
+        self.options = options or DownloadOptions()
+        self.progress = progress or QuietProgress()
+        self.session = session or requests.Session()
+        self.sleep = sleep
+        self.free_space = free_space
+        self.say = say or (lambda text: None)
+        self.state = VerifiedState.load(models_dir)
+
+    # ---- many files ----
+
+    def ensure(self, files: list[ModelFile]) -> tuple[list[Outcome], list[BootstrapError]]:
+        """Each file present and verified afterwards, or an error for it; the others still go ahead."""
+        outcomes: list[Outcome] = []
+        errors: list[BootstrapError] = []
+        pending = [f for f in files if not self.is_verified(f)]
+        for f in files:
+            if f not in pending:
+                outcomes.append(Outcome(f, f.target(self.models_dir), "present"))
+        self.check_space(pending)
+        for f in pending:
+            try:
+                outcomes.append(self.fetch(f))
+            except BootstrapError as exc:
+                errors.append(exc)
+        return outcomes, errors
+
+    def is_verified(self, model_file: ModelFile) -> bool:
+        """Present and recorded as verified with the same size and mtime: no hashing, no request."""
+        target = model_file.target(self.models_dir)
+        if model_file.size is not None and target.is_file() and target.stat().st_size != model_file.size:
+            return False
+        return self.state.known_good(model_file.relpath, target, _manifest_digest(model_file))
+
+    def check_space(self, files: list[ModelFile]) -> None:
+        needed = 0
+        for f in files:
+            part = f.target(self.models_dir).with_name(f.filename + ".part")
+            have = part.stat().st_size if part.is_file() else 0
+            needed += max(0, (f.size or 0) - have)
+        self._require_space(needed, "these files")
+
+    def _require_space(self, needed: int, what: str) -> None:
+        if needed <= 0:
+            return
+        free = self.free_space(self.models_dir)
+        if free < needed + self.options.disk_margin_bytes:
+            raise BootstrapError(
+                f"Not enough free disk space in {self.models_dir} for {what}: {human_bytes(needed)} needed, "
+                f"{human_bytes(free)} free; free some space or choose another --models-dir."
+            )
+
+    # ---- one file ----
+
+    def fetch(self, model_file: ModelFile) -> Outcome:
+        target = model_file.target(self.models_dir)
+        transfer = Transfer(
+            model_file,
+            target,
+            target.with_name(target.name + ".part"),
+            _manifest_digest(model_file),
+            model_file.size,
+        )
+        if self.is_verified(model_file):
+            return Outcome(model_file, target, "present")
+        if target.is_file():
+            if transfer.expected is not None:
+                if self._existing_matches(transfer):
+                    return Outcome(model_file, target, "present", "checked the file already in place")
+                self.say(
+                    f"{target} does not match the manifest: downloading a fresh copy (it is replaced only once verified)."
+                )
+            else:
+                transfer.check_existing = True
+        recorded = self.state.partial.get(model_file.relpath)
+        if (
+            transfer.part.exists()
+            and transfer.expected
+            and recorded
+            and recorded.get("value") != transfer.expected.value
+        ):
+            transfer.part.unlink()  # a part of another version of the file
+        failures = 0
+        while True:
+            before = transfer.part_size()
+            try:
+                outcome = self._attempt(transfer)
+            except Retry as exc:
+                failures = 1 if transfer.part_size() > before else failures + 1
+                if failures > self.options.retries:
+                    kept = transfer.part_size()
+                    resume = f"; the {human_bytes(kept)} already downloaded will be resumed" if kept else ""
+                    raise BootstrapError(
+                        f"Downloading {model_file.name} failed after {self.options.retries} retries: {exc.reason} "
+                        f"({exc.host}); check the connection and run the command again{resume}."
+                    ) from None
+                delay = min(self.options.backoff_s * 2 ** (failures - 1), self.options.backoff_max_s)
+                self.say(f"{model_file.name}: {exc.reason} ({exc.host}); retrying in {delay:.0f} s.")
+                self.sleep(delay)
+                continue
+            return outcome
+
+    def _existing_matches(self, transfer: Transfer) -> bool:
+        size = transfer.target.stat().st_size
+        if transfer.total is not None and size != transfer.total:
+            return False
+        self.progress.start(transfer.file.name, size, 0, "checking")
+        git_size = size if transfer.expected and transfer.expected.kind == "git-sha1" else None
+        digest = hash_file(transfer.target, git_size, self.progress.advance)
+        ok = transfer.expected is None or digest.hexdigest(transfer.expected.kind) == transfer.expected.value
+        if ok:
+            self.state.remember(transfer.file.relpath, transfer.target, digest)
+            self.state.save()
+            self.progress.finish(f"{transfer.file.name}: already in place and verified")
+        return ok
+
+    def _get(self, url: str, start: int, transfer: Transfer) -> tuple[requests.Response, dict[str, str]]:
+        """Follow redirects by hand: the token goes to the hub's own host only. The hub's 3xx carries the file's
+        hash and size: a stale manifest or a full disk is said there, before the CDN is asked for a byte."""
+        hub = self.options.endpoint
+        linked: dict[str, str] = {}
+        for _ in range(self.options.max_redirects + 1):
+            headers = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
+            if start:
+                headers["Range"] = f"bytes={start}-"
+            if self.options.token and same_origin(url, hub):
+                headers["Authorization"] = f"Bearer {self.options.token}"
+            try:
+                response = self.session.get(
+                    url, headers=headers, stream=True, allow_redirects=False, timeout=self.options.timeout_s
+                )
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                raise Retry(_reason(exc), _host(url)) from None
+            if response.status_code not in REDIRECTS:
+                response.url_requested = url  # type: ignore[attr-defined]
+                return response, linked
+            for name in ("X-Linked-Etag", "X-Linked-Size", "X-Repo-Commit"):
+                if name in response.headers:
+                    linked[name] = response.headers[name]
+            location = response.headers.get("Location")
+            response.close()
+            if linked:
+                self._settle_digest(transfer, linked, linked)
+                if transfer.total is not None:
+                    self._require_space(transfer.total - start, transfer.file.name)
+            if not location:
+                raise Retry(f"the hub answered {response.status_code} without a Location", _host(url))
+            url = urljoin(url, location)
+        raise BootstrapError(f"The hub redirected {url} more than {self.options.max_redirects} times.")
+
+    def _attempt(self, transfer: Transfer) -> Outcome:
+        model_file = transfer.file
+        start = transfer.part_size()
+        if start and transfer.total is not None and start > transfer.total:
+            transfer.part.unlink()
+            start = 0
+        if (
+            start
+            and start == transfer.total
+            and transfer.expected is not None
+            and not transfer.check_existing
+        ):
+            git_size = start if transfer.expected.kind == "git-sha1" else None
+            transfer.hasher = hash_file(
+                transfer.part, git_size
+            )  # stopped between the last byte and the rename
+            return self._finish(transfer)
+        url = file_url(self.options.endpoint, model_file)
+        response, linked = self._get(url, start, transfer)
+        with response:
+            requested = response.url_requested  # type: ignore[attr-defined]
+            status = response.status_code
+            if status in RETRY_STATUS:
+                raise Retry(f"the server answered {status}", _host(requested))
+            if status == 416 and start:
+                transfer.part.unlink()  # the part cannot be continued: start over
+                transfer.hasher = None
+                raise Retry("the server could not continue the partial file", _host(requested))
+            if status >= 400:
+                if same_origin(requested, self.options.endpoint):
+                    raise hub_error(
+                        status, response.headers, model_file, self.options.endpoint, bool(self.options.token)
+                    )
+                raise Retry(f"the download server answered {status}", _host(requested))
+            if status not in (200, 206):
+                raise BootstrapError(
+                    f"The hub answered {status} for {model_file.name}, which the downloader does not understand."
+                )
+            self._settle_digest(transfer, {**response.headers, **linked}, linked)
+            if status == 206:
+                range_start, range_total = _content_range_start(response.headers.get("Content-Range"))
+                if range_start != start:
+                    transfer.part.unlink(missing_ok=True)
+                    transfer.hasher = None
+                    raise Retry("the server sent another part of the file than asked", _host(requested))
+                if transfer.total is None and range_total is not None:
+                    transfer.total = range_total
+            else:
+                start = 0  # a full answer: whatever part there was starts over
+                length = response.headers.get("Content-Length")
+                if transfer.total is None and length and length.isdigit():
+                    transfer.total = int(length)
+            if transfer.check_existing and self._existing_matches(transfer):
+                return Outcome(model_file, transfer.target, "present", "checked the file already in place")
+            transfer.check_existing = False
+            if transfer.total is not None:
+                self._require_space(transfer.total - start, model_file.name)
+            return self._stream(transfer, response, start)
+
+    def _settle_digest(self, transfer: Transfer, headers: dict[str, str], linked: dict[str, str]) -> None:
+        """The manifest's hash wins, but a hub that now serves other bytes is said before a byte is written."""
+        hub_digest = digest_from_headers(headers)
+        linked_size = linked.get("X-Linked-Size", "")
+        name = transfer.file.name
+        if transfer.expected is None:
+            if hub_digest is not None:
+                transfer.expected = hub_digest
+                kind = "SHA-256" if hub_digest.kind == "sha256" else "git blob SHA-1"
+                note = f"{name}: the manifest has no SHA-256; checking against the hub's {hub_digest.source} ({kind})."
+                if note not in transfer.notes:
+                    transfer.notes.append(note)
+                    self.say(note)
+            elif "no hash known" not in " ".join(transfer.notes):
+                transfer.notes.append(f"{name}: no hash known; checking its size only.")
+                self.say(transfer.notes[-1])
+        elif (
+            hub_digest is not None
+            and hub_digest.kind == transfer.expected.kind
+            and hub_digest.value != transfer.expected.value
+        ):
+            raise BootstrapError(
+                f"The hub's copy of {name} ({transfer.file.repo}/{transfer.file.path}) has SHA-256 {hub_digest.value} "
+                f"but the manifest expects {transfer.expected.value}: the file changed on the hub; update the "
+                "manifest or pin its revision."
+            )
+        if transfer.total is None and linked_size.isdigit():
+            transfer.total = int(linked_size)
+        elif transfer.total is not None and linked_size.isdigit() and int(linked_size) != transfer.total:
+            raise BootstrapError(
+                f"The hub's copy of {name} is {linked_size} bytes but the manifest says {transfer.total}: "
+                "the file changed on the hub; update the manifest or pin its revision."
+            )
+
+    def _stream(self, transfer: Transfer, response: requests.Response, start: int) -> Outcome:
+        model_file = transfer.file
+        git_size = transfer.total if transfer.expected and transfer.expected.kind == "git-sha1" else None
+        if start == 0 or transfer.hasher is None or transfer.hasher.count != start:
+            transfer.hasher = (
+                hash_file(transfer.part, git_size) if start else StreamHash(git_size)
+            )  # a resumed part is hashed once, then only the new bytes
+        transfer.part.parent.mkdir(parents=True, exist_ok=True)
+        if transfer.expected is not None:
+            self.state.partial[model_file.relpath] = {
+                "kind": transfer.expected.kind,
+                "value": transfer.expected.value,
+            }
+            self.state.save()
+        self.progress.start(model_file.name, transfer.total, start)
+        host = _host(response.url_requested)  # type: ignore[attr-defined]
+        with open(transfer.part, "r+b" if start else "wb", buffering=0) as out:
+            out.seek(start)
+            out.truncate()
+            try:
+                for chunk in response.iter_content(self.options.chunk_bytes):
+                    out.write(chunk)
+                    transfer.hasher.update(chunk)
+                    self.progress.advance(len(chunk))
+                    if transfer.total is not None and transfer.hasher.count > transfer.total:
+                        break
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+            ) as exc:
+                raise Retry(_reason(exc), host) from None
+            except OSError as exc:  # the disk, not the network: full, removed, no permission
+                raise BootstrapError(
+                    f"Could not write {transfer.part} ({exc.strerror or exc}): free some space or choose another "
+                    "--models-dir; what was written is kept and resumed next time."
+                ) from None
+        got = transfer.hasher.count
+        if transfer.total is not None and got < transfer.total:
+            raise Retry("the connection ended before the end of the file", host)
+        return self._finish(transfer)
+
+    def _finish(self, transfer: Transfer) -> Outcome:
+        model_file, hasher = transfer.file, transfer.hasher
+        assert hasher is not None
+        problem = None
+        if transfer.total is not None and hasher.count != transfer.total:
+            problem = f"it is {hasher.count} bytes, not {transfer.total}"
+        elif transfer.expected is not None:
+            got = hasher.hexdigest(transfer.expected.kind)
+            if got != transfer.expected.value:
+                kind = "SHA-256" if transfer.expected.kind == "sha256" else "git blob SHA-1"
+                problem = f"expected {kind} {transfer.expected.value} ({transfer.expected.source}), got {got}"
+        if problem:
+            transfer.part.unlink(missing_ok=True)
+            transfer.hasher = None
+            self.state.partial.pop(model_file.relpath, None)
+            self.state.save()
+            raise BootstrapError(
+                f"{model_file.name} ({transfer.target.name}) failed its check and was deleted: {problem}; "
+                "run the command again, and if it repeats, the hub or a mirror is serving damaged data."
+            )
+        try:
+            os.replace(transfer.part, transfer.target)
+        except OSError as exc:
+            raise BootstrapError(
+                f"{model_file.name} was verified but could not be moved into place as {transfer.target} "
+                f"({exc.strerror or exc}): close programs using that file and run the command again."
+            ) from None
+        self.state.remember(model_file.relpath, transfer.target, hasher)
+        self.state.save()
+        self.progress.finish(f"{model_file.name}: {human_bytes(hasher.count)} downloaded and verified")
+        return Outcome(model_file, transfer.target, "downloaded", " ".join(transfer.notes))
+
+
+def _manifest_digest(model_file: ModelFile) -> Digest | None:
+    return Digest("sha256", model_file.sha256, "manifest") if model_file.sha256 else None

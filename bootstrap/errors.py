@@ -1,0 +1,7 @@
+"""The one exception the bootstrap raises for anything the user can fix: its message is one plain sentence."""
+
+from __future__ import annotations
+
+
+class BootstrapError(Exception):
+    """A user-facing failure; the CLI prints the message and exits non-zero, never a traceback."""

@@ -1,0 +1,276 @@
+"""The first-start wizard: what the machine has, which preset suits it, reuse of another install's models, the
+token only when a gated file is chosen, then the downloads. The logic is plain functions the TUI's models
+screen can call; `run_wizard` is the terminal version (before the TUI exists)."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from bootstrap.config_file import PROJECT_ROOT, ProjectConfig
+from bootstrap.errors import BootstrapError
+from bootstrap.hardware import Platform, SystemInfo, detect_system
+from bootstrap.hub import TOKEN_SETTINGS_PAGE, endpoint, find_token, repo_page, token_file
+from bootstrap.manifest import Manifest, ModelFile, Preset, load_manifest
+from bootstrap.reuse import ExistingFolder, candidate_places, classify, find_existing
+
+RAM_SLACK = 0.9  # a "16 GB" machine reports about 15.6 GiB
+CPU_MAX_STEPS = 8  # on the CPU a step takes minutes: only few-step models are recommended
+
+
+# ---- the logic (shared with the TUI) ----
+
+
+def fits(preset: Preset, system: SystemInfo) -> tuple[bool, str]:
+    """Whether the machine can run the preset well, and if not, the first reason."""
+    if system.free_disk_gb < preset.disk_gb:
+        return False, f"needs {preset.disk_gb:g} GB free disk, {system.free_disk_gb:.0f} GB free"
+    if system.gpu is None:
+        ram_needed = preset.vram_gb + preset.ram_gb
+        if system.ram_gb < ram_needed * RAM_SLACK:
+            return (
+                False,
+                f"on the CPU it needs {ram_needed:g} GB RAM, this machine has {system.ram_gb:.0f} GB",
+            )
+        return True, f"runs on the CPU in {ram_needed:g} GB RAM (slowly)"
+    if system.vram_gb < preset.vram_gb:
+        return (
+            False,
+            f"wants {preset.vram_gb:g} GB VRAM, the GPU has {system.vram_gb:.0f} GB (works, but slower)",
+        )
+    if system.ram_gb < preset.ram_gb * RAM_SLACK:
+        return False, f"needs {preset.ram_gb:g} GB RAM, this machine has {system.ram_gb:.0f} GB"
+    return True, f"fits {preset.vram_gb:g} GB VRAM and {preset.ram_gb:g} GB RAM"
+
+
+def recommend(manifest: Manifest, system: SystemInfo) -> Preset:
+    """The best-ranked preset that fits; when none does, the smallest one."""
+    ranked = sorted((p for p in manifest.presets.values() if p.rank > 0), key=lambda p: p.rank)
+    if system.gpu is None:
+        ranked = [p for p in ranked if p.steps <= CPU_MAX_STEPS] or ranked
+    for preset in ranked:
+        if fits(preset, system)[0]:
+            return preset
+    return min(ranked or manifest.presets.values(), key=lambda p: (p.vram_gb + p.ram_gb, p.disk_gb))
+
+
+def explain(preset: Preset, system: SystemInfo, manifest: Manifest) -> str:
+    """One line: what it is, what it costs, the trade-off, and whether it fits this machine."""
+    ok, why = fits(preset, system)
+    account = (
+        "needs a Hugging Face token"
+        if any(f.gated for f in manifest.preset_files(preset.name))
+        else "no account"
+    )
+    mark = "fits" if ok else "tight"
+    return f"{preset.title}: {preset.disk_gb:g} GB, {account}; {preset.note} [{mark}: {why}]"
+
+
+def describe_system(system: SystemInfo) -> str:
+    gpu = (
+        f"{system.gpu.name} with {system.vram_gb:.1f} GB VRAM"
+        if system.gpu
+        else "no NVIDIA GPU (the CPU will do the work)"
+    )
+    return f"This machine: {gpu}, {system.ram_gb:.0f} GB RAM, {system.free_disk_gb:.0f} GB free disk."
+
+
+@dataclass
+class Selection:
+    """What the wizard settled on: the files to fetch, and those another install already has."""
+
+    preset: Preset
+    to_download: list[ModelFile]
+    reused: dict[str, Path] = field(default_factory=dict)  # file name -> where it already is
+
+    @property
+    def gated(self) -> list[ModelFile]:
+        return [f for f in self.to_download if f.gated]
+
+    def download_gb(self) -> float:
+        return sum(f.size or 0 for f in self.to_download) / 1e9
+
+
+def select(manifest: Manifest, preset: Preset, reuse: ExistingFolder | None) -> Selection:
+    files = manifest.preset_files(preset.name)
+    reused: dict[str, Path] = {}
+    missing: list[ModelFile] = []
+    for f in files:
+        there = reuse.find(f) if reuse else None
+        if there is not None:
+            reused[f.name] = there
+        else:
+            missing.append(f)
+    return Selection(preset, missing, reused)
+
+
+def licence_advice(files: list[ModelFile], base: str) -> str:
+    pages = sorted({repo_page(base, f.repo) for f in files})
+    return (
+        f"{', '.join(f.name for f in files)} {'is' if len(files) == 1 else 'are'} gated: open {', '.join(pages)}, "
+        f"log in and accept the licence, then create a read token at {TOKEN_SETTINGS_PAGE}."
+    )
+
+
+def config_values(
+    models_dir: Path, reuse: ExistingFolder | None, system: SystemInfo, preset: Preset, root: Path
+) -> dict:
+    """The keys written to config.toml (the TUI reads the same ones)."""
+    try:
+        shown = str(models_dir.resolve().relative_to(root.resolve()))
+    except ValueError:
+        shown = str(models_dir.resolve())
+    values: dict = {"models_dir": shown, "device": "cuda" if system.gpu else "cpu", "preset": preset.name}
+    if reuse is not None and reuse.kind == "ComfyUI":
+        values["extra_model_paths"] = [str(reuse.path)]
+    elif reuse is not None:
+        values["extra_model_folders"] = reuse.config_folders()  # Forge's folders by our folder names
+    return values
+
+
+# ---- the terminal version ----
+
+
+class WizardIO(Protocol):
+    def say(self, text: str) -> None: ...
+
+    def ask(self, question: str, default: str = "") -> str: ...
+
+    def secret(self, question: str) -> str: ...
+
+
+class TerminalIO:
+    def say(self, text: str) -> None:
+        print(text)
+
+    def ask(self, question: str, default: str = "") -> str:
+        answer = input(f"{question} " + (f"[{default}] " if default else "")).strip()
+        return answer or default
+
+    def secret(self, question: str) -> str:
+        return getpass.getpass(f"{question} ").strip()
+
+
+def _yes(answer: str) -> bool:
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _choose_reuse(io: WizardIO, found: list[ExistingFolder], assume_yes: bool) -> ExistingFolder | None:
+    if found:
+        for i, folder in enumerate(found, 1):
+            io.say(f"  {i}. {folder.kind} models in {folder.path}")
+        if assume_yes:
+            return found[0]
+        answer = io.ask("Use the models already there instead of downloading copies? Number, or n:", "1")
+        if answer.isdigit() and 1 <= int(answer) <= len(found):
+            return found[int(answer) - 1]
+        if not answer.lower().startswith("n"):
+            io.say("Not a choice in the list: no folder is reused.")
+        return None
+    if assume_yes:
+        return None
+    answer = io.ask("If you have ComfyUI or Forge, type its folder to reuse its models (Enter to skip):")
+    if not answer:
+        return None
+    folder = classify(Path(answer).expanduser())
+    if folder is None:
+        io.say(f"{answer} holds no ComfyUI or Forge models folder: nothing is reused.")
+    return folder
+
+
+def _choose_preset(io: WizardIO, manifest: Manifest, system: SystemInfo, assume_yes: bool) -> Preset:
+    best = recommend(manifest, system)
+    presets = [p for p in manifest.presets.values() if p.files and p.name != "tokenizers"]
+    io.say("Model sets:")
+    for i, preset in enumerate(presets, 1):
+        star = " (recommended)" if preset is best else ""
+        io.say(f"  {i}. {preset.name}{star} - {explain(preset, system, manifest)}")
+    if assume_yes:
+        return best
+    while True:
+        answer = io.ask("Which one?", str(presets.index(best) + 1))
+        if answer.isdigit() and 1 <= int(answer) <= len(presets):
+            return presets[int(answer) - 1]
+        if answer in manifest.presets:
+            return manifest.presets[answer]
+        io.say(f"Type a number from 1 to {len(presets)}.")
+
+
+def _get_token(io: WizardIO, selection: Selection, assume_yes: bool) -> str | None:
+    token = find_token()
+    if not selection.gated or token:
+        return token
+    io.say(licence_advice(selection.gated, endpoint()))
+    if assume_yes:
+        raise BootstrapError(
+            "A gated file was chosen and no token is set: set HF_TOKEN and run the wizard again."
+        )
+    token = io.secret("Paste the token (hf_...), or press Enter to stop:")
+    if not token:
+        raise BootstrapError("No token was given: set HF_TOKEN or choose a preset that needs no account.")
+    path = token_file(os.environ, Path.home())
+    if _yes(io.ask(f"Save the token in {path} for next time? (y/n)", "n")):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(token + "\n", encoding="utf-8")
+    return token
+
+
+def run_wizard(
+    io: WizardIO,
+    models_dir: Path | None = None,
+    manifest_path: Path | None = None,
+    config_path: Path | None = None,
+    assume_yes: bool = False,
+    detect: Callable[[Path], SystemInfo] = detect_system,
+    places: list[Path] | None = None,
+) -> int:
+    from bootstrap.download import Downloader, DownloadOptions
+    from bootstrap.progress import TerminalProgress
+
+    config = ProjectConfig.load(config_path)
+    root = config.path.parent
+    models_dir = models_dir or config.models_dir
+    manifest = load_manifest(manifest_path)
+    system = detect(models_dir)
+    io.say(describe_system(system))
+
+    if places is None:
+        drives = ("C:/", "D:/", "E:/") if Platform.current().windows else ()
+        places = candidate_places(Path.home(), PROJECT_ROOT, drives)
+    reuse = _choose_reuse(io, find_existing(places, models_dir), assume_yes)
+    preset = _choose_preset(io, manifest, system, assume_yes)
+    selection = select(manifest, preset, reuse)
+    for name, path in selection.reused.items():
+        io.say(f"{name}: reusing {path}")
+    token = _get_token(io, selection, assume_yes)
+
+    config.update(**config_values(models_dir, reuse, system, preset, root))
+    config.save()
+    io.say(f"Saved the choice in {config.path}.")
+    if not selection.to_download:
+        io.say("Every file is already there.")
+        return 0
+    size = (
+        f"{selection.download_gb():.1f} GB"
+        if all(f.size for f in selection.to_download)
+        else f"about {preset.disk_gb:g} GB"
+    )
+    if not assume_yes and not _yes(
+        io.ask(f"Download {len(selection.to_download)} files ({size}) into {models_dir} now? (y/n)", "y")
+    ):
+        io.say(f"Later: python -m bootstrap download --preset {preset.name}")
+        return 0
+    options = DownloadOptions(token=token)
+    downloader = Downloader(
+        models_dir, options, TerminalProgress(), say=lambda text: print(text, file=sys.stderr)
+    )
+    outcomes, errors = downloader.ensure(selection.to_download)
+    for error in errors:
+        io.say(f"error: {error}")
+    io.say(f"{len(outcomes)} of {len(selection.to_download)} files are in place and verified.")
+    return 1 if errors else 0

@@ -1,0 +1,114 @@
+"""What the generate form holds, and how it becomes engine requests (plain data: no widgets, no torch)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.config import Settings
+from launcher.metadata import ImageParams
+from launcher.seeds import SeedMode, seeds_for
+
+AUTO_MODEL = "auto"  # let the engine find the parts in the models folder
+
+
+class FormError(ValueError):
+    """A field that does not parse; the message names the field and what to type."""
+
+
+@dataclass
+class FormValues:
+    prompt: str = ""
+    clip_prompt: str = ""
+    negative: str = ""
+    model: str = AUTO_MODEL  # AUTO_MODEL or the path of a checkpoint / diffusion model file
+    width: int = 1024
+    height: int = 1024
+    steps: int = 28
+    guidance: float = 3.5
+    cfg: float = 1.0
+    seed: int = 0
+    seed_mode: SeedMode = SeedMode.INCREMENT
+    batch: int = 1
+    hunt: bool = False
+    init_image: str = ""
+    denoise: float = 1.0
+
+    def with_params(self, params: ImageParams) -> FormValues:
+        """These values with everything the image's metadata says (what it does not say stays)."""
+        values = dataclasses.replace(self, prompt=params.prompt or self.prompt)
+        values.clip_prompt = params.clip_prompt or ""
+        values.negative = params.negative or ""
+        for name in ("width", "height", "steps", "guidance", "cfg", "seed"):
+            value = getattr(params, name)
+            if value is not None:
+                setattr(values, name, value)
+        values.seed_mode = SeedMode.FIXED
+        values.init_image, values.denoise = "", 1.0
+        return values
+
+
+def parse_number(
+    text: str, kind: type, field_name: str, low: float, high: float | None = None
+) -> int | float:
+    try:
+        value = kind(text.strip())
+    except ValueError:
+        kind_name = "a whole number" if kind is int else "a number"
+        raise FormError(f"{field_name} must be {kind_name}, not {text.strip()!r}.") from None
+    if value < low or (high is not None and value > high):
+        upper = f" to {high}" if high is not None else " or more"
+        raise FormError(f"{field_name} {value} is out of range: use {low}{upper}.")
+    return value
+
+
+def output_path(output_dir: Path, seed: int, index: int = 0) -> Path:
+    """A new file name; the engine picks another if it exists (outputs never overwrite)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    suffix = f"-{index}" if index else ""
+    return output_dir / f"{stamp}-{seed}{suffix}.png"
+
+
+def build_request(values: FormValues, settings: Settings, seed: int, out: Path, models_root: Path) -> dict:
+    """One GenerateRequest.to_dict() for the engine."""
+    files: dict[str, str | None] = {"models_dir": str(models_root)}
+    if values.model != AUTO_MODEL:
+        folder = Path(values.model).parent.name
+        files["checkpoint" if folder == "checkpoints" else "transformer"] = values.model
+    cfg = values.cfg
+    return {
+        "prompt": values.prompt,
+        "out": str(out),
+        "clip_prompt": values.clip_prompt or None,
+        "negative": (values.negative or None) if cfg > 1 else None,
+        "cfg": cfg,
+        "width": values.width,
+        "height": values.height,
+        "steps": values.steps,
+        "guidance": values.guidance,
+        "seed": seed,
+        "batch": 1,
+        "shift": "auto",
+        "init_image": values.init_image or None,
+        "denoise": values.denoise if values.init_image else 1.0,
+        "loras": [],
+        "files": files,
+        "t5_max_length": None,
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "vram_budget": settings.vram_budget,
+    }
+
+
+def build_requests(
+    values: FormValues, settings: Settings, output_dir: Path, models_root: Path, rng: random.Random
+) -> list[dict]:
+    """The requests for one press of generate: `batch` images with seeds by the seed mode."""
+    seeds = seeds_for(values.seed_mode, values.seed, values.batch, rng)
+    return [
+        build_request(values, settings, seed, output_path(output_dir, seed, i), models_root)
+        for i, seed in enumerate(seeds)
+    ]

@@ -1,0 +1,155 @@
+"""The outputs folder: each image with its parameters; reuse them, refine the image, open it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.text import Text
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Static
+
+from launcher.keymap import KEYS
+from launcher.messages import UseParams
+from launcher.metadata import ImageParams, read_png_params
+from launcher.widgets.image_pane import ImagePane
+
+IMAGE_SUFFIXES = (".png",)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """PNG files in the folder (and its subfolders), newest first."""
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+    return sorted(files, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+
+
+def open_in_viewer(path: Path) -> None:
+    """The operating system's image viewer, without waiting for it."""
+    if sys.platform.startswith("win"):
+        os.startfile(path)  # type: ignore[attr-defined]
+    else:
+        opener = "open" if sys.platform == "darwin" else "xdg-open"
+        subprocess.Popen([opener, str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class GalleryScreen(Screen):
+    BINDINGS = [
+        KEYS.binding("reuse", "reuse", "Reuse"),
+        KEYS.binding("refine", "refine", "Refine"),
+        KEYS.binding("open_image", "open_image", "Open"),
+    ]
+    DEFAULT_CSS = """
+    GalleryScreen #title { height: 1; padding: 0 1; background: $panel; }
+    GalleryScreen DataTable { width: 1fr; height: 1fr; }
+    GalleryScreen #side { width: 1fr; }
+    GalleryScreen #params { height: auto; max-height: 12; padding: 0 1; border-top: tall $panel; }
+    """
+
+    def __init__(self, folder: Path, renderer: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.folder = folder
+        self._renderer = renderer
+        self._params: dict[str, ImageParams | None] = {}
+        self._shown: str | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Static("", id="title", markup=False)
+        with Horizontal():
+            yield DataTable(id="images", cursor_type="row", zebra_stripes=True)
+            with Vertical(id="side"):
+                yield ImagePane(self._renderer, id="image")
+                yield Static("", id="params", markup=False)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(DataTable).add_columns("Image", "Seed", "Size", "Steps", "Prompt")
+        self.refresh_images()
+
+    def on_screen_resume(self) -> None:
+        self.refresh_images()
+
+    def refresh_images(self) -> None:
+        table = self.query_one(DataTable)
+        images = list_images(self.folder)
+        self.query_one("#title", Static).update(f"Gallery: {len(images)} image(s) in {self.folder}")
+        table.clear()
+        for path in images:
+            key = str(path)
+            if key not in self._params:
+                try:
+                    self._params[key] = read_png_params(path, full=False)
+                except (OSError, ValueError):
+                    self._params[key] = None
+            p = self._params[key]
+            prompt = " ".join((p.prompt if p else "").split())[:60]
+            size = f"{p.width}x{p.height}" if p and p.width else ""
+            seed = str(p.seed) if p and p.seed is not None else ""
+            steps = str(p.steps) if p and p.steps is not None else ""
+            table.add_row(*(Text(cell) for cell in (path.name, seed, size, steps, prompt)), key=key)
+        if table.row_count:
+            table.move_cursor(row=0)
+            self._show(str(images[0]))
+        else:
+            self.query_one("#params", Static).update("No images yet: generate one with ctrl+g.")
+
+    def selected(self) -> str | None:
+        table = self.query_one(DataTable)
+        if not table.row_count:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    @on(DataTable.RowHighlighted)
+    def _highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key.value:
+            self._show(event.row_key.value)
+
+    @on(DataTable.RowSelected)
+    def _selected(self) -> None:
+        self.action_reuse()
+
+    def _show(self, key: str) -> None:
+        if key == self._shown:
+            return
+        self._shown = key
+        try:
+            self.query_one(ImagePane).show(key, Path(key).name)
+        except OSError as error:
+            self.notify(f"Cannot read {key}: {error}", severity="error", markup=False)
+        params = self._params.get(key)
+        self.query_one("#params", Static).update(
+            params.describe() if params else "No parameters in this image."
+        )
+
+    def _selected_params(self) -> tuple[str, ImageParams] | None:
+        key = self.selected()
+        if key is None:
+            self.notify("No image selected.", severity="warning", markup=False)
+            return None
+        params = self._params.get(key)
+        if params is None:
+            self.notify("This image has no parameters to reuse.", severity="warning", markup=False)
+            return None
+        return key, params
+
+    def action_reuse(self) -> None:
+        if picked := self._selected_params():
+            self.app.post_message(UseParams(picked[1]))
+
+    def action_refine(self) -> None:
+        if picked := self._selected_params():
+            self.app.post_message(UseParams(picked[1], refine_from=picked[0]))
+
+    def action_open_image(self) -> None:
+        key = self.selected()
+        if key:
+            try:
+                open_in_viewer(Path(key))
+            except OSError as error:
+                self.notify(f"Could not open the viewer: {error}", severity="error", markup=False)

@@ -1,0 +1,212 @@
+"""The generate form: prompts, model, size, sampling, seed, batch / seed hunt, img2img."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Horizontal, VerticalScroll
+from textual.widgets import Checkbox, Input, Label, Select, TextArea
+
+from launcher.form import AUTO_MODEL, FormError, FormValues, parse_number
+from launcher.models import ModelFile, defaults_for
+from launcher.seeds import MAX_SEED, SeedMode
+from launcher.sizes import ASPECTS, MEGAPIXELS, aspect_label, parse_aspect, size_for
+
+CUSTOM = "custom"
+
+
+class PromptForm(VerticalScroll):
+    DEFAULT_CSS = """
+    PromptForm { width: 64; min-width: 48; border-right: tall $panel; padding: 0 1; }
+    PromptForm #prompt { height: 6; margin-bottom: 1; }
+    PromptForm .row { height: 1; margin-bottom: 1; }
+    PromptForm .row > Label { width: 12; color: $text-muted; }
+    PromptForm .row > .gap { width: auto; padding: 0 1; color: $text-muted; }
+    PromptForm .row > Input, PromptForm .row > Select { width: 1fr; background: $boost; }
+    PromptForm .row > .short { width: 8; }
+    PromptForm .row > Checkbox { width: auto; }
+    PromptForm .title { color: $text-muted; }
+    """
+
+    def __init__(self, values: FormValues, models: list[ModelFile], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._initial = values
+        self._models = models
+        self._model = self._model_value(values.model)
+
+    def compose(self) -> ComposeResult:
+        v = self._initial
+        yield Label("Prompt (T5)", classes="title")
+        yield TextArea(v.prompt, id="prompt", soft_wrap=True, show_line_numbers=False, tab_behavior="focus")
+        with Horizontal(classes="row"):
+            yield Label("CLIP prompt")
+            yield Input(
+                v.clip_prompt, id="clip_prompt", placeholder="empty: same as the prompt", compact=True
+            )
+        with Horizontal(classes="row"):
+            yield Label("Negative")
+            yield Input(
+                v.negative, id="negative", placeholder="used when CFG > 1", disabled=v.cfg <= 1, compact=True
+            )
+        with Horizontal(classes="row"):
+            yield Label("Model")
+            yield Select(
+                self._model_options(), value=self._model, allow_blank=False, id="model", compact=True
+            )
+        with Horizontal(classes="row"):
+            yield Label("Size")
+            aspects = [(aspect_label(a), aspect_label(a)) for a in ASPECTS] + [("custom", CUSTOM)]
+            yield Select(aspects, value=CUSTOM, allow_blank=False, id="aspect", compact=True)
+            yield Label("", classes="gap")
+            megapixels = [(f"{mp:g} MP", mp) for mp in MEGAPIXELS]
+            yield Select(megapixels, value=1.0, allow_blank=False, id="megapixels", compact=True)
+            yield Label("", classes="gap")
+            yield Input(str(v.width), id="width", type="integer", classes="short", compact=True)
+            yield Label("x", classes="gap")
+            yield Input(str(v.height), id="height", type="integer", classes="short", compact=True)
+        with Horizontal(classes="row"):
+            yield Label("Steps")
+            yield Input(str(v.steps), id="steps", type="integer", classes="short", compact=True)
+            yield Label("Guidance", classes="gap")
+            yield Input(f"{v.guidance:g}", id="guidance", type="number", classes="short", compact=True)
+            yield Label("CFG", classes="gap")
+            yield Input(f"{v.cfg:g}", id="cfg", type="number", classes="short", compact=True)
+        with Horizontal(classes="row"):
+            yield Label("Seed")
+            yield Input(str(v.seed), id="seed", type="integer", compact=True)
+            yield Label("", classes="gap")
+            modes = [
+                ("+1 per image", SeedMode.INCREMENT),
+                ("fixed", SeedMode.FIXED),
+                ("random", SeedMode.RANDOM),
+            ]
+            yield Select(modes, value=v.seed_mode, allow_blank=False, id="seed_mode", compact=True)
+        with Horizontal(classes="row"):
+            yield Label("Images")
+            yield Input(str(v.batch), id="batch", type="integer", classes="short", compact=True)
+            yield Label("", classes="gap")
+            yield Checkbox("seed hunt: keep going until escape", v.hunt, id="hunt", compact=True)
+        with Horizontal(classes="row"):
+            yield Label("Init image")
+            yield Input(v.init_image, id="init_image", placeholder="img2img: a PNG or JPEG", compact=True)
+            yield Label("Denoise", classes="gap")
+            yield Input(f"{v.denoise:g}", id="denoise", type="number", classes="short", compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#prompt", TextArea).cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
+        for field in self.query(Input):
+            field.cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
+
+    # -- models ---------------------------------------------------------------------------------------
+    def _model_options(self) -> list[tuple[str, str]]:
+        options = [("auto: the model in the models folder", AUTO_MODEL)]
+        options += [(f"{m.path.name} ({m.folder})", str(m.path)) for m in self._models if m.is_model]
+        return options
+
+    def _model_value(self, model: str) -> str:
+        known = {value for _, value in self._model_options()}
+        return model if model in known else AUTO_MODEL
+
+    def set_models(self, models: list[ModelFile]) -> None:
+        current = self.query_one("#model", Select).value
+        self._models = models
+        select = self.query_one("#model", Select)
+        with self.prevent(Select.Changed):
+            select.set_options(self._model_options())
+            self._model = self._model_value(str(current))
+            select.value = self._model
+
+    # -- values ----------------------------------------------------------------------------------------
+    def values(self) -> FormValues:
+        """The form as FormValues; FormError names the first field that does not parse."""
+        text = {field.id: field.value for field in self.query(Input) if field.id}
+        width = int(parse_number(text["width"], int, "Width", 64, 4096))
+        height = int(parse_number(text["height"], int, "Height", 64, 4096))
+        for name, value in (("Width", width), ("Height", height)):
+            if value % 16:
+                raise FormError(f"{name} {value} is not a multiple of 16: try {round(value / 16) * 16}.")
+        init_image = text["init_image"].strip()
+        if init_image and not Path(init_image).expanduser().is_file():
+            raise FormError(f"Init image {init_image} does not exist: give the path of a PNG or JPEG.")
+        return FormValues(
+            prompt=self.query_one("#prompt", TextArea).text.strip(),
+            clip_prompt=text["clip_prompt"].strip(),
+            negative=text["negative"].strip(),
+            model=str(self.query_one("#model", Select).value),
+            width=width,
+            height=height,
+            steps=int(parse_number(text["steps"], int, "Steps", 1, 1000)),
+            guidance=float(parse_number(text["guidance"], float, "Guidance", 0, 100)),
+            cfg=float(parse_number(text["cfg"], float, "CFG", 1, 30)),
+            seed=int(parse_number(text["seed"], int, "Seed", 0, MAX_SEED)),
+            seed_mode=SeedMode(self.query_one("#seed_mode", Select).value),
+            batch=int(parse_number(text["batch"], int, "Images per press", 1, 1000)),
+            hunt=self.query_one("#hunt", Checkbox).value,
+            init_image=str(Path(init_image).expanduser()) if init_image else "",
+            denoise=float(parse_number(text["denoise"], float, "Denoise", 0.01, 1)),
+        )
+
+    def set_values(self, v: FormValues) -> None:
+        with self.prevent(Select.Changed, Input.Changed, Checkbox.Changed):
+            self.query_one("#prompt", TextArea).text = v.prompt
+            for name in ("clip_prompt", "negative", "init_image"):
+                self.query_one(f"#{name}", Input).value = getattr(v, name)
+            for name in ("width", "height", "steps", "seed", "batch"):
+                self.query_one(f"#{name}", Input).value = str(getattr(v, name))
+            for name in ("guidance", "cfg", "denoise"):
+                self.query_one(f"#{name}", Input).value = f"{getattr(v, name):g}"
+            self._model = self._model_value(v.model)
+            self.query_one("#model", Select).value = self._model
+            self.query_one("#seed_mode", Select).value = v.seed_mode
+            self.query_one("#hunt", Checkbox).value = v.hunt
+            self.query_one("#aspect", Select).value = CUSTOM
+        self.query_one("#negative", Input).disabled = v.cfg <= 1
+
+    def set_seed(self, seed: int) -> None:
+        self.query_one("#seed", Input).value = str(seed)
+
+    def set_hunt(self, hunt: bool) -> None:
+        self.query_one("#hunt", Checkbox).value = hunt
+
+    @property
+    def hunt(self) -> bool:
+        return self.query_one("#hunt", Checkbox).value
+
+    # -- reactions -------------------------------------------------------------------------------------
+    @on(Select.Changed, "#model")
+    def _model_changed(self, event: Select.Changed) -> None:
+        if str(event.value) == self._model:
+            return  # the initial value, or set by set_values: keep the steps and guidance
+        self._model = str(event.value)
+        defaults = defaults_for(Path(str(event.value)).name)
+        self.query_one("#steps", Input).value = str(defaults.steps)
+        self.query_one("#guidance", Input).value = f"{defaults.guidance:g}"
+
+    @on(Select.Changed, "#aspect")
+    @on(Select.Changed, "#megapixels")
+    def _size_preset(self) -> None:
+        aspect = self.query_one("#aspect", Select).value
+        if aspect == CUSTOM:
+            return
+        width, height = size_for(
+            parse_aspect(str(aspect)), float(self.query_one("#megapixels", Select).value)
+        )
+        with self.prevent(Input.Changed):
+            self.query_one("#width", Input).value = str(width)
+            self.query_one("#height", Input).value = str(height)
+
+    @on(Input.Changed, "#width")
+    @on(Input.Changed, "#height")
+    def _free_size(self) -> None:
+        with self.prevent(Select.Changed):
+            self.query_one("#aspect", Select).value = CUSTOM
+
+    @on(Input.Changed, "#cfg")
+    def _cfg_changed(self, event: Input.Changed) -> None:
+        try:
+            cfg = float(event.value)
+        except ValueError:
+            return
+        self.query_one("#negative", Input).disabled = cfg <= 1

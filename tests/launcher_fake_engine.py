@@ -1,0 +1,72 @@
+"""A stand-in engine for the launcher's protocol tests: engine.server's real loop around a fake Engine.
+
+Run as a script: python tests/launcher_fake_engine.py. The prompt steers it: "slow" sleeps 0.2 s a step,
+"crash" exits the process with code 137 (as the kernel's OOM killer would), "bad" raises a UserError,
+"boom" raises an unexpected exception.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.errors import Cancelled, UserError  # noqa: E402
+from engine.events import Done, Preview, Stage, Step  # noqa: E402
+from engine.server import main  # noqa: E402
+
+
+class FakeEngine:
+    def generate(self, request, on_event, cancel=None) -> list[str]:
+        from PIL import Image, PngImagePlugin
+
+        start = time.perf_counter()
+        prompt = request.prompt
+        if "crash" in prompt:
+            print("CUDA out of memory (pretend)", file=sys.stderr, flush=True)
+            os._exit(137)
+        if "bad" in prompt:
+            raise UserError("The fake engine refuses bad prompts: write a good one.")
+        if "boom" in prompt:
+            raise RuntimeError("something broke")
+        on_event(Stage("loading"))
+        print("a stray print that must not reach stdout")
+        on_event(Stage("encoding"))
+        steps = request.steps or 4
+        on_event(Stage("denoising"))
+        for step in range(1, steps + 1):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled()
+            time.sleep(0.2 if "slow" in prompt else 0.01)
+            on_event(Step(step, steps, 0.01))
+            shade = int(255 * step / steps)
+            on_event(Preview(step, 4, 4, bytes([shade, 0, 255 - shade] * 16)))
+        on_event(Stage("decoding"))
+        out = Path(request.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while out.exists():
+            out = out.with_name(f"{Path(request.out).stem}_{n}.png")
+            n += 1
+        info = PngImagePlugin.PngInfo()
+        info.add_text(
+            "parameters",
+            f"{prompt}\nSteps: {steps}, Seed: {request.seed}, Size: {request.width}x{request.height}",
+        )
+        info.add_text("fluxdeck", json.dumps(request.to_dict()))
+        Image.new("RGB", (request.width, request.height), (request.seed % 256, 80, 160)).save(
+            out, pnginfo=info
+        )
+        on_event(Done([str(out)], time.perf_counter() - start, 0.01))
+        return [str(out)]
+
+
+if __name__ == "__main__":
+    import engine.server as server
+
+    server._default_engine = FakeEngine  # the fake stands in for engine.pipeline.Engine
+    sys.exit(main(sys.argv[1:]))

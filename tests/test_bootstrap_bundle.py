@@ -1,0 +1,133 @@
+"""The portable 7z: what goes in (code, launchers, embeddable Python) and what never does; it runs once unpacked."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import py7zr
+import pytest
+
+from bootstrap.bundle import BundleOptions, build_bundle
+from bootstrap.cli import main
+from bootstrap.errors import BootstrapError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(path: Path, text: str = "x") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def fake_project(root: Path) -> Path:
+    write(root / "pyproject.toml", '[project]\nname = "fluxdeck"\n')
+    for name in ("README.md", "run_gpu.bat", "run_cpu.bat", "run_gpu.sh", "requirements.txt"):
+        write(root / name)
+    write(root / "bootstrap" / "manifest.toml")
+    write(root / "bootstrap" / "cli.py")
+    write(root / "engine" / "cli.py")
+    write(root / "launcher" / "app.py")
+    # none of these belong in a bundle
+    write(root / "engine" / "__pycache__" / "cli.cpython-311.pyc")
+    write(root / "models" / "checkpoints" / "flux1-schnell-fp8.safetensors")
+    write(root / "models" / "vae" / "ae.safetensors.part")
+    write(root / ".venv" / "bin" / "python")
+    write(root / "outputs" / "x.png")
+    write(root / "dist" / "old-windows-portable.7z")
+    write(root / "config.toml")
+    write(root / "tests" / "test_x.py")
+    write(root / ".git" / "HEAD")
+    return root
+
+
+def official_embed_zip(path: Path) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("python.exe", b"MZ")
+        archive.writestr("python311.dll", b"MZ")
+        archive.writestr("python311.zip", b"PK")
+        archive.writestr(
+            "python311._pth",
+            "python311.zip\n.\n\n# Uncomment to run site.main() automatically\n#import site\n",
+        )
+        archive.writestr("Lib/site-packages/torch/__init__.py", "")
+    return path
+
+
+def test_bundle_holds_code_launchers_and_python_but_no_models_venv_or_caches(tmp_path):
+    root = fake_project(tmp_path / "project")
+    embed = official_embed_zip(tmp_path / "python-3.11.9-embed-amd64.zip")
+    archive = build_bundle(BundleOptions(root=root, out_dir=tmp_path / "out", python_embed=embed))
+    assert archive == tmp_path / "out" / "fluxdeck-windows-portable.7z"
+    with py7zr.SevenZipFile(archive) as z:
+        names = set(z.getnames())
+    with py7zr.SevenZipFile(archive) as z:
+        z.extractall(tmp_path / "unpacked")
+    pth = (tmp_path / "unpacked" / "fluxdeck" / "python_embeded" / "python311._pth").read_bytes()
+    assert {
+        "fluxdeck/README.md",
+        "fluxdeck/run_gpu.bat",
+        "fluxdeck/requirements.txt",
+        "fluxdeck/bootstrap/manifest.toml",
+        "fluxdeck/engine/cli.py",
+        "fluxdeck/launcher/app.py",
+        "fluxdeck/python_embeded/python.exe",
+    } <= names
+    for unwanted in (
+        "models",
+        ".venv",
+        "__pycache__",
+        "outputs",
+        "dist",
+        "config.toml",
+        "tests",
+        ".git",
+        "site-packages",
+        ".part",
+    ):
+        assert not any(unwanted in name for name in names), unwanted
+    assert pth.decode().splitlines()[-2:] == ["..", "import site"]
+
+
+def test_bundle_refuses_a_wrong_python(tmp_path):
+    root = fake_project(tmp_path / "project")
+    with pytest.raises(BootstrapError, match="no python.exe"):
+        build_bundle(BundleOptions(root=root, out_dir=tmp_path, python_embed=tmp_path / "project" / "engine"))
+
+
+def test_bundle_unpacks_and_generates_an_image(tmp_path, capsys):
+    fixtures = pytest.importorskip("engine.fixtures", reason="engine.fixtures is not written yet")
+    assert main(["bundle", "--out", str(tmp_path / "dist")]) == 0
+    archive = Path(capsys.readouterr().out.strip())
+    assert archive == tmp_path / "dist" / "fluxdeck-windows-portable.7z"
+    with py7zr.SevenZipFile(archive) as z:
+        z.extractall(tmp_path / "fresh")
+    app = tmp_path / "fresh" / "fluxdeck"
+    models = tmp_path / "models"
+    fixtures.write_tiny_model_set(models)
+    out = tmp_path / "cat.png"
+    environ = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = subprocess.run(
+        [sys.executable, "-c", "import engine; print(engine.__file__)"],
+        cwd=app,
+        env=environ,
+        capture_output=True,
+        text=True,
+    )
+    assert Path(where.stdout.strip()).is_relative_to(app), (
+        "the engine was not imported from the unpacked bundle"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "generate", "--prompt", "a cat", "--models-dir", str(models)]
+        + ["--width", "64", "--height", "64", "--steps", "2", "--out", str(out)],
+        cwd=app,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
