@@ -20,6 +20,10 @@ if not defined ENVPY (
   echo The Python environment was not created: see the messages above.
   goto :error
 )
+rem The portable bundle ships python_embeded without packages: bring the environment up to date on every
+rem start (a no-op, in about a second, when it is ready).
+"%ENVPY%" -m bootstrap env --gpu
+if errorlevel 1 goto :error
 "%ENVPY%" -m launcher --check-models
 if errorlevel 1 (
   "%ENVPY%" -m bootstrap wizard

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import threading
@@ -14,13 +15,13 @@ import torch
 from PIL import Image
 from torch import nn
 
-from engine import ops, sampling
+from engine import ops, sampling, vae_tiling
 from engine.autoencoder import AutoEncoder, AutoEncoderParams
 from engine.embedding_cache import EmbeddingCache
 from engine.errors import Cancelled, UserError
-from engine.events import Done, EventSink, Message, Stage, Step, ignore
+from engine.events import Done, EventSink, Message, Preview, Stage, Step, ignore
 from engine.flux_model import Flux, FluxParams, position_embedding
-from engine.lora import apply_loras
+from engine.lora import apply_loras, clip_lora_key, prompt_loras
 from engine.memory import GB, MemoryManager, auto_budget, tune_host_allocator
 from engine.model_files import ResolvedFiles, resolve
 from engine.png_output import check_writable, parameters_text, save_png
@@ -98,6 +99,7 @@ class EngineOptions:
 
     keep_models: str = "auto"
     cache_dir: str | None = None  # text-embedding cache; None: none
+    previews: bool = False  # a Preview event after every step (the TUI's live view)
 
 
 def default_cache_dir() -> Path:
@@ -117,6 +119,7 @@ class Engine:
         self.memory: MemoryManager | None = None
         self._models: dict[str, tuple[_Key, nn.Module]] = {}
         self._tokenizers: dict[tuple[str, str], object] = {}
+        self._projections: dict[_Key, torch.Tensor] = {}
         self._lock = threading.Lock()
 
     # ---- models and memory ----
@@ -178,6 +181,10 @@ class Engine:
     def _generate(self, request: GenerateRequest, on_event: EventSink, cancel: threading.Event) -> list[str]:
         started = time.perf_counter()
         request.validate()
+        if "<lora:" in request.prompt:  # A1111-style tags name LoRAs in <models-dir>/loras
+            loras_dir = Path(request.files.models_dir) / "loras" if request.files.models_dir else None
+            prompt, tagged = prompt_loras(request.prompt, loras_dir)
+            request = dataclasses.replace(request, prompt=prompt, loras=[*request.loras, *tagged])
         out = check_writable(request.out)
         device, dtype = pick_device(request.device, request.dtype)
         files = resolve(request.files)
@@ -188,12 +195,12 @@ class Engine:
         t5_length = request.t5_max_length or (256 if schnell else 512)
 
         on_event(Stage("encoding", f"{device.type} {str(dtype).removeprefix('torch.')}"))
-        conds = self._encode(request, files, t5_length, device, dtype)
+        conds = self._encode(request, files, t5_length, device, dtype, on_event)
         self._release_after_stage(("clip", "t5"), files)
 
         on_event(Stage("loading", "transformer"))
         transformer = self._model(files.components["transformer"], dtype, device)
-        for note in apply_loras(transformer, self._models.get("clip", (None, None))[1], request.loras):
+        for note in apply_loras(transformer, None, request.loras, parts=("transformer",)):
             on_event(Message(note))
 
         batch, height, width = request.batch, request.height, request.width
@@ -201,9 +208,8 @@ class Engine:
         times = sampling.schedule(steps, _mu(request.shift, schnell, (height // 16) * (width // 16)))
         if request.init_image:
             vae = self._model(files.components["vae"], dtype, device)
-            x0 = _encode_image(vae, request.init_image, width, height, device, dtype).expand(
-                batch, -1, -1, -1
-            )
+            x0 = _encode_image(vae, request.init_image, width, height, device, dtype, on_event)
+            x0 = x0.expand(batch, -1, -1, -1)
             start, times = sampling.img2img_start(noise, x0.float().cpu(), times, request.denoise)
             memory.activate(transformer)
         else:
@@ -238,18 +244,33 @@ class Engine:
         on_event(Stage("denoising", f"{len(times) - 1} steps"))
         step_seconds: list[float] = []
 
+        projection = self._preview_projection(files, dtype, device) if self.options.previews else None
+        if projection is not None:
+            memory.activate(transformer)
+
         def on_step(report: sampling.StepReport) -> None:
             step_seconds.append(report.seconds)
             on_event(Step(report.step, report.total, report.seconds))
+            if projection is not None:
+                on_event(preview(report, projection, height, width))
 
         x = sampling.euler(x, times, self._retrying(velocity, transformer, on_event), on_step)
         self._release_after_stage(("transformer",), files)
 
         on_event(Stage("decoding"))
+
+        def note(text: str) -> None:
+            on_event(Message(text))
+
         vae = self._model(files.components["vae"], dtype, device)
         with torch.inference_mode():
             latents = sampling.unpack(x, height, width).to(dtype)
-            pixels = torch.cat([vae.decode(latents[i : i + 1]).float().cpu() for i in range(batch)])
+            pixels = torch.cat(
+                [
+                    vae_tiling.decode(vae, latents[i : i + 1], on_message=note).float().cpu()
+                    for i in range(batch)
+                ]
+            )
         self._release_after_stage(("vae",), files)
 
         on_event(Stage("saving"))
@@ -263,8 +284,27 @@ class Engine:
         on_event(Done(paths, time.perf_counter() - started, mean))
         return paths
 
+    def _preview_projection(self, files: ResolvedFiles, dtype, device) -> torch.Tensor:
+        """A 16→RGB linear map fitted to this autoencoder once: decode a few random latents, average each
+        decoded 8×8 patch, solve least squares. Every step's preview then costs one small matrix product."""
+        component = files.components["vae"]
+        path = component.file.path
+        key = _Key(str(path.resolve()), component.prefix, path.stat().st_mtime, dtype, device)
+        if key not in self._projections:
+            vae = self._model(component, dtype, device)
+            generator = torch.Generator().manual_seed(0)
+            latents = torch.randn(4, vae.params.z_channels, 8, 8, generator=generator)
+            with torch.inference_mode():
+                images = vae.decode(latents.to(device, dtype)).float().cpu()
+            rgb = torch.nn.functional.avg_pool2d(images, 8).permute(0, 2, 3, 1).reshape(-1, 3)
+            flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+            self._projections[key] = torch.linalg.lstsq(
+                torch.cat([flat, torch.ones(len(rgb), 1)], 1), rgb
+            ).solution
+        return self._projections[key]
+
     def _encode(
-        self, request, files: ResolvedFiles, t5_length: int, device, dtype
+        self, request, files: ResolvedFiles, t5_length: int, device, dtype, on_event: EventSink
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(pooled CLIP, T5 states) for the prompt, and for the negative prompt with true CFG; from the cache
         when these encoder files already encoded these prompts."""
@@ -273,11 +313,14 @@ class Engine:
         pairs = [(clip_prompt, request.prompt)] + ([(request.negative, request.negative)] if true_cfg else [])
         conds = []
         for clip_text, t5_text in pairs:
-            clip_key = self.cache.key(files.components["clip"], clip_text, CLIP_LENGTH, dtype)
+            lora_key = clip_lora_key(request.loras)  # a CLIP-L LoRA changes what CLIP makes of the prompt
+            clip_key = self.cache.key(files.components["clip"], clip_text + lora_key, CLIP_LENGTH, dtype)
             t5_key = self.cache.key(files.components["t5"], t5_text, t5_length, dtype)
             pooled, states = self.cache.get(clip_key), self.cache.get(t5_key)
             if pooled is None:
                 clip = self._model(files.components["clip"], dtype, device)
+                for note in apply_loras(None, clip, request.loras, parts=("clip",)):
+                    on_event(Message(note))
                 pooled = encode_clip(clip, self._tokenizer("clip", files.clip_tokenizer), [clip_text], device)
                 self.cache.put(clip_key, pooled)
             if states is None:
@@ -329,7 +372,9 @@ def _mu(shift: str, schnell: bool, image_tokens: int) -> float | None:
     return float(shift)
 
 
-def _encode_image(vae: AutoEncoder, path: str, width: int, height: int, device, dtype) -> torch.Tensor:
+def _encode_image(
+    vae: AutoEncoder, path: str, width: int, height: int, device, dtype, on_event
+) -> torch.Tensor:
     try:
         image = Image.open(path).convert("RGB")
     except OSError:
@@ -337,7 +382,19 @@ def _encode_image(vae: AutoEncoder, path: str, width: int, height: int, device, 
     image = image.resize((width, height), Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
     with torch.inference_mode():
-        return vae.encode(pixels.to(device=device, dtype=dtype))
+        return vae_tiling.encode(
+            vae, pixels.to(device=device, dtype=dtype), on_message=lambda t: on_event(Message(t))
+        )
+
+
+def preview(report: sampling.StepReport, projection: torch.Tensor, height: int, width: int) -> Preview:
+    """The first image of the batch, as the step sees it, at 1/8 of the size: 8-bit RGB bytes."""
+    latent = sampling.unpack(report.denoised[:1].cpu(), height, width)[0]  # (16, h, w)
+    flat = torch.cat(
+        [latent.permute(1, 2, 0).reshape(-1, latent.shape[0]), torch.ones(latent[0].numel(), 1)], 1
+    )
+    rgb = ((flat @ projection).clamp(-1, 1) + 1) * 127.5
+    return Preview(report.step, width // 8, height // 8, rgb.round().to(torch.uint8).numpy().tobytes())
 
 
 def _to_images(pixels: torch.Tensor) -> list[Image.Image]:

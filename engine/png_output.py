@@ -16,7 +16,7 @@ VERSION = "FluxDeck 0.1.0"
 
 def parameters_text(request: GenerateRequest, *, steps: int, model: str, batch_index: int = 0) -> str:
     """The A1111/Forge `parameters` chunk that image viewers, Civitai and Forge's PNG Info read."""
-    lines = [request.prompt]
+    lines = [_prompt_line(request)]
     if request.negative:
         lines.append(f"Negative prompt: {request.negative}")
     fields = {
@@ -38,6 +38,8 @@ def parameters_text(request: GenerateRequest, *, steps: int, model: str, batch_i
         fields["Denoising strength"] = _num(request.denoise)
     if request.shift != "auto":
         fields["Shift"] = request.shift
+    if request.loras:
+        fields["Lora hashes"] = _lora_hashes(request)
     fields["Version"] = VERSION
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
     return "\n".join(lines)
@@ -45,6 +47,34 @@ def parameters_text(request: GenerateRequest, *, steps: int, model: str, batch_i
 
 def _num(x: float) -> str:
     return f"{x:g}"
+
+
+def _prompt_line(request: GenerateRequest) -> str:
+    """The prompt with an A1111 `<lora:name:strength>` tag for each LoRA it does not already carry."""
+    from engine.lora import lora_name
+
+    prompt = request.prompt
+    tags = []
+    for spec in request.loras:
+        tag = f"<lora:{lora_name(spec.path)}:{_num(spec.strength)}>"
+        if tag.lower() not in prompt.lower():
+            tags.append(tag)
+    return " ".join([prompt, *tags]) if tags else prompt
+
+
+def _lora_hashes(request: GenerateRequest) -> str:
+    """A1111's `Lora hashes: "name: hash10, ..."` (hash10: the first 10 hex digits of the file's SHA-256,
+    Civitai's AutoV2); a file that cannot be read is listed without a hash."""
+    from engine.lora import file_sha256, lora_name
+
+    entries = []
+    for spec in request.loras:
+        name = lora_name(spec.path).replace(",", "_").replace(":", "_")
+        try:
+            entries.append(f"{name}: {file_sha256(spec.path)[:10]}")
+        except OSError:
+            entries.append(name)
+    return '"' + ", ".join(entries) + '"'
 
 
 def check_writable(out: str | Path) -> Path:

@@ -66,7 +66,8 @@ class StepReport:
     step: int
     total: int
     seconds: float
-    x: torch.Tensor
+    x: torch.Tensor  # after the step
+    denoised: torch.Tensor  # the step's estimate of the clean latent, x − t·v (what previews show)
 
 
 def euler(
@@ -76,9 +77,10 @@ def euler(
     total = len(times) - 1
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         start = time.perf_counter()
-        v = velocity(x, t)
-        x = x + (t_next - t) * v.float()
-        on_step(StepReport(i + 1, total, time.perf_counter() - start, x))
+        v = velocity(x, t).float()
+        denoised = x - t * v
+        x = x + (t_next - t) * v
+        on_step(StepReport(i + 1, total, time.perf_counter() - start, x, denoised))
     return x
 
 

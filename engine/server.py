@@ -198,9 +198,9 @@ class Server:
 
 
 def _default_engine() -> Any:
-    from engine.pipeline import Engine
+    from engine.pipeline import Engine, EngineOptions, default_cache_dir
 
-    return Engine()
+    return Engine(EngineOptions(cache_dir=str(default_cache_dir()), previews=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,3 +129,15 @@ def test_fp16_generation_is_finite_and_close_to_fp32(dev_set, tmp_path):
     from tests.oracle import psnr
 
     assert psnr(image(fp32), image(fp16)) > 30
+
+
+def test_previews_every_step(dev_set, tmp_path):
+    from engine.events import Preview
+
+    events = []
+    engine = Engine(EngineOptions(previews=True))
+    engine.generate(request(dev_set, tmp_path / "p.png", width=128, height=64, steps=3), events.append)
+    previews = [e for e in events if isinstance(e, Preview)]
+    assert [p.step for p in previews] == [1, 2, 3]
+    assert all((p.width, p.height, len(p.rgb)) == (16, 8, 16 * 8 * 3) for p in previews)
+    assert previews[0].rgb != previews[-1].rgb

@@ -36,7 +36,9 @@ print(json.dumps({"baseline": baseline, "peak": hwm}))
 @pytest.fixture(scope="module")
 def big_set(tmp_path_factory) -> Path:
     """A few hundred MB: a 460 MB bf16 transformer and a 350 MB fp16 T5, so that the sum is well over the largest."""
-    spec = replace(fixtures.TinySpec(), hidden=768, heads=12, depth=4, depth_single=16, t5_dim=768, t5_layers=30)
+    spec = replace(
+        fixtures.TinySpec(), hidden=768, heads=12, depth=4, depth_single=16, t5_dim=768, t5_layers=30
+    )
     models = tmp_path_factory.mktemp("big") / "models"
     clip_vocab = fixtures.write_tokenizers(models)
     fixtures.write_split(models, fixtures.tiny_states(spec, clip_vocab))
@@ -66,5 +68,7 @@ def test_peak_rss_is_about_the_largest_component(big_set, tmp_path):
     staged = measure(big_set, tmp_path / "a.png", "never")
     grown = staged["peak"] - staged["baseline"]
     # (keeping every model loaded instead measured 2.0 × the largest here)
-    print(f"largest {largest / 2**20:.0f} MB, sum {sum(sizes.values()) / 2**20:.0f} MB, peak over baseline {grown / 2**20:.0f} MB")
+    print(
+        f"largest {largest / 2**20:.0f} MB, sum {sum(sizes.values()) / 2**20:.0f} MB, peak over baseline {grown / 2**20:.0f} MB"
+    )
     assert grown < 1.3 * largest
