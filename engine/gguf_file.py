@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from engine.gguf_quants import FLOAT_TYPES, QType, dequantize
+from engine.ops import WeightSource
 
 FLUX_ARCHITECTURES = ("flux",)
 T5_ARCHITECTURES = ("t5encoder", "t5")
@@ -54,6 +55,20 @@ class GGUFWeight:
         if out.untyped_storage().data_ptr() == self.raw.untyped_storage().data_ptr():
             out = out.clone()  # a float tensor that would alias the read-only file mapping
         return out
+
+    def source(self) -> GGUFSource:
+        """How a layer that stores these bytes gets its compute weight (see engine.ops)."""
+        return GGUFSource(self.qtype, self.shape)
+
+
+class GGUFSource(WeightSource):
+    """The stored bytes cross to the compute device as they are (quantized) and are expanded there."""
+
+    def __init__(self, qtype: QType, shape: tuple[int, ...]):
+        self.qtype, self.shape = qtype, shape
+
+    def materialize(self, stored: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return dequantize(stored.to(device, non_blocking=True), self.qtype, self.shape, dtype)
 
 
 def _raw_bytes(array: np.ndarray) -> torch.Tensor:

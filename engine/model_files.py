@@ -11,15 +11,15 @@ from engine.weights import (
     ROLE_NAMES,
     ROLES,
     Component,
-    SafetensorsFile,
     component_from,
     describe,
     find_components,
+    open_weights,
 )
 
 # ComfyUI's folders, in the order they are searched (later folders are the older names).
 MODEL_FOLDERS = ("diffusion_models", "unet", "checkpoints", "text_encoders", "clip", "vae")
-WEIGHT_SUFFIXES = (".safetensors", ".sft")
+WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
 FLAGS = {"transformer": "--transformer", "clip": "--clip", "t5": "--t5", "vae": "--vae"}
 
 
@@ -40,7 +40,7 @@ def scan_models_dir(models_dir: Path) -> dict[str, list[Component]]:
             if path.suffix.lower() not in WEIGHT_SUFFIXES or not path.is_file():
                 continue
             try:
-                components = find_components(SafetensorsFile(path))
+                components = find_components(open_weights(path))
             except UserError:
                 continue  # a truncated or foreign file in a shared folder must not stop the others
             for role, component in components.items():
@@ -57,7 +57,7 @@ def _prefer_single_role(candidates: list[Component]) -> Component:
 def resolve(files: ModelFiles) -> ResolvedFiles:
     components: dict[str, Component] = {}
     if files.checkpoint:
-        checkpoint = SafetensorsFile(files.checkpoint)
+        checkpoint = open_weights(files.checkpoint)
         components.update(find_components(checkpoint))
         if not components:
             raise UserError(

@@ -120,8 +120,23 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
 def load_into(
     model: nn.Module, state: dict[str, torch.Tensor], scales: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> nn.Module:
-    """Give a model built on the meta device its weights, as stored (no copy, no cast of the big ones)."""
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    """Give a model built on the meta device its weights, as stored (no copy, no cast of the big ones).
+
+    Quantized weights (objects with `raw` bytes and a `source()`, e.g. GGUF's) become the layer's stored
+    weight as they are, with the source that expands them when the layer runs."""
+    quantized = {name: value for name, value in state.items() if not isinstance(value, torch.Tensor)}
+    for name, value in quantized.items():
+        layer_name, _, attr = name.rpartition(".")
+        layer = model.get_submodule(layer_name)
+        if attr != "weight" or not is_cast_layer(layer):
+            raise ValueError(
+                f"{name} is quantized but is not the weight of a linear, conv or embedding layer"
+            )
+        layer.weight = nn.Parameter(value.raw, requires_grad=False)
+        layer.source = value.source()
+    plain = {name: value for name, value in state.items() if name not in quantized}
+    missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
+    missing = [name for name in missing if name not in quantized]
     if missing or unexpected:
         raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     for name, scale in scales.items():

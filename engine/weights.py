@@ -58,10 +58,14 @@ _DTYPES = {
 
 @dataclass(frozen=True)
 class TensorInfo:
-    dtype: str  # safetensors' name: "BF16", "F8_E4M3", ...
-    shape: tuple[int, ...]
+    dtype: str  # safetensors' name: "BF16", "F8_E4M3", ... (GGUF: "GGUF:Q8_0", ...)
+    shape: tuple[int, ...]  # the logical shape, whatever the storage
     start: int  # byte offsets into the data section
     end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
 
 
 class SafetensorsFile:
@@ -136,12 +140,55 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int
     return tensors, metadata, 8 + header_len
 
 
+class GGUFFile:
+    """A GGUF file (city96's FLUX transformer or T5 encoder quantizations) with the same face as
+    SafetensorsFile: tensor names as the engine's models use them, logical shapes, and `load` handing out
+    float tensors as views and quantized ones as GGUFWeight (raw bytes, dequantized per layer at compute time)."""
+
+    def __init__(self, path: str | Path):
+        from engine.gguf_file import T5_ARCHITECTURES, architecture, read_gguf, t5_gguf_to_hf_names
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{path} does not exist: check the path.")
+        try:
+            weights, self.metadata = read_gguf(self.path)
+        except (ValueError, OSError, KeyError, IndexError) as e:
+            raise UserError(f"{path} is not a readable GGUF file ({e}): download it again.") from None
+        rename = t5_gguf_to_hf_names if architecture(self.metadata) in T5_ARCHITECTURES else (lambda n: n)
+        self._weights = {}
+        for name, weight in weights.items():
+            try:
+                self._weights[rename(name)] = weight
+            except KeyError:
+                continue  # e.g. a T5 conversion's decoder or lm_head: not the encoder's
+        self.tensors = {
+            name: TensorInfo(f"GGUF:{w.qtype.name}", tuple(w.shape), 0, w.nbytes)
+            for name, w in self._weights.items()
+        }
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def load(self, names: list[str]) -> dict:
+        out = {}
+        for name in names:
+            weight = self._weights[name]
+            out[name] = weight if weight.is_quantized else weight.dequantize()
+        return out
+
+
+def open_weights(path: str | Path) -> SafetensorsFile | GGUFFile:
+    """The file behind a path, by its format (GGUF by its name, safetensors otherwise)."""
+    return GGUFFile(path) if str(path).lower().endswith(".gguf") else SafetensorsFile(path)
+
+
 @dataclass
 class Component:
     """One role's tensors inside a file: names are given relative to `prefix`."""
 
     role: str
-    file: SafetensorsFile
+    file: SafetensorsFile | GGUFFile
     prefix: str
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -160,17 +207,11 @@ class Component:
 
     @property
     def nbytes(self) -> int:
-        total = 0
-        for name, info in self.file.tensors.items():
-            if name.startswith(self.prefix):
-                count = 1
-                for d in info.shape:
-                    count *= d
-                total += count * _DTYPES[info.dtype].itemsize
-        return total
+        """Bytes as stored (what the model costs in RAM, and on the bus when streamed)."""
+        return sum(info.nbytes for name, info in self.file.tensors.items() if name.startswith(self.prefix))
 
 
-def find_components(file: SafetensorsFile) -> dict[str, Component]:
+def find_components(file: SafetensorsFile | GGUFFile) -> dict[str, Component]:
     """Every role this file holds, found by its tensor names."""
     names = file.tensors
     found = {}
@@ -182,7 +223,7 @@ def find_components(file: SafetensorsFile) -> dict[str, Component]:
     return found
 
 
-def describe(file: SafetensorsFile) -> str:
+def describe(file: SafetensorsFile | GGUFFile) -> str:
     """What the file looks like, for error messages."""
     roles = find_components(file)
     if len(roles) > 1:
@@ -203,7 +244,7 @@ def describe(file: SafetensorsFile) -> str:
 
 def component_from(path: str | Path, role: str, flag: str) -> Component:
     """The `role` component of the file a flag named, or one sentence saying what the file is instead."""
-    file = SafetensorsFile(path)
+    file = open_weights(path)
     found = find_components(file)
     if role not in found:
         raise UserError(
