@@ -194,10 +194,10 @@ class DoubleStreamBlock(nn.Module):
         )
         attn = attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2), pe)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-        img = img + img_mod[2] * self.img_attn.proj(img_attn)
-        img = img + img_mod[5] * self.img_mlp(modulate(_layer_norm(img), img_mod[3], img_mod[4]))
-        txt = txt + txt_mod[2] * self.txt_attn.proj(txt_attn)
-        txt = txt + txt_mod[5] * self.txt_mlp(modulate(_layer_norm(txt), txt_mod[3], txt_mod[4]))
+        img = torch.addcmul(img, img_mod[2], self.img_attn.proj(img_attn))
+        img = torch.addcmul(img, img_mod[5], self.img_mlp(modulate(_layer_norm(img), img_mod[3], img_mod[4])))
+        txt = torch.addcmul(txt, txt_mod[2], self.txt_attn.proj(txt_attn))
+        txt = torch.addcmul(txt, txt_mod[5], self.txt_mlp(modulate(_layer_norm(txt), txt_mod[3], txt_mod[4])))
         return fp16_safe(img), fp16_safe(txt)
 
 
@@ -220,7 +220,13 @@ class SingleStreamBlock(nn.Module):
         mlp = F.linear(x_mod, weight[self.split[0] :], None if bias is None else bias[self.split[0] :])
         q, k, v = split_heads(qkv, self.num_heads)
         attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe)
-        return fp16_safe(x + gate * self.linear2(torch.cat((attn, F.gelu(mlp, approximate="tanh")), -1)))
+        # linear2 over cat(attn, gelu(mlp)) as two products summed in place: no concatenated copy
+        weight2, bias2 = self.linear2.fetch(x)
+        hidden = self.split[0] // 3
+        out = F.linear(attn, weight2[:, :hidden], bias2)
+        mlp = F.gelu(mlp, approximate="tanh")
+        out = torch.addmm(out.flatten(0, 1), mlp.flatten(0, 1), weight2[:, hidden:].t()).view_as(out)
+        return fp16_safe(torch.addcmul(x, gate, out))
 
 
 class LastLayer(nn.Module):
