@@ -95,24 +95,24 @@ class _Copier:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def _copy(self, t: torch.Tensor | None) -> torch.Tensor | None:
+    def _copy(self, t: torch.Tensor | None, resident: bool) -> torch.Tensor | None:
         if t is None:
             return None
         if self.device.type == "cpu":
-            return t.clone()
+            return t if resident else t.clone()  # resident on the CPU: used in place
         return t.to(self.device, non_blocking=True)
 
-    def stage(self, layers: list[nn.Module]) -> tuple[list[ops.Staged], object]:
-        if self.stream is None:
+    def stage(self, layers: list[nn.Module], resident: bool = False) -> tuple[list[ops.Staged], object]:
+        def copies() -> list[ops.Staged]:
             return [
-                ops.Staged(self._copy(m.weight), self._copy(m.bias), self._copy(m.scale_weight))
-                for m in layers
-            ], None
-        with torch.cuda.stream(self.stream):
-            staged = [
-                ops.Staged(self._copy(m.weight), self._copy(m.bias), self._copy(m.scale_weight))
+                ops.Staged(*(self._copy(t, resident) for t in (m.weight, m.bias, m.scale_weight)))
                 for m in layers
             ]
+
+        if self.stream is None:
+            return copies(), None
+        with torch.cuda.stream(self.stream):
+            staged = copies()
             event = torch.cuda.Event()
             event.record(self.stream)
         return staged, event
@@ -186,10 +186,20 @@ class MemoryManager:
     def activate(self, model: nn.Module) -> Plan:
         """Stage `model`'s resident weights, evicting the least recently used models if the budget needs it."""
         managed = self._models[id(model)]
-        if managed.plan is None:
+        while managed.plan is None:
             managed.plan = make_plan(managed.block_bytes, managed.rest_bytes, self.budget)
             self._evict_for(managed)
-            self._stage_resident(managed)
+            try:
+                self._stage_resident(managed)
+            except torch.OutOfMemoryError:  # the budget was too hopeful: keep half as many blocks, try again
+                kept = len(managed.plan.resident)
+                if not kept:
+                    raise
+                self._release(managed)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                self.budget = _budget_keeping(managed, kept // 2)
+                self.stats.budget_lowered += 1
         if id(model) in self._active:
             self._active.remove(id(model))
         self._active.append(id(model))
@@ -216,8 +226,7 @@ class MemoryManager:
         managed = self._models[id(model)]
         plan = managed.plan or make_plan(managed.block_bytes, managed.rest_bytes, self.budget)
         keep = max(0, min(len(plan.resident) // 2, len(plan.resident) - 1))
-        in_flight = (LOOKAHEAD + 1) * max(managed.block_bytes, default=0)
-        self.budget = managed.rest_bytes + in_flight + keep * max(managed.block_bytes, default=0)
+        self.budget = _budget_keeping(managed, keep)
         self._release(managed)
         for other in list(self._active):
             if other != id(model):
@@ -243,12 +252,10 @@ class MemoryManager:
         layers = list(managed.rest)
         for i in sorted(managed.plan.resident):
             layers += managed.blocks[i]
-        if self.device.type == "cpu":
-            return  # host memory is the device: resident weights are used in place
         streamed = [m for i, b in enumerate(managed.blocks) if i not in managed.plan.resident for m in b]
-        if streamed and _ram_allows_pinning(stored_bytes(streamed)):
+        if self.device.type == "cuda" and streamed and _ram_allows_pinning(stored_bytes(streamed)):
             _pin(streamed)
-        staged, event = self._copier.stage(layers)
+        staged, event = self._copier.stage(layers, resident=True)
         self._copier.ready(staged, event)
         for layer, s in zip(layers, staged, strict=True):
             layer.staged = s
@@ -298,6 +305,14 @@ class MemoryManager:
                     layer.staged = None
 
         return hook
+
+
+def _budget_keeping(managed: _Managed, blocks: int) -> int:
+    """A budget under which `make_plan` keeps at most `blocks` of this model's blocks resident (and streams
+    at least one)."""
+    largest = max(managed.block_bytes, default=0)
+    everything = managed.rest_bytes + sum(managed.block_bytes)
+    return min(managed.rest_bytes + (LOOKAHEAD + 1 + blocks) * largest, everything - 1)
 
 
 def _move_small_tensors(model: nn.Module, device: torch.device) -> None:

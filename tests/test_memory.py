@@ -141,3 +141,27 @@ def test_previews_every_step(dev_set, tmp_path):
     assert [p.step for p in previews] == [1, 2, 3]
     assert all((p.width, p.height, len(p.rgb)) == (16, 8, 16 * 8 * 3) for p in previews)
     assert previews[0].rgb != previews[-1].rgb
+
+
+def test_out_of_memory_while_staging_resident_blocks_keeps_fewer(deep_set):
+    """A budget that proves too hopeful when the resident copies are made halves the resident blocks."""
+    from engine.memory import MemoryManager
+    from engine.pipeline import build_model
+    from engine.weights import component_from
+
+    model = build_model(component_from(deep_set.paths["transformer"], "transformer", "--transformer"), torch.float32)
+    manager = MemoryManager(torch.device("cpu"), budget_bytes=None)
+    manager.manage(model)
+    stage, failures = manager._copier.stage, []
+
+    def flaky(layers, resident=False):
+        if resident and not failures:
+            failures.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return stage(layers, resident)
+
+    manager._copier.stage = flaky
+    plan = manager.activate(model)
+    assert failures == [1] and manager.stats.budget_lowered == 1
+    assert 0 < len(plan.resident) <= 5  # of 11, and the rest streamed
+    assert plan.streamed_bytes > 0
