@@ -149,7 +149,9 @@ def test_out_of_memory_while_staging_resident_blocks_keeps_fewer(deep_set):
     from engine.pipeline import build_model
     from engine.weights import component_from
 
-    model = build_model(component_from(deep_set.paths["transformer"], "transformer", "--transformer"), torch.float32)
+    model = build_model(
+        component_from(deep_set.paths["transformer"], "transformer", "--transformer"), torch.float32
+    )
     manager = MemoryManager(torch.device("cpu"), budget_bytes=None)
     manager.manage(model)
     stage, failures = manager._copier.stage, []
