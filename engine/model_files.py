@@ -17,8 +17,9 @@ from engine.weights import (
     open_weights,
 )
 
-# ComfyUI's folders, in the order they are searched (later folders are the older names).
+# ComfyUI's folders, in the order they are searched (later folders are the older names), then Forge's.
 MODEL_FOLDERS = ("diffusion_models", "unet", "checkpoints", "text_encoders", "clip", "vae")
+FORGE_FOLDERS = ("Stable-diffusion", "text_encoder", "VAE")
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
 FLAGS = {"transformer": "--transformer", "clip": "--clip", "t5": "--t5", "vae": "--vae"}
 
@@ -35,8 +36,9 @@ def scan_models_dir(models_dir: Path) -> dict[str, list[Component]]:
     if not models_dir.is_dir():
         raise UserError(f"The models folder {models_dir} does not exist: check --models-dir.")
     found: dict[str, list[Component]] = {role: [] for role in ROLES}
-    for folder in MODEL_FOLDERS:
-        for path in sorted((models_dir / folder).rglob("*")):
+    folders = [models_dir / f for f in MODEL_FOLDERS + FORGE_FOLDERS]
+    for folder in dict.fromkeys(f.resolve() for f in folders if f.is_dir()):  # "vae" is "VAE" on Windows
+        for path in sorted(folder.rglob("*")):
             if path.suffix.lower() not in WEIGHT_SUFFIXES or not path.is_file():
                 continue
             try:

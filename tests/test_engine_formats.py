@@ -173,3 +173,19 @@ def test_outputs_never_overwrite_and_batches_get_their_own_files(dev_set, tmp_pa
     assert made == ["img-1.png", "img-2.png"]
     a, b = (np.asarray(Image.open(tmp_path / n)) for n in made)
     assert not np.array_equal(a, b)  # two different noises of the same seed's batch
+
+
+def test_a_forge_models_folder_is_read_too(dev_set, tmp_path):
+    """Forge keeps FLUX files in Stable-diffusion/, text_encoder/ and VAE/: found by their tensor names."""
+    split = generate(tmp_path / "split.png", *split_args(dev_set), *BASE)
+    models = tmp_path / "forge-models"
+    for role, folder in (
+        ("transformer", "Stable-diffusion"),
+        ("clip", "text_encoder"),
+        ("t5", "text_encoder"),
+        ("vae", "VAE"),
+    ):
+        (models / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(dev_set.paths[role], models / folder)
+    shutil.copytree(dev_set.models_dir / "tokenizers", models / "tokenizers")
+    assert np.array_equal(split, generate(tmp_path / "forge.png", "--models-dir", str(models), *BASE))
