@@ -11,6 +11,10 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser as a package
     import tomli as tomllib  # type: ignore[no-redef]
 
+from bootstrap.config_file import dump_toml  # one TOML writer for the file both sides write
+
+__all__ = ["ConfigFile", "Settings", "dump_toml"]
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -68,30 +72,3 @@ class ConfigFile:
         tmp = self.path.with_suffix(".toml.tmp")
         tmp.write_text(dump_toml(data), encoding="utf-8")
         tmp.replace(self.path)
-
-
-def _value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_key(k)} = {_value(v)}" for k, v in value.items()) + "}"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return f'"{text}"'
-
-
-def _key(key: str) -> str:
-    return key if key.replace("_", "").replace("-", "").isalnum() else _value(key)
-
-
-def dump_toml(data: dict, prefix: str = "") -> str:
-    """Enough TOML for a config: scalars and lists first, then tables (nested ones as [a.b])."""
-    lines = [f"{_key(k)} = {_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for key, table in data.items():
-        if isinstance(table, dict):
-            name = f"{prefix}.{_key(key)}" if prefix else _key(key)
-            lines += ["", f"[{name}]", dump_toml(table, name).rstrip("\n")]
-    return "\n".join(line for line in lines) + "\n"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 
 from engine import fixtures
 from engine.cli import main
@@ -23,10 +24,37 @@ def cli_image(tmp_path: Path, *args: str) -> np.ndarray:
     return np.asarray(Image.open(out).convert("RGB"))
 
 
-def oracle_image(tiny, states=None, *, seed: int, width: int, height: int, **kwargs) -> np.ndarray:
+def both(
+    tiny,
+    tmp_path: Path,
+    *,
+    prompt: str,
+    seed: int,
+    width: int = 64,
+    height: int = 64,
+    steps: int = 2,
+    cli: tuple[str, ...] = (),
+    model: tuple[str, ...] | None = None,
+    states: dict | None = None,
+    t5_length: int = 512,
+    clip_prompt: str | None = None,
+    **oracle_kwargs,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The CLI's image (from the models folder unless `model` names files) and the oracle's, same request."""
+    model = model if model is not None else ("--models-dir", str(tiny.models_dir))
+    size = ("--width", str(width), "--height", str(height), "--steps", str(steps), "--seed", str(seed))
+    clip = ("--clip-prompt", clip_prompt) if clip_prompt else ()
+    ours = cli_image(tmp_path, *model, "--prompt", prompt, *size, *clip, *cli)
     pipe = build_pipeline(states or tiny.stored_as_float(), tiny.clip_tokenizer, tiny.t5_tokenizer)
-    noise = make_noise(seed, 1, height, width)
-    return run_pipeline(pipe, noise, width=width, height=height, **kwargs)[0]
+    # diffusers: `prompt` feeds CLIP, `prompt_2` feeds T5
+    oracle_kwargs |= {"prompt": clip_prompt, "prompt_2": prompt} if clip_prompt else {"prompt": prompt}
+    if tiny.spec.guidance:
+        oracle_kwargs.setdefault("guidance_scale", 3.5)
+    theirs = run_pipeline(
+        pipe, make_noise(seed, 1, height, width), width=width, height=height, num_inference_steps=steps,
+        max_sequence_length=t5_length, **oracle_kwargs,
+    )[0]  # fmt: skip
+    return ours, theirs
 
 
 def assert_close(ours: np.ndarray, theirs: np.ndarray) -> None:
@@ -37,189 +65,37 @@ def assert_close(ours: np.ndarray, theirs: np.ndarray) -> None:
 
 
 def test_dev_matches_diffusers(dev_set, tmp_path):
-    ours = cli_image(
-        tmp_path,
-        "--models-dir",
-        str(dev_set.models_dir),
-        "--prompt",
-        "a photo of a cat",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "3",
-        "--seed",
-        "7",
-        "--guidance",
-        "3.5",
+    assert_close(
+        *both(dev_set, tmp_path, prompt="a photo of a cat", seed=7, steps=3, cli=("--guidance", "3.5"))
     )
-    theirs = oracle_image(
-        dev_set,
-        prompt="a photo of a cat",
-        seed=7,
-        width=64,
-        height=64,
-        num_inference_steps=3,
-        guidance_scale=3.5,
-        max_sequence_length=512,
-    )
-    assert_close(ours, theirs)
 
 
 def test_a_wrong_seed_is_caught(dev_set, tmp_path):
     """The comparison discriminates: another seed's image is far below the threshold."""
-    ours = cli_image(
-        tmp_path,
-        "--models-dir",
-        str(dev_set.models_dir),
-        "--prompt",
-        "a photo of a cat",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "3",
-        "--seed",
-        "8",
-    )
-    theirs = oracle_image(
-        dev_set,
-        prompt="a photo of a cat",
-        seed=7,
-        width=64,
-        height=64,
-        num_inference_steps=3,
-        guidance_scale=3.5,
-        max_sequence_length=512,
-    )
+    ours, _ = both(dev_set, tmp_path, prompt="a photo of a cat", seed=8, steps=3)
+    _, theirs = both(dev_set, tmp_path, prompt="a photo of a cat", seed=7, steps=3)
     assert psnr(ours, theirs) < 35.0
 
 
 def test_schnell_matches_diffusers(schnell_set, tmp_path):
     """No guidance embedding, no shift, T5 padded to 256: all chosen by the engine from the file."""
-    ours = cli_image(
-        tmp_path,
-        "--models-dir",
-        str(schnell_set.models_dir),
-        "--prompt",
-        "a red house",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-        "--seed",
-        "3",
-    )
-    theirs = oracle_image(
-        schnell_set,
-        prompt="a red house",
-        seed=3,
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        max_sequence_length=256,
-    )
-    assert_close(ours, theirs)
+    assert_close(*both(schnell_set, tmp_path, prompt="a red house", seed=3, t5_length=256))
 
 
 def test_true_cfg_with_negative_prompt(dev_set, tmp_path):
-    ours = cli_image(
-        tmp_path,
-        "--models-dir",
-        str(dev_set.models_dir),
-        "--prompt",
-        "a photo of a cat",
-        "--negative",
-        "a dog in the night",
-        "--cfg",
-        "2.5",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-        "--seed",
-        "11",
-    )
-    theirs = oracle_image(
-        dev_set,
-        prompt="a photo of a cat",
-        negative_prompt="a dog in the night",
-        true_cfg_scale=2.5,
-        seed=11,
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        guidance_scale=3.5,
-        max_sequence_length=512,
-    )
+    ours, theirs = both(
+        dev_set, tmp_path, prompt="a photo of a cat", seed=11, cli=("--negative", "a dog in the night", "--cfg", "2.5"),
+        negative_prompt="a dog in the night", true_cfg_scale=2.5,
+    )  # fmt: skip
     assert_close(ours, theirs)
 
 
 def test_separate_clip_prompt(dev_set, tmp_path):
-    ours = cli_image(
-        tmp_path,
-        "--models-dir",
-        str(dev_set.models_dir),
-        "--prompt",
-        "a photo of a cat",
-        "--clip-prompt",
-        "old painting",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-        "--seed",
-        "5",
-    )
-    # diffusers: `prompt` feeds CLIP, `prompt_2` feeds T5
-    theirs = oracle_image(
-        dev_set,
-        prompt="old painting",
-        prompt_2="a photo of a cat",
-        seed=5,
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        guidance_scale=3.5,
-        max_sequence_length=512,
-    )
-    assert_close(ours, theirs)
+    assert_close(*both(dev_set, tmp_path, prompt="a photo of a cat", clip_prompt="old painting", seed=5))
 
 
 def test_non_square_size(dev_set, tmp_path):
-    ours = cli_image(
-        tmp_path,
-        "--models-dir",
-        str(dev_set.models_dir),
-        "--prompt",
-        "a city river",
-        "--width",
-        "128",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-        "--seed",
-        "2",
-    )
-    theirs = oracle_image(
-        dev_set,
-        prompt="a city river",
-        seed=2,
-        width=128,
-        height=64,
-        num_inference_steps=2,
-        guidance_scale=3.5,
-        max_sequence_length=512,
-    )
+    ours, theirs = both(dev_set, tmp_path, prompt="a city river", seed=2, width=128, height=64)
     assert ours.shape == (64, 128, 3)
     assert_close(ours, theirs)
 
@@ -229,44 +105,11 @@ def test_non_square_size(dev_set, tmp_path):
 def test_fp8_transformer_equals_dequantized_weights(dev_set, tmp_path, dtype, scaled):
     fp8 = fixtures.to_fp8(dev_set.states.transformer, dtype, scaled=scaled)
     path = tmp_path / "flux-fp8.safetensors"
-    from safetensors.torch import save_file
-
     save_file(fp8, str(path))
-    ours = cli_image(
-        tmp_path,
-        "--transformer",
-        str(path),
-        "--clip",
-        str(dev_set.paths["clip"]),
-        "--t5",
-        str(dev_set.paths["t5"]),
-        "--vae",
-        str(dev_set.paths["vae"]),
-        "--clip-tokenizer",
-        str(dev_set.clip_tokenizer),
-        "--t5-tokenizer",
-        str(dev_set.t5_tokenizer),
-        "--prompt",
-        "glass robot",
-        "--width",
-        "64",
-        "--height",
-        "64",
-        "--steps",
-        "2",
-        "--seed",
-        "4",
-    )
+    split = (
+        "--transformer", str(path), "--clip", str(dev_set.paths["clip"]), "--t5", str(dev_set.paths["t5"]),
+        "--vae", str(dev_set.paths["vae"]), "--clip-tokenizer", str(dev_set.clip_tokenizer),
+        "--t5-tokenizer", str(dev_set.t5_tokenizer),
+    )  # fmt: skip
     states = dev_set.stored_as_float() | {"transformer": fixtures.dequantized(fp8)}
-    theirs = oracle_image(
-        dev_set,
-        states,
-        prompt="glass robot",
-        seed=4,
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        guidance_scale=3.5,
-        max_sequence_length=512,
-    )
-    assert_close(ours, theirs)
+    assert_close(*both(dev_set, tmp_path, prompt="glass robot", seed=4, model=split, states=states))
