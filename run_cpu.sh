@@ -1,31 +1,4 @@
 #!/usr/bin/env sh
-# FluxDeck on the CPU. Works from whatever the current directory is.
-# First run: builds the Python environment (python3 -m bootstrap env --cpu) and opens the download wizard
-# when no model is installed. Later runs open the TUI at once. Extra arguments go to the TUI.
-cd "$(dirname "$0")" || exit 1
-
-fail() {
-    echo "FluxDeck stopped: $1" >&2
-    exit 1
-}
-
-env_python() {
-    for candidate in python_embeded/bin/python3 python_embeded/python .venv/bin/python; do
-        if [ -x "$candidate" ]; then
-            echo "$candidate"
-            return 0
-        fi
-    done
-    return 1
-}
-
-if ! PY=$(env_python); then
-    SYS=$(command -v python3 || command -v python) || fail "no python3 found: install Python 3.10 or newer."
-    echo "First run: building FluxDeck's Python environment, this takes a few minutes..."
-    "$SYS" -m bootstrap env --cpu || fail "building the environment failed (see above)."
-    PY=$(env_python) || fail "the Python environment was not created (see above)."
-fi
-if ! "$PY" -m launcher --check-models; then
-    "$PY" -m bootstrap wizard || fail "the download wizard did not finish."
-fi
-exec "$PY" -m launcher --cpu "$@"
+# FluxDeck on the CPU. Works from whatever the current directory is: the same start as run_gpu.sh, with the
+# CPU build of torch and the TUI's --cpu.
+FLUXDECK_DEVICE=cpu exec sh "$(dirname "$0")/run_gpu.sh" "$@"

@@ -1,8 +1,11 @@
 #!/usr/bin/env sh
 # FluxDeck on the GPU (NVIDIA CUDA; falls back to the CPU). Works from whatever the current directory is.
+# run_cpu.sh runs this with FLUXDECK_DEVICE=cpu: the CPU build of torch and the TUI's --cpu.
 # First run: builds the Python environment (python3 -m bootstrap env --gpu) and opens the download wizard
 # when no model is installed. Later runs open the TUI at once. Extra arguments go to the TUI.
 cd "$(dirname "$0")" || exit 1
+DEVICE=${FLUXDECK_DEVICE:-gpu}
+if [ "$DEVICE" = cpu ]; then set -- --cpu "$@"; fi
 
 fail() {
     echo "FluxDeck stopped: $1" >&2
@@ -22,7 +25,7 @@ env_python() {
 if ! PY=$(env_python); then
     SYS=$(command -v python3 || command -v python) || fail "no python3 found: install Python 3.10 or newer."
     echo "First run: building FluxDeck's Python environment, this takes a few minutes..."
-    "$SYS" -m bootstrap env --gpu || fail "building the environment failed (see above)."
+    "$SYS" -m bootstrap env "--$DEVICE" || fail "building the environment failed (see above)."
     PY=$(env_python) || fail "the Python environment was not created (see above)."
 fi
 if ! "$PY" -m launcher --check-models; then

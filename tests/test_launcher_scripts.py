@@ -35,7 +35,8 @@ def test_shell_launcher_first_and_later_runs(tmp_path, script, flags):
     bundle, bin_dir, elsewhere = tmp_path / "FluxDeck folder", tmp_path / "bin", tmp_path / "elsewhere"
     for folder in (bundle, bin_dir, elsewhere):
         folder.mkdir()
-    shutil.copy(ROOT / script, bundle / script)
+    for name in ("run_gpu.sh", script):  # run_cpu.sh runs run_gpu.sh
+        shutil.copy(ROOT / name, bundle / name)
     executable(bin_dir / "python3", FAKE_PYTHON)
     log = tmp_path / "log"
     env = {**os.environ, "PATH": f"{bin_dir}:/usr/bin:/bin", "FLUXDECK_LOG": str(log)}
