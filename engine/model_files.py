@@ -21,6 +21,7 @@ from engine.weights import (
 MODEL_FOLDERS = ("diffusion_models", "unet", "checkpoints", "text_encoders", "clip", "vae")
 FORGE_FOLDERS = ("Stable-diffusion", "text_encoder", "VAE")
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
+BUNDLE_MODELS = Path(__file__).resolve().parents[1] / "models"
 FLAGS = {"transformer": "--transformer", "clip": "--clip", "t5": "--t5", "vae": "--vae"}
 
 
@@ -90,4 +91,12 @@ def resolve(files: ModelFiles) -> ResolvedFiles:
         wanted = [f"{ROLE_NAMES[r]} ({FLAGS[r]})" for r in missing]
         listed = wanted[0] if len(wanted) == 1 else ", ".join(wanted[:-1]) + " and " + wanted[-1]
         raise UserError(f"{where} {listed}: add the missing file or give it with its flag.")
+    # Files given one by one: the tokenizers the bootstrap downloads into the bundle's own models folder.
+    clip_tok = clip_tok or _bundled_tokenizer("clip_l")
+    t5_tok = t5_tok or _bundled_tokenizer("t5xxl")
     return ResolvedFiles(components, clip_tok, t5_tok)
+
+
+def _bundled_tokenizer(name: str) -> Path | None:
+    folder = BUNDLE_MODELS / "tokenizers" / name
+    return folder if folder.is_dir() else None
