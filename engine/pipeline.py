@@ -131,17 +131,25 @@ class Engine:
         self._models: dict[str, tuple[_Key, nn.Module]] = {}
         self._tokenizers: dict[tuple[str, str], object] = {}
         self._projections: dict[_Key, torch.Tensor] = {}
+        self._auto_budget: int | None = None
+        self._budget_was_auto = True
         self._lock = threading.Lock()
 
     # ---- models and memory ----
 
     def _memory(self, device: torch.device, budget_gb: float | None) -> MemoryManager:
-        budget = int(budget_gb * GB) if budget_gb is not None else auto_budget(device)
+        """The manager for `device`. The automatic budget is measured once, before this engine holds any VRAM
+        (measured later, our own weights would shrink it job after job), and follows any out-of-memory cut."""
         if self.memory is None or self.memory.device != device:
             for role in list(self._models):
                 self._drop(role)
-            self.memory = MemoryManager(device, budget)
-        elif self.memory.budget != budget:
+            self._auto_budget = auto_budget(device)
+            self.memory = MemoryManager(device, self._auto_budget)
+        elif self._budget_was_auto:
+            self._auto_budget = self.memory.budget  # an out-of-memory retry may have lowered it
+        self._budget_was_auto = budget_gb is None
+        budget = self._auto_budget if budget_gb is None else int(budget_gb * GB)
+        if self.memory.budget != budget:
             self.memory.set_budget(budget)
         return self.memory
 

@@ -167,3 +167,19 @@ def test_out_of_memory_while_staging_resident_blocks_keeps_fewer(deep_set):
     assert failures == [1] and manager.stats.budget_lowered == 1
     assert 0 < len(plan.resident) <= 5  # of 11, and the rest streamed
     assert plan.streamed_bytes > 0
+
+
+def test_the_automatic_budget_is_measured_once(dev_set, tmp_path, monkeypatch):
+    """Free VRAM read after our own weights are on the card would shrink the budget job after job."""
+    import engine.pipeline as pipeline
+
+    readings = iter([3 * 1024**3, 1 * 1024**3, 0])
+    monkeypatch.setattr(pipeline, "auto_budget", lambda device: next(readings))
+    engine = Engine()
+    for i in range(3):
+        engine.generate(request(dev_set, tmp_path / f"{i}.png"))
+        assert engine.memory.budget == 3 * 1024**3
+    engine.generate(request(dev_set, tmp_path / "x.png", vram_budget=0.5))
+    assert engine.memory.budget == 1024**3 // 2
+    engine.generate(request(dev_set, tmp_path / "y.png"))
+    assert engine.memory.budget == 3 * 1024**3
