@@ -15,12 +15,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from engine import ops, sampling, vae_tiling
-from engine.autoencoder import AutoEncoder, AutoEncoderParams
+from engine import sampling, vae_tiling
+from engine.autoencoder import AutoEncoder
+from engine.build import build_model
+from engine.devices import pick_device
 from engine.embedding_cache import EmbeddingCache
 from engine.errors import Cancelled, UserError
 from engine.events import Done, EventSink, Message, Preview, Stage, Step, ignore
-from engine.flux_model import Flux, FluxParams, position_embedding
+from engine.flux_model import position_embedding
 from engine.lora import apply_loras, clip_lora_key, prompt_loras
 from engine.memory import GB, MemoryManager, auto_budget, tune_host_allocator
 from engine.model_files import ResolvedFiles, resolve
@@ -28,79 +30,28 @@ from engine.png_output import check_writable, parameters_text, save_png
 from engine.request import GenerateRequest
 from engine.text_encoders import (
     CLIP_LENGTH,
-    build_clip,
-    build_t5,
     encode_clip,
     encode_t5,
     load_clip_tokenizer,
     load_t5_tokenizer,
 )
-from engine.weights import Component, split_scaled_fp8
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def pick_device(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError(
-            "--device cuda was asked for but this torch has no usable CUDA GPU: use --device cpu, "
-            "or rebuild the environment with the CUDA build of torch (run_gpu)."
-        )
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dtype != "auto":
-        return dev, DTYPES[dtype]
-    if dev.type == "cuda":
-        return dev, compute_dtype_for(torch.cuda.get_device_capability(dev))
-    return dev, torch.float32
-
-
-def compute_dtype_for(capability: tuple[int, int]) -> torch.dtype:
-    """bf16 where the GPU computes it natively (Ampere, 8.0, and newer); fp16 on Volta and Turing; fp32 on
-    Pascal (GTX 10xx), whose fp16 runs at a small fraction of its fp32 rate and which has no bf16 (torch's
-    is_bf16_supported() says yes there, by emulation). Weights keep their stored dtype whatever this is."""
-    if capability >= (8, 0):
-        return torch.bfloat16
-    if capability >= (7, 0):
-        return torch.float16
-    return torch.float32
-
-
-_BUILDERS = {
-    "transformer": lambda state, scales, dtype: _build_own(Flux, FluxParams, state, scales, dtype),
-    "vae": lambda state, scales, dtype: _build_own(AutoEncoder, AutoEncoderParams, state, scales, dtype),
-    "clip": build_clip,
-    "t5": build_t5,
-}
-
-
-def _build_own(model_class, params_class, state, scales, dtype) -> nn.Module:
-    params = params_class.from_shapes({k: tuple(v.shape) for k, v in state.items()})
-    with torch.device("meta"):
-        model = model_class(params)
-    return ops.load_into(model, state, scales, dtype)
-
-
-def build_model(component: Component, dtype: torch.dtype) -> nn.Module:
-    """A role's model from its file, weights kept in the stored dtype."""
-    state, scales = split_scaled_fp8(component.load())
-    try:
-        return _BUILDERS[component.role](state, scales, dtype)
-    except (KeyError, ValueError, IndexError) as e:
-        raise UserError(
-            f"{component.file.path} does not have the tensors a {component.role} needs ({e}): "
-            "the file is damaged or of another model family."
-        ) from None
+from engine.weights import Component
 
 
 @dataclass(frozen=True)
 class _Key:
+    """A loaded model's identity: its file (path, modification time), where in it, and how it computes."""
+
     path: str
     prefix: str
     mtime: float
     dtype: torch.dtype
     device: torch.device
+
+    @classmethod
+    def of(cls, component: Component, dtype: torch.dtype, device: torch.device) -> _Key:
+        path = component.file.path
+        return cls(str(path.resolve()), component.prefix, path.stat().st_mtime, dtype, device)
 
 
 @dataclass
@@ -154,8 +105,7 @@ class Engine:
         return self.memory
 
     def _model(self, component: Component, dtype: torch.dtype, device: torch.device) -> nn.Module:
-        path = component.file.path
-        key = _Key(str(path.resolve()), component.prefix, path.stat().st_mtime, dtype, device)
+        key = _Key.of(component, dtype, device)
         cached = self._models.get(component.role)
         if cached and cached[0] == key:
             model = cached[1]
@@ -307,8 +257,7 @@ class Engine:
         """A 16→RGB linear map fitted to this autoencoder once: decode a few random latents, average each
         decoded 8×8 patch, solve least squares. Every step's preview then costs one small matrix product."""
         component = files.components["vae"]
-        path = component.file.path
-        key = _Key(str(path.resolve()), component.prefix, path.stat().st_mtime, dtype, device)
+        key = _Key.of(component, dtype, device)
         if key not in self._projections:
             vae = self._model(component, dtype, device)
             generator = torch.Generator().manual_seed(0)

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from engine.cli import StderrProgress
+from engine.devices import pick_device
 from engine.fixtures import write_tiny_model_set
-from engine.pipeline import Engine, pick_device
+from engine.pipeline import Engine
 from engine.request import GenerateRequest, ModelFiles
 
 

@@ -150,7 +150,7 @@ def test_real_process_exit_code_and_stderr(dev_set, tmp_path):
 def test_compute_dtype_by_gpu_generation():
     import torch
 
-    from engine.pipeline import compute_dtype_for
+    from engine.devices import compute_dtype_for
 
     assert compute_dtype_for((6, 1)) == torch.float32  # GTX 1070: no bf16, fp16 at 1/64 rate
     assert compute_dtype_for((7, 5)) == torch.float16  # RTX 20xx

@@ -64,7 +64,7 @@ def test_fp8_checkpoint_stays_fp8_in_memory(dev_set, tmp_path):
     """An fp8 file's matrices are kept as fp8 in RAM (cast per layer at compute time), not blown up."""
     import torch
 
-    from engine.pipeline import build_model
+    from engine.build import build_model
     from engine.weights import component_from
 
     path = tmp_path / "fp8.safetensors"

@@ -145,8 +145,8 @@ def test_previews_every_step(dev_set, tmp_path):
 
 def test_out_of_memory_while_staging_resident_blocks_keeps_fewer(deep_set):
     """A budget that proves too hopeful when the resident copies are made halves the resident blocks."""
+    from engine.build import build_model
     from engine.memory import MemoryManager
-    from engine.pipeline import build_model
     from engine.weights import component_from
 
     model = build_model(

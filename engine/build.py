@@ -1,0 +1,39 @@
+"""A role's model (transformer, autoencoder, CLIP, T5) built from its file, weights kept as stored."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine import ops
+from engine.autoencoder import AutoEncoder, AutoEncoderParams
+from engine.errors import UserError
+from engine.flux_model import Flux, FluxParams
+from engine.text_encoders import build_clip, build_t5
+from engine.weights import Component, split_scaled_fp8
+
+_BUILDERS = {
+    "transformer": lambda state, scales, dtype: _build_own(Flux, FluxParams, state, scales, dtype),
+    "vae": lambda state, scales, dtype: _build_own(AutoEncoder, AutoEncoderParams, state, scales, dtype),
+    "clip": build_clip,
+    "t5": build_t5,
+}
+
+
+def _build_own(model_class, params_class, state, scales, dtype) -> nn.Module:
+    params = params_class.from_shapes({k: tuple(v.shape) for k, v in state.items()})
+    with torch.device("meta"):
+        model = model_class(params)
+    return ops.load_into(model, state, scales, dtype)
+
+
+def build_model(component: Component, dtype: torch.dtype) -> nn.Module:
+    """A role's model from its file, weights kept in the stored dtype."""
+    state, scales = split_scaled_fp8(component.load())
+    try:
+        return _BUILDERS[component.role](state, scales, dtype)
+    except (KeyError, ValueError, IndexError) as e:
+        raise UserError(
+            f"{component.file.path} does not have the tensors a {component.role} needs ({e}): "
+            "the file is damaged or of another model family."
+        ) from None
