@@ -11,7 +11,7 @@ from pathlib import Path
 
 from textual import on
 from textual.app import App, SystemCommand
-from textual.screen import Screen
+from textual.screen import ModalScreen, Screen
 
 from launcher.cli import LaunchOptions
 from launcher.config import PROJECT_ROOT, ConfigFile, Settings
@@ -21,7 +21,7 @@ from launcher.jobs import Job, JobQueue, JobState
 from launcher.keymap import KEYS
 from launcher.messages import EngineExited, EngineLog, EngineMessage, GenerateRequested, UseParams
 from launcher.metadata import ImageParams
-from launcher.models import ModelFile, defaults_for, scan_models
+from launcher.models import ModelFile, defaults_for_file, scan_models
 from launcher.screens.gallery import GalleryScreen
 from launcher.screens.generate import GenerateScreen
 from launcher.screens.load_png import LoadPngScreen
@@ -116,6 +116,11 @@ class FluxDeckApp(App):
     def model_roots(self) -> list[Path]:
         return self.settings.model_roots(self.root)
 
+    def key_for(self, binding_id: str) -> str:
+        """The key a binding answers to (config.toml's [keys] or the default), for hints on screen."""
+        keys = KEYS.overridden(self.config_file.keys).get(binding_id) or getattr(KEYS, binding_id)
+        return keys.split(",")[0].strip()
+
     @property
     def output_dir(self) -> Path:
         return self.settings.resolve(self.settings.output_dir, self.root)
@@ -123,7 +128,7 @@ class FluxDeckApp(App):
     def initial_values(self) -> FormValues:
         o = self.options
         model = next((m for m in self.models if m.is_model), None)
-        defaults = defaults_for(model.path.name if model else "")
+        defaults = defaults_for_file(model.path if model else "")
         values = FormValues(
             steps=defaults.steps, guidance=defaults.guidance, seed=self.rng.randint(0, 2**32 - 1)
         )
@@ -157,7 +162,8 @@ class FluxDeckApp(App):
     # -- screens ---------------------------------------------------------------------------------------
     def on_mount(self) -> None:
         renderer = self.options.renderer
-        self.install_screen(GenerateScreen(self.initial_values(), self.models, renderer), "generate")
+        generate = GenerateScreen(self.initial_values(), self.models, renderer, lambda: self.model_roots)
+        self.install_screen(generate, "generate")
         self.install_screen(GalleryScreen(self.output_dir, renderer), "gallery")
         self.install_screen(QueueScreen(self.jobs), "queue")
         self.install_screen(ModelsScreen(self.model_roots, self.bootstrap_command), "models")
@@ -183,6 +189,10 @@ class FluxDeckApp(App):
         return screen if screen.is_mounted and self.is_running else None
 
     def action_show(self, name: str) -> None:
+        if self.screen is self._screen(name):
+            return
+        while len(self.screen_stack) > 2 and isinstance(self.screen, ModalScreen):
+            self.pop_screen()  # a modal (the LoRA panel) over a screen closes first: no screen twice in the stack
         if self.screen is self._screen(name):
             return
         if len(self.screen_stack) > 1:
@@ -440,9 +450,16 @@ class FluxDeckApp(App):
         if message.refine_from:
             values.init_image, values.denoise = message.refine_from, REFINE_DENOISE
             values.hunt = False
-        generate.form.set_values(values)
+        missing = generate.form.set_values(values)
         what = f"Refining {Path(message.refine_from).name}" if message.refine_from else "Parameters loaded"
-        self.notify(f"{what}: press ctrl+g to generate.", markup=False)
+        self.notify(f"{what}: press {self.key_for('generate')} to generate.", markup=False)
+        if missing:
+            self.notify(
+                f"LoRA(s) not found in the models folders, left off: {', '.join(missing)}.",
+                severity="warning",
+                timeout=10,
+                markup=False,
+            )
 
     # -- leaving ---------------------------------------------------------------------------------------
     async def action_quit(self) -> None:

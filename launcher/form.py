@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config import Settings
+from launcher.loras import loras_in_request, request_loras
 from launcher.metadata import ImageParams
 from launcher.seeds import SeedMode, seeds_for
 
@@ -36,6 +37,7 @@ class FormValues:
     hunt: bool = False
     init_image: str = ""
     denoise: float = 1.0
+    loras: list[tuple[str, float]] = field(default_factory=list)  # (path, strength) of the enabled LoRAs
 
     def with_params(self, params: ImageParams) -> FormValues:
         """These values with everything the image's metadata says (what it does not say stays)."""
@@ -48,6 +50,9 @@ class FormValues:
                 setattr(values, name, value)
         values.seed_mode = SeedMode.FIXED
         values.init_image, values.denoise = "", 1.0
+        # Our PNGs hold the request with its LoRAs; others carry theirs as <lora:name:w> tags in the prompt,
+        # which the engine reads, so the panel's LoRAs are turned off for them.
+        values.loras = loras_in_request(params.request)
         return values
 
 
@@ -94,7 +99,7 @@ def build_request(values: FormValues, settings: Settings, seed: int, out: Path, 
         "shift": "auto",
         "init_image": values.init_image or None,
         "denoise": values.denoise if values.init_image else 1.0,
-        "loras": [],
+        "loras": request_loras(values.loras),
         "files": files,
         "t5_max_length": None,
         "device": settings.device,

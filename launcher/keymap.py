@@ -24,6 +24,7 @@ class Keymap:
     # generate screen
     random_seed: str = "ctrl+r"
     toggle_hunt: str = "ctrl+e"
+    loras: str = "ctrl+l"  # the LoRA panel (the same key closes it)
     # gallery
     reuse: str = "enter,u"
     refine: str = "r"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +26,59 @@ SCHNELL = ModelDefaults("schnell", steps=4, guidance=0.0)
 
 
 def defaults_for(name: str) -> ModelDefaults:
-    """[schnell] when the file says so, else [dev] (the distilled-guidance model most files are)."""
+    """By the file name: [schnell] when it says so, else [dev] (the distilled-guidance model most files are)."""
     return SCHNELL if "schnell" in name.lower() else DEV
+
+
+# [dev] has a guidance embedder, [schnell] has none; all-in-one checkpoints prefix the transformer's names.
+GUIDANCE_TENSOR = "guidance_in.in_layer.weight"
+TRANSFORMER_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
+MAX_HEADER_BYTES = 100 * 2**20  # FLUX's headers are ~100 KB; more than this is not a safetensors file
+
+
+def safetensors_names(path: Path) -> set[str] | None:
+    """The tensor names in a safetensors file's JSON header, or None when it is not one (or unreadable).
+
+    The file starts with the header's length (8 bytes, little-endian) and the header: {name: {dtype, shape,
+    data_offsets}, "__metadata__": {...}}. Only the header is read, however large the file.
+    """
+    try:
+        with Path(path).open("rb") as handle:
+            start = handle.read(8)
+            if len(start) < 8:
+                return None
+            (length,) = struct.unpack("<Q", start)
+            if not 2 <= length <= MAX_HEADER_BYTES:
+                return None
+            raw = handle.read(length)
+        if len(raw) < length:
+            return None
+        header = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    if not isinstance(header, dict):
+        return None
+    return {name for name in header if name != "__metadata__"}
+
+
+def is_dev_transformer(path: Path) -> bool | None:
+    """True for [dev] (a guidance embedder), False for [schnell], None when the file cannot tell (GGUF, not
+    a safetensors file, unreadable)."""
+    if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return None
+    names = safetensors_names(path)
+    if names is None:
+        return None
+    return any(prefix + GUIDANCE_TENSOR in names for prefix in TRANSFORMER_PREFIXES)
+
+
+def defaults_for_file(path: Path | str) -> ModelDefaults:
+    """[dev] or [schnell] defaults read from the file's tensor names; by its name when they cannot tell."""
+    dev = is_dev_transformer(Path(path))
+    if dev is None:
+        return defaults_for(Path(path).name)
+    return DEV if dev else SCHNELL
 
 
 @dataclass(frozen=True)

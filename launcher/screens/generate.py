@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from pathlib import Path
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
@@ -12,7 +14,9 @@ from textual.widgets import Footer, Static
 from launcher.form import FormValues
 from launcher.jobs import Job
 from launcher.keymap import KEYS
+from launcher.loras import LoraFile, lora_folders, scan_loras
 from launcher.models import ModelFile
+from launcher.screens.loras import LoraScreen
 from launcher.seeds import MAX_SEED
 from launcher.widgets.image_pane import ImagePane, preview_image
 from launcher.widgets.progress_panel import ProgressPanel
@@ -22,22 +26,31 @@ from launcher.widgets.prompt_form import PromptForm
 class GenerateScreen(Screen):
     BINDINGS = [
         KEYS.binding("random_seed", "random_seed", "New seed"),
-        KEYS.binding("toggle_hunt", "toggle_hunt", "Seed hunt"),
+        KEYS.binding("toggle_hunt", "toggle_hunt", "Hunt"),
+        KEYS.binding("loras", "loras", "LoRAs"),
     ]
     DEFAULT_CSS = """
     GenerateScreen #right { width: 1fr; }
     GenerateScreen #status { height: 1; padding: 0 1; background: $panel; }
     """
 
-    def __init__(self, values: FormValues, models: list[ModelFile], renderer: str, **kwargs) -> None:
+    def __init__(
+        self,
+        values: FormValues,
+        models: list[ModelFile],
+        renderer: str,
+        model_roots: Callable[[], list[Path]] = list,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self._values = values
         self._models = models
         self._renderer = renderer
+        self._model_roots = model_roots  # read when needed: the settings screen can change the folders
 
     def compose(self) -> ComposeResult:
         with Horizontal():
-            yield PromptForm(self._values, self._models, id="form")
+            yield PromptForm(self._values, self._models, self._find_loras, id="form")
             with Vertical(id="right"):
                 yield ProgressPanel(id="progress")
                 yield ImagePane(self._renderer, id="image")
@@ -57,6 +70,18 @@ class GenerateScreen(Screen):
 
     def action_random_seed(self) -> None:
         self.form.set_seed(random.randint(0, MAX_SEED))
+
+    def _find_loras(self) -> list[LoraFile]:
+        return scan_loras(self._model_roots())
+
+    def action_loras(self) -> None:
+        """The LoRA panel: turn LoRAs on or off and set their strengths (kept for the session)."""
+        form = self.form
+        files = self._find_loras()
+        self.app.push_screen(
+            LoraScreen(files, form.lora_choices, lora_folders(self._model_roots()), form.refresh_loras),
+            lambda _: form.refresh_loras(),
+        )
 
     def action_toggle_hunt(self) -> None:
         self.form.set_hunt(not self.form.hunt)

@@ -1,16 +1,19 @@
-"""The generate form: prompts, model, size, sampling, seed, batch / seed hunt, img2img."""
+"""The generate form: prompts, model, size, sampling, seed, batch / seed hunt, img2img, LoRAs."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import Checkbox, Input, Label, Select, TextArea
+from textual.widgets import Checkbox, Input, Label, Select, Static, TextArea
 
 from launcher.form import AUTO_MODEL, FormError, FormValues, parse_number
-from launcher.models import ModelFile, defaults_for
+from launcher.keymap import KEYS
+from launcher.loras import STRENGTH_RANGE, LoraChoice, LoraFile, choose, lora_label, match_loras, summary
+from launcher.models import ModelFile, defaults_for_file
 from launcher.seeds import MAX_SEED, SeedMode
 from launcher.sizes import ASPECTS, MEGAPIXELS, aspect_label, parse_aspect, size_for
 
@@ -28,13 +31,24 @@ class PromptForm(VerticalScroll):
     PromptForm .row > .short { width: 8; }
     PromptForm .row > Checkbox { width: auto; }
     PromptForm .title { color: $text-muted; }
+    PromptForm .row > #loras { width: 1fr; }
     """
 
-    def __init__(self, values: FormValues, models: list[ModelFile], **kwargs) -> None:
+    def __init__(
+        self,
+        values: FormValues,
+        models: list[ModelFile],
+        find_loras: Callable[[], list[LoraFile]] = list,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
         self._initial = values
         self._models = models
         self._model = self._model_value(values.model)
+        self.find_loras = find_loras
+        # path -> on/off and strength, for every LoRA seen this session (the LoRA panel edits it in place)
+        self.lora_choices: dict[str, LoraChoice] = {}
+        choose(self.lora_choices, values.loras)
 
     def compose(self) -> ComposeResult:
         v = self._initial
@@ -93,6 +107,9 @@ class PromptForm(VerticalScroll):
             yield Input(v.init_image, id="init_image", placeholder="img2img: a PNG or JPEG", compact=True)
             yield Label("Denoise", classes="gap")
             yield Input(f"{v.denoise:g}", id="denoise", type="number", classes="short", compact=True)
+        with Horizontal(classes="row"):
+            yield Label("LoRAs")
+            yield Static(self._lora_summary(), id="loras", markup=False)
 
     def on_mount(self) -> None:
         self.query_one("#prompt", TextArea).cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
@@ -117,6 +134,39 @@ class PromptForm(VerticalScroll):
             select.set_options(self._model_options())
             self._model = self._model_value(str(current))
             select.value = self._model
+
+    # -- LoRAs ----------------------------------------------------------------------------------------
+    def _lora_summary(self) -> str:
+        try:
+            key = self.app.key_for("loras")  # type: ignore[attr-defined]
+        except Exception:  # no app (a test of the widget alone): the default key
+            key = KEYS.loras
+        return f"{summary(self.lora_choices)} · {key}: choose"
+
+    def refresh_loras(self) -> None:
+        """Show the LoRA choices (after the LoRA panel changed them)."""
+        self.query_one("#loras", Static).update(self._lora_summary())
+
+    def lora_values(self) -> list[tuple[str, float]]:
+        """(path, strength) of the enabled LoRAs; FormError for a strength that does not parse or a lost file."""
+        low, high = STRENGTH_RANGE
+        loras = []
+        for path, choice in self.lora_choices.items():
+            if not choice.enabled:
+                continue
+            name = lora_label(path)
+            if not Path(path).is_file():
+                raise FormError(f"LoRA {name} is no longer at {path}: turn it off in the LoRA panel.")
+            strength = float(parse_number(choice.strength, float, f"Strength of LoRA {name}", low, high))
+            loras.append((path, strength))
+        return loras
+
+    def set_loras(self, loras: list[tuple[str, float]]) -> list[str]:
+        """Turn on exactly these LoRAs (those whose files exist here); returns the names of the missing ones."""
+        found, missing = match_loras(loras, self.find_loras())
+        choose(self.lora_choices, found)
+        self.refresh_loras()
+        return missing
 
     # -- values ----------------------------------------------------------------------------------------
     def values(self) -> FormValues:
@@ -146,9 +196,11 @@ class PromptForm(VerticalScroll):
             hunt=self.query_one("#hunt", Checkbox).value,
             init_image=str(Path(init_image).expanduser()) if init_image else "",
             denoise=float(parse_number(text["denoise"], float, "Denoise", 0.01, 1)),
+            loras=self.lora_values(),
         )
 
-    def set_values(self, v: FormValues) -> None:
+    def set_values(self, v: FormValues) -> list[str]:
+        """Fill the form; returns the names of LoRAs asked for whose files are not here (left off)."""
         with self.prevent(Select.Changed, Input.Changed, Checkbox.Changed):
             self.query_one("#prompt", TextArea).text = v.prompt
             for name in ("clip_prompt", "negative", "init_image"):
@@ -163,6 +215,7 @@ class PromptForm(VerticalScroll):
             self.query_one("#hunt", Checkbox).value = v.hunt
             self.query_one("#aspect", Select).value = CUSTOM
         self.query_one("#negative", Input).disabled = v.cfg <= 1
+        return self.set_loras(v.loras)
 
     def set_seed(self, seed: int) -> None:
         self.query_one("#seed", Input).value = str(seed)
@@ -180,7 +233,7 @@ class PromptForm(VerticalScroll):
         if str(event.value) == self._model:
             return  # the initial value, or set by set_values: keep the steps and guidance
         self._model = str(event.value)
-        defaults = defaults_for(Path(str(event.value)).name)
+        defaults = defaults_for_file(str(event.value))
         self.query_one("#steps", Input).value = str(defaults.steps)
         self.query_one("#guidance", Input).value = f"{defaults.guidance:g}"
 
