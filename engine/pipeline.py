@@ -56,8 +56,9 @@ class _Key:
 
 @dataclass
 class EngineOptions:
-    """How the engine spends memory. keep_models: "auto" keeps models loaded between stages and jobs when RAM
-    holds them all, "never" loads each stage's model and releases it after (peak RAM ≈ the largest model)."""
+    """How the engine spends memory. keep_models: "auto" keeps models loaded between stages and jobs while RAM
+    holds them (older ones go when a new one would not fit), "never" releases each stage's models when it is
+    done (peak RAM ≈ the largest model), "always" keeps everything."""
 
     keep_models: str = "auto"
     cache_dir: str | None = None  # text-embedding cache; None: none
@@ -80,6 +81,7 @@ class Engine:
         self.loads: list[str] = []  # roles loaded, in order: what tests and benchmarks look at
         self.memory: MemoryManager | None = None
         self._models: dict[str, tuple[_Key, nn.Module]] = {}
+        self._sizes: dict[str, int] = {}  # bytes each loaded model's file holds for it
         self._tokenizers: dict[tuple[str, str], object] = {}
         self._projections: dict[_Key, torch.Tensor] = {}
         self._auto_budget: int | None = None
@@ -111,7 +113,9 @@ class Engine:
             model = cached[1]
         else:
             self._drop(component.role)
+            self._make_room_for(component)
             model = self.memory.manage(build_model(component, dtype))
+            self._sizes[component.role] = component.nbytes
             self._models[component.role] = (key, model)
             self.loads.append(component.role)
         self.memory.activate(model)
@@ -122,15 +126,27 @@ class Engine:
         if cached is not None and self.memory is not None:
             self.memory.forget(cached[1])
 
-    def _release_after_stage(self, roles: tuple[str, ...], files: ResolvedFiles) -> None:
-        """With RAM short, a stage's models go once it is done (their memory-mapped pages with them)."""
-        if self.options.keep_models == "always":
-            return
-        if self.options.keep_models == "auto" and _ram_holds(files):
+    def _release_after_stage(self, roles: tuple[str, ...]) -> None:
+        """keep_models="never": a stage's models go once it is done (their memory-mapped pages with them)."""
+        if self.options.keep_models != "never":
             return
         for role in roles:
             self._drop(role)
         gc.collect()
+
+    def _make_room_for(self, component: Component) -> None:
+        """keep_models="auto": before a model loads, others go while RAM cannot hold them all: the text encoders
+        first (the embedding cache stands in for them), the transformer last, so a seed hunt keeps it."""
+        if self.options.keep_models != "auto":
+            return
+        room = RAM_SHARE * _total_ram()
+        for role in ("t5", "clip", "vae", "transformer"):
+            loaded = sum(self._sizes[r] for r in self._models if r != component.role)
+            if component.nbytes + loaded <= room:
+                return
+            if role != component.role and role in self._models:
+                self._drop(role)
+                gc.collect()
 
     def _tokenizer(self, kind: str, folder: Path | None):
         key = (kind, str(folder))
@@ -165,7 +181,7 @@ class Engine:
 
         on_event(Stage("encoding", f"{device.type} {str(dtype).removeprefix('torch.')}"))
         conds = self._encode(request, files, t5_length, device, dtype, on_event)
-        self._release_after_stage(("clip", "t5"), files)
+        self._release_after_stage(("clip", "t5"))
 
         on_event(Stage("loading", "transformer"))
         transformer = self._model(files.components["transformer"], dtype, device)
@@ -224,7 +240,7 @@ class Engine:
                 on_event(preview(report, projection, height, width))
 
         x = sampling.euler(x, times, self._retrying(velocity, transformer, on_event), on_step)
-        self._release_after_stage(("transformer",), files)
+        self._release_after_stage(("transformer",))
 
         on_event(Stage("decoding"))
 
@@ -240,7 +256,7 @@ class Engine:
                     for i in range(batch)
                 ]
             )
-        self._release_after_stage(("vae",), files)
+        self._release_after_stage(("vae",))
 
         on_event(Stage("saving"))
         model_name = files.components["transformer"].file.path.stem
@@ -324,12 +340,13 @@ class Engine:
         return step
 
 
-def _ram_holds(files: ResolvedFiles) -> bool:
-    """Whether all four models fit in RAM with room to spare (then they stay loaded between stages and jobs)."""
+RAM_SHARE = 0.6  # of the machine's RAM that loaded models may take before older ones are let go
+
+
+def _total_ram() -> int:
     import psutil
 
-    needed = sum(c.nbytes for c in files.components.values())
-    return needed < 0.6 * psutil.virtual_memory().total
+    return psutil.virtual_memory().total
 
 
 def _mu(shift: str, schnell: bool, image_tokens: int) -> float | None:

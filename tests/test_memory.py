@@ -183,3 +183,20 @@ def test_the_automatic_budget_is_measured_once(dev_set, tmp_path, monkeypatch):
     assert engine.memory.budget == 1024**3 // 2
     engine.generate(request(dev_set, tmp_path / "y.png"))
     assert engine.memory.budget == 3 * 1024**3
+
+
+def test_short_ram_lets_the_text_encoders_go_and_keeps_the_transformer(dev_set, tmp_path, monkeypatch):
+    """RAM for the transformer and the autoencoder but not the text encoders too: loading the transformer lets
+    the encoders go; the next job of a seed hunt (prompt from the cache) loads nothing at all."""
+    import engine.pipeline as pipeline
+    from engine.weights import find_components, open_weights
+
+    size = {r: find_components(open_weights(p))[r].nbytes for r, p in dev_set.paths.items()}
+    room = size["transformer"] + size["vae"] + min(size["clip"], size["t5"]) // 2
+    monkeypatch.setattr(pipeline, "_total_ram", lambda: int(room / pipeline.RAM_SHARE))
+    engine = Engine(EngineOptions(cache_dir=str(tmp_path / "cache")))
+    engine.generate(request(dev_set, tmp_path / "a.png", seed=1))
+    assert sorted(engine._models) == ["transformer", "vae"]
+    loads = list(engine.loads)
+    engine.generate(request(dev_set, tmp_path / "b.png", seed=2))
+    assert engine.loads == loads  # nothing loaded again
