@@ -400,6 +400,11 @@ class EnvironmentBuilder:
         return json.loads(done.stdout or "{}")
 
     def _install(self, py: PythonChoice, plan: InstallPlan, torch: TorchChoice) -> None:
+        if plan.torch is not None and torch.variant == "cpu" and self.probe_host(torch.host or ""):
+            # the small CPU build is only a nicety: PyPI's torch computes the same on the CPU
+            torch = TorchChoice(
+                None, "default", None, f"{torch.host} cannot be reached: torch from PyPI instead"
+            )
         for host in hosts_needed(plan, torch):
             problem = self.probe_host(host)
             if problem:

@@ -264,3 +264,18 @@ def test_env_command_needs_only_the_standard_library():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+def test_cpu_build_falls_back_to_pypi_when_the_pytorch_index_cannot_be_reached(tmp_path):
+    runner = FakeRunner({}, {"version": "2.13.0", "cuda": None, "available": False})
+    (tmp_path / "requirements.txt").write_text(REQS)
+    options = env.EnvOptions(device="cpu", root=tmp_path, base_python="/usr/bin/python3")
+    said = []
+
+    def probe(host):
+        return "Name or service not known" if host == "download.pytorch.org" else None
+
+    assert env.EnvironmentBuilder(options, LINUX, None, runner, probe, say=said.append).build() == 0
+    torch_install = runner.pip_installs()[0]
+    assert "--index-url" not in torch_install and torch_install[-1] == "torch==2.13.0"
+    assert any("download.pytorch.org cannot be reached: torch from PyPI instead" in line for line in said)
