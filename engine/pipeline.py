@@ -201,30 +201,29 @@ class Engine:
             start = noise
         x = sampling.pack(start).to(device)
 
-        img_ids = sampling.image_ids(batch, height, width).to(device)
-        txt_ids = torch.zeros(batch, t5_length, 3, device=device)
-        pe = position_embedding(
-            torch.cat((txt_ids, img_ids), 1), transformer.params.axes_dim, transformer.params.theta
-        )
-        guidance = (
-            torch.full((batch,), request.guidance, device=device)
-            if transformer.params.guidance_embed
-            else None
-        )
-        y = [c[0].to(device, dtype).expand(batch, -1) for c in conds]
-        txt = [c[1].to(device, dtype).expand(batch, -1, -1) for c in conds]
+        # The prompt and, with true CFG, the negative prompt run as one batch: each streamed weight crosses the
+        # bus once per step, not once per prompt.
+        passes = len(conds)
+        rows = passes * batch
+        img_ids = sampling.image_ids(1, height, width).to(device)
+        txt_ids = torch.zeros(1, t5_length, 3, device=device)
+        params = transformer.params
+        pe = position_embedding(torch.cat((txt_ids, img_ids), 1), params.axes_dim, params.theta)
+        guidance = torch.full((rows,), request.guidance, device=device) if params.guidance_embed else None
+        y = torch.cat([c[0].to(device, dtype).expand(batch, -1) for c in conds])
+        txt = torch.cat([c[1].to(device, dtype).expand(batch, -1, -1) for c in conds])
 
         @torch.inference_mode()
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             if cancel.is_set():
                 raise Cancelled("cancelled")
-            timesteps = torch.full((batch,), t, device=device, dtype=dtype)
-            xin = x.to(dtype)
-            v = [
-                transformer(xin, img_ids, txt[i], txt_ids, timesteps, y[i], guidance, pe).float()
-                for i in range(len(y))
-            ]
-            return v[0] if len(v) == 1 else v[1] + request.cfg * (v[0] - v[1])
+            timesteps = torch.full((rows,), t, device=device, dtype=dtype)
+            xin = x.to(dtype).repeat(passes, 1, 1)
+            v = transformer(xin, img_ids, txt, txt_ids, timesteps, y, guidance, pe).float()
+            if passes == 1:
+                return v
+            positive, negative = v.chunk(2)
+            return negative + request.cfg * (positive - negative)
 
         on_event(Stage("denoising", f"{len(times) - 1} steps"))
         step_seconds: list[float] = []

@@ -200,3 +200,17 @@ def test_short_ram_lets_the_text_encoders_go_and_keeps_the_transformer(dev_set, 
     loads = list(engine.loads)
     engine.generate(request(dev_set, tmp_path / "b.png", seed=2))
     assert engine.loads == loads  # nothing loaded again
+
+
+def test_true_cfg_streams_each_weight_once_per_step(deep_set, tmp_path):
+    """The prompt and the negative prompt share one pass: with everything streamed, the bytes per step are the
+    same as without CFG."""
+    engine = Engine()
+    plain = request(deep_set, tmp_path / "a.png", vram_budget=0.0)
+    engine.generate(plain)
+    transformer = engine._models["transformer"][1]
+    without = engine.memory.stats_of(transformer).bytes_streamed
+    cfg = request(deep_set, tmp_path / "b.png", vram_budget=0.0, negative="blurry", cfg=2.0)
+    engine.generate(cfg)
+    stats = engine.memory.stats_of(transformer)
+    assert stats.passes == 2 and stats.bytes_streamed == without > 0
