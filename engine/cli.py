@@ -22,9 +22,16 @@ def parse_lora(text: str) -> LoraSpec:
     return LoraSpec(text, 1.0)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags are bad input too: one sentence and exit code 2, not the whole usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}: see {self.prog} --help.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m engine", description="FluxDeck's FLUX.1 engine")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="python -m engine", description="FluxDeck's FLUX.1 engine")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("--prompt", required=True, help="the prompt (T5; also CLIP unless --clip-prompt)")

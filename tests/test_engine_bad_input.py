@@ -156,3 +156,12 @@ def test_compute_dtype_by_gpu_generation():
     assert compute_dtype_for((7, 5)) == torch.float16  # RTX 20xx
     assert compute_dtype_for((8, 6)) == torch.bfloat16  # RTX 30xx
     assert compute_dtype_for((9, 0)) == torch.bfloat16
+
+
+def test_bad_flags_are_one_sentence_too(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--prompt", "x", "--width", "wide", "--out", "x.png"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: argument --width: invalid int value: 'wide': see python -m engine generate --help."
+    ]
