@@ -197,9 +197,6 @@ class Component:
             name[n:]: info.shape for name, info in self.file.tensors.items() if name.startswith(self.prefix)
         }
 
-    def stored_dtypes(self) -> set[str]:
-        return {info.dtype for name, info in self.file.tensors.items() if name.startswith(self.prefix)}
-
     def load(self) -> dict[str, torch.Tensor]:
         n = len(self.prefix)
         names = [name for name in self.file.tensors if name.startswith(self.prefix)]
