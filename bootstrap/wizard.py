@@ -126,9 +126,10 @@ def config_values(
     except ValueError:
         shown = str(models_dir.resolve())
     values: dict = {"models_dir": shown, "device": "cuda" if system.gpu else "cpu", "preset": preset.name}
-    if reuse is not None and reuse.kind == "ComfyUI":
+    if reuse is not None:
+        # the engine and the TUI read ComfyUI's and Forge's folder names alike
         values["extra_model_paths"] = [str(reuse.path)]
-    elif reuse is not None:
+    if reuse is not None and reuse.kind != "ComfyUI":
         values["extra_model_folders"] = reuse.config_folders()  # Forge's folders by our folder names
     return values
 

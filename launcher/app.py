@@ -16,12 +16,12 @@ from textual.screen import ModalScreen, Screen
 from launcher.cli import LaunchOptions
 from launcher.config import PROJECT_ROOT, ConfigFile, Settings
 from launcher.engine_client import EngineExit, EngineProcess, default_engine_command
-from launcher.form import FormError, FormValues, build_requests
+from launcher.form import AUTO_MODEL, FormError, FormValues, build_requests
 from launcher.jobs import Job, JobQueue, JobState
 from launcher.keymap import KEYS
 from launcher.messages import EngineExited, EngineLog, EngineMessage, GenerateRequested, UseParams
 from launcher.metadata import ImageParams
-from launcher.models import ModelFile, defaults_for_file, scan_models
+from launcher.models import ModelFile, defaults_for_file, root_of, scan_models
 from launcher.screens.gallery import GalleryScreen
 from launcher.screens.generate import GenerateScreen
 from launcher.screens.load_png import LoadPngScreen
@@ -111,6 +111,10 @@ class FluxDeckApp(App):
             models_dir=o.models_dir or saved.models_dir,
             output_dir=o.output_dir or saved.output_dir,
         )
+
+    def models_root(self, values: FormValues) -> Path:
+        """The models folder of the chosen model (FluxDeck's own, or a ComfyUI/Forge one), for its other files."""
+        return self.model_roots[0] if values.model == AUTO_MODEL else root_of(values.model, self.model_roots)
 
     @property
     def model_roots(self) -> list[Path]:
@@ -252,7 +256,7 @@ class FluxDeckApp(App):
         if not values.prompt:
             self.notify("Write a prompt first.", severity="warning", markup=False)
             return
-        requests = build_requests(values, self.settings, self.output_dir, self.model_roots[0], self.rng)
+        requests = build_requests(values, self.settings, self.output_dir, self.models_root(values), self.rng)
         self.post_message(GenerateRequested(requests, values.hunt, values))
         if values.seed_mode is SeedMode.INCREMENT:
             generate.form.set_seed(values.seed + values.batch)
@@ -307,7 +311,9 @@ class FluxDeckApp(App):
         )
         values.batch, values.seed_mode = 1, SeedMode.FIXED
         self.hunt_values = dataclasses.replace(values, seed_mode=self.hunt_values.seed_mode)
-        request = build_requests(values, self.settings, self.output_dir, self.model_roots[0], self.rng)[0]
+        request = build_requests(values, self.settings, self.output_dir, self.models_root(values), self.rng)[
+            0
+        ]
         self.jobs.add(request, hunt=True)
 
     def action_cancel(self) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from launcher.config import Settings
 from launcher.loras import loras_in_request, request_loras
 from launcher.metadata import ImageParams
+from launcher.models import is_all_in_one
 from launcher.seeds import SeedMode, seeds_for
 
 AUTO_MODEL = "auto"  # let the engine find the parts in the models folder
@@ -82,7 +83,8 @@ def build_request(values: FormValues, settings: Settings, seed: int, out: Path, 
     files: dict[str, str | None] = {"models_dir": str(models_root)}
     if values.model != AUTO_MODEL:
         folder = Path(values.model).parent.name
-        files["checkpoint" if folder == "checkpoints" else "transformer"] = values.model
+        aio = folder == "checkpoints" or is_all_in_one(values.model)
+        files["checkpoint" if aio else "transformer"] = values.model
     cfg = values.cfg
     return {
         "prompt": values.prompt,

@@ -8,8 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # ComfyUI layout: the folders we read, and which of them hold a model to pick (the others are its parts).
+# ComfyUI's folder names, then Forge's (the engine finds each file's role by its tensor names either way)
 FOLDERS = ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "vae", "loras")
-MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet")
+FOLDERS += ("Stable-diffusion", "text_encoder", "VAE", "Lora")
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet", "Stable-diffusion")
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
 
 
@@ -110,6 +112,24 @@ def scan_models(roots: list[Path]) -> list[ModelFile]:
                 seen.add(resolved)
                 found.append(ModelFile(folder, path, path.stat().st_size))
     return found
+
+
+def root_of(path: str | Path, roots: list[Path]) -> Path:
+    """The models folder a chosen file lives in (its text encoders and VAE are looked for there too)."""
+    resolved = Path(path).resolve()
+    for root in roots:
+        if resolved.is_relative_to(root.resolve()):
+            return root
+    return roots[0]
+
+
+def is_all_in_one(path: str | Path) -> bool:
+    """A checkpoint that carries text encoders or a VAE beside the transformer (read from the header only)."""
+    names = safetensors_names(Path(path)) or set()
+    return any(
+        name.startswith(("text_encoders.", "vae.", "first_stage_model.", "cond_stage_model."))
+        for name in names
+    )
 
 
 def has_any_model(roots: list[Path]) -> bool:

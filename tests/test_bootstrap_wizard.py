@@ -194,3 +194,14 @@ def test_gated_choice_without_a_token_stops_before_any_download(tmp_path, fake_h
         )
     assert any(f"{fake_hub.endpoint}/bfl/dev" in line and "accept the licence" in line for line in io.lines)
     assert fake_hub.log == [] and not (tmp_path / "models").exists()
+
+
+def test_a_reused_forge_folder_is_a_model_path_for_the_engine_and_the_tui(tmp_path):
+    forge = tmp_path / "forge" / "webui" / "models"
+    for sub in ("Stable-diffusion", "VAE", "text_encoder"):
+        (forge / sub).mkdir(parents=True)
+    reuse = classify(tmp_path / "forge")
+    preset = next(iter(MANIFEST.presets.values()))
+    values = wizard.config_values(tmp_path / "models", reuse, machine(8, 32), preset, tmp_path)
+    assert values["extra_model_paths"] == [str(reuse.path)]
+    assert values["extra_model_folders"]["vae"] == [str((forge / "VAE").resolve())]

@@ -180,3 +180,36 @@ def test_protocol_lines_and_exit_reasons():
     oom = EngineExit(-9, ["loading", "Killed"], expected=False).describe()
     assert "out of memory" in oom and "Killed" in oom
     assert "exit code 1" in EngineExit(1, [], expected=False).describe()
+
+
+def test_a_forge_models_folder_is_listed_and_its_files_go_together(tmp_path):
+    """Forge's Stable-diffusion/ text_encoder/ VAE/ are listed; an all-in-one file there goes as --checkpoint and
+    its models folder comes with it (for the text encoders beside it)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from launcher.models import is_all_in_one, root_of
+
+    ours, forge = tmp_path / "models", tmp_path / "forge" / "models"
+    (ours / "diffusion_models").mkdir(parents=True)
+    for folder in ("Stable-diffusion", "text_encoder", "VAE"):
+        (forge / folder).mkdir(parents=True)
+    tiny = np.zeros(2, dtype=np.float32)
+    aio = forge / "Stable-diffusion" / "flux1-dev-fp8.safetensors"
+    save_file({"model.diffusion_model.img_in.weight": tiny, "vae.decoder.conv_in.weight": tiny}, str(aio))
+    save_file(
+        {"encoder.block.0.layer.0.SelfAttention.q.weight": tiny},
+        str(forge / "text_encoder" / "t5.safetensors"),
+    )
+    bare = ours / "diffusion_models" / "flux1-dev.safetensors"
+    save_file({"double_blocks.0.img_attn.qkv.weight": tiny}, str(bare))
+
+    listed = {(f.folder, f.path.name) for f in scan_models([ours, forge])}
+    assert ("Stable-diffusion", aio.name) in listed and ("text_encoder", "t5.safetensors") in listed
+    assert is_all_in_one(aio) and not is_all_in_one(bare)
+    assert root_of(aio, [ours, forge]) == forge and root_of(bare, [ours, forge]) == ours
+
+    request = build_requests(
+        FormValues(model=str(aio)), Settings(), tmp_path / "out", forge, random.Random(0)
+    )[0]
+    assert request["files"]["checkpoint"] == str(aio) and request["files"]["models_dir"] == str(forge)
