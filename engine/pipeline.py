@@ -167,7 +167,7 @@ class Engine:
         started = time.perf_counter()
         request.validate()
         if "<lora:" in request.prompt:  # A1111-style tags name LoRAs in <models-dir>/loras
-            loras_dir = Path(request.files.models_dir) / "loras" if request.files.models_dir else None
+            loras_dir = _loras_folder(request.files.models_dir)
             prompt, tagged = prompt_loras(request.prompt, loras_dir)
             request = dataclasses.replace(request, prompt=prompt, loras=[*request.loras, *tagged])
         out = check_writable(request.out)
@@ -346,6 +346,14 @@ def _total_ram() -> int:
     import psutil
 
     return psutil.virtual_memory().total
+
+
+def _loras_folder(models_dir: str | None) -> Path | None:
+    """ComfyUI's loras/ or Forge's Lora/ in the models folder."""
+    if not models_dir:
+        return None
+    folders = [Path(models_dir) / name for name in ("loras", "Lora")]
+    return next((f for f in folders if f.is_dir()), folders[0])
 
 
 def _mu(shift: str, schnell: bool, image_tokens: int) -> float | None:
