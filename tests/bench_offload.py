@@ -123,11 +123,12 @@ def diffusers_group_offload(state, p, device, dtype, args):
 
     from tests.oracle import transformer_to_diffusers
 
-    model = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=p.depth, num_single_layers=p.depth_single,
-        attention_head_dim=p.head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
-        pooled_projection_dim=p.vec_in_dim, guidance_embeds=p.guidance_embed, axes_dims_rope=p.axes_dim,
-    ).to(dtype)  # fmt: skip
+    with torch.device("meta"):  # no random init of 12B parameters: the weights come next
+        model = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=p.depth, num_single_layers=p.depth_single,
+            attention_head_dim=p.head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
+            pooled_projection_dim=p.vec_in_dim, guidance_embeds=p.guidance_embed, axes_dims_rope=p.axes_dim,
+        )  # fmt: skip
     model.load_state_dict(transformer_to_diffusers(state, p), assign=True)
     model.eval()
     if device.type == "cuda":

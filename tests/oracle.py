@@ -17,11 +17,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from engine.autoencoder import SCALE_FACTOR, SHIFT_FACTOR, AutoEncoderParams
 from engine.flux_model import FluxParams
 from engine.text_encoders import clip_config, t5_config
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+from tests.metrics import psnr  # noqa: F401  (the oracle's comparisons, re-exported for the tests)
 
 
 def transformer_to_diffusers(bfl: dict[str, torch.Tensor], p: FluxParams) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ from PIL import Image
 from engine.memory import LOOKAHEAD
 from engine.pipeline import Engine
 from engine.request import GenerateRequest, ModelFiles
-from tests.oracle import psnr
+from tests.metrics import psnr
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

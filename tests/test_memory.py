@@ -126,7 +126,7 @@ def test_fp16_compute_saturates_instead_of_overflowing():
 def test_fp16_generation_is_finite_and_close_to_fp32(dev_set, tmp_path):
     fp32 = Engine().generate(request(dev_set, tmp_path / "32.png"))[0]
     fp16 = Engine().generate(request(dev_set, tmp_path / "16.png", dtype="fp16"))[0]
-    from tests.oracle import psnr
+    from tests.metrics import psnr
 
     assert psnr(image(fp32), image(fp16)) > 30
 

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one run, for a session lent a device machine (see docs/engine.md):
+#   here:  echo /.whl/ >> .git/info/exclude
+#          python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#              --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 gguf==0.19.0 importlib_metadata==8.7.0
+#   then:  the device tool's run with command "bash tests/gpu_checks.sh", carry [".whl"], timeout_s 540
+# Results land in $OUT (the device tool brings them back): nvidia-smi, the CUDA tests, the 12B benchmark.
+set -u
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" > "$out/torch.txt" 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gguf.py -k "cuda" \
+  > "$out/cuda-tests.txt" 2>&1
+timeout 330 python3 -m tests.bench_offload --shape 12b --size 1024 --vram-cap-gb 8 --repeats 2 \
+  > "$out/bench-12b.txt" 2>&1
+tail -n 3 "$out/cuda-tests.txt"
+cat "$out/bench-12b.txt"
