@@ -2,7 +2,7 @@
 # Every GPU check and benchmark in one run, for a session lent a device machine (see docs/engine.md):
 #   here:  echo /.whl/ >> .git/info/exclude
 #          python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#              --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 gguf==0.19.0 importlib_metadata==8.7.0
+#              --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 gguf==0.19.0 importlib_metadata==10.2.0
 #   then:  the device tool's run with command "bash tests/gpu_checks.sh", carry [".whl"], timeout_s 540
 # Results land in $OUT (the device tool brings them back): nvidia-smi, the CUDA tests, the 12B benchmark.
 set -u
