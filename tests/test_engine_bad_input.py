@@ -165,3 +165,14 @@ def test_bad_flags_are_one_sentence_too(capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: argument --width: invalid int value: 'wide': see python -m engine generate --help."
     ]
+
+
+def test_lora_flag_strengths_and_windows_paths():
+    from engine.cli import parse_lora
+    from engine.request import LoraSpec
+
+    assert parse_lora("style.safetensors") == LoraSpec("style.safetensors", 1.0)
+    assert parse_lora("style.safetensors:0.7") == LoraSpec("style.safetensors", 0.7)
+    assert parse_lora("style.safetensors:-1.5") == LoraSpec("style.safetensors", -1.5)
+    assert parse_lora(r"C:\loras\style.safetensors") == LoraSpec(r"C:\loras\style.safetensors", 1.0)
+    assert parse_lora(r"C:\loras\style.safetensors:0.8") == LoraSpec(r"C:\loras\style.safetensors", 0.8)
