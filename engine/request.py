@@ -65,6 +65,8 @@ class GenerateRequest:
                 )
         if self.steps is not None and self.steps < 1:
             raise UserError(f"--steps {self.steps} is too small: use 1 or more steps.")
+        if not 0 <= self.seed < 2**64:
+            raise UserError(f"--seed {self.seed} is out of range: use a whole number from 0 to 2^64-1.")
         if self.batch < 1:
             raise UserError(f"--batch {self.batch} is too small: use 1 or more.")
         if not 0.0 < self.denoise <= 1.0:
