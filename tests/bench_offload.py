@@ -119,16 +119,10 @@ def ours(state, p, device, dtype, budget: int | None, args):
 
 
 def diffusers_group_offload(state, p, device, dtype, args):
-    from diffusers import FluxTransformer2DModel
-
-    from tests.oracle import transformer_to_diffusers
+    from tests.oracle import diffusers_transformer, transformer_to_diffusers
 
     with torch.device("meta"):  # no random init of 12B parameters: the weights come next
-        model = FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=p.depth, num_single_layers=p.depth_single,
-            attention_head_dim=p.head_dim, num_attention_heads=p.num_heads, joint_attention_dim=p.context_in_dim,
-            pooled_projection_dim=p.vec_in_dim, guidance_embeds=p.guidance_embed, axes_dims_rope=p.axes_dim,
-        )  # fmt: skip
+        model = diffusers_transformer(p)
     model.load_state_dict(transformer_to_diffusers(state, p), assign=True)
     model.eval()
     if device.type == "cuda":

@@ -102,24 +102,29 @@ def vae_to_diffusers(bfl: dict[str, torch.Tensor], p: AutoEncoderParams) -> dict
     return out
 
 
+def diffusers_transformer(p: FluxParams) -> FluxTransformer2DModel:
+    """diffusers' transformer of the same shape as ours (random init, or on the meta device if built there)."""
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=p.in_channels,
+        num_layers=p.depth,
+        num_single_layers=p.depth_single,
+        attention_head_dim=p.head_dim,
+        num_attention_heads=p.num_heads,
+        joint_attention_dim=p.context_in_dim,
+        pooled_projection_dim=p.vec_in_dim,
+        guidance_embeds=p.guidance_embed,
+        axes_dims_rope=p.axes_dim,
+    )
+
+
 def build_pipeline(
     states: dict[str, dict[str, torch.Tensor]],  # float32, engine (file) names: transformer, clip, t5, vae
     clip_tokenizer_dir,
     t5_tokenizer_dir,
 ) -> FluxPipeline:
     tp = FluxParams.from_shapes({k: tuple(v.shape) for k, v in states["transformer"].items()})
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=tp.in_channels,
-        num_layers=tp.depth,
-        num_single_layers=tp.depth_single,
-        attention_head_dim=tp.head_dim,
-        num_attention_heads=tp.num_heads,
-        joint_attention_dim=tp.context_in_dim,
-        pooled_projection_dim=tp.vec_in_dim,
-        guidance_embeds=tp.guidance_embed,
-        axes_dims_rope=tp.axes_dim,
-    )
+    transformer = diffusers_transformer(tp)
     transformer.load_state_dict(transformer_to_diffusers(states["transformer"], tp), strict=True)
 
     vp = AutoEncoderParams.from_shapes({k: tuple(v.shape) for k, v in states["vae"].items()})

@@ -6,14 +6,14 @@ Tighter than the image tests: a 1% error in RoPE or a norm scale is far below wh
 from __future__ import annotations
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
+from diffusers import AutoencoderKL
 
 from engine.autoencoder import AutoEncoder, AutoEncoderParams
 from engine.fixtures import TinySpec, ae_state, flux_state
 from engine.flux_model import Flux, FluxParams
 from engine.ops import load_into
 from engine.sampling import image_ids
-from tests.oracle import transformer_to_diffusers, vae_to_diffusers
+from tests.oracle import diffusers_transformer, transformer_to_diffusers, vae_to_diffusers
 
 TOLERANCE = 2e-5  # relative to the output's scale
 
@@ -34,18 +34,7 @@ def test_transformer_matches_diffusers():
         p = FluxParams.from_shapes({k: tuple(v.shape) for k, v in state.items()})
         assert p == spec.flux_params()  # every dimension read back off the tensors
         ours = _ours(Flux, p, state)
-        theirs = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=p.depth,
-            num_single_layers=p.depth_single,
-            attention_head_dim=p.head_dim,
-            num_attention_heads=p.num_heads,
-            joint_attention_dim=p.context_in_dim,
-            pooled_projection_dim=p.vec_in_dim,
-            guidance_embeds=p.guidance_embed,
-            axes_dims_rope=p.axes_dim,
-        ).eval()
+        theirs = diffusers_transformer(p).eval()
         theirs.load_state_dict(transformer_to_diffusers(state, p), strict=True)
 
         g = torch.Generator().manual_seed(0)
