@@ -94,7 +94,10 @@ class GenerateRequest:
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerateRequest:
+        """A request from to_dict's output, or from the JSON a PNG of ours carries (whose batch_index, the
+        image's place in its batch, is not part of the request)."""
         data = dict(data)
+        data.pop("batch_index", None)
         files = ModelFiles(**data.pop("files", {}) or {})
         loras = [LoraSpec(**item) for item in data.pop("loras", []) or []]
         known = {f.name for f in dataclasses.fields(cls)}

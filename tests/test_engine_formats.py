@@ -145,7 +145,7 @@ def test_png_metadata_round_trips(dev_set, tmp_path):
             "--seed", "1234", "--guidance", "4", "--shift", "none"]  # fmt: skip
     generate(out, *args)
     stored_request = read_request(out)
-    request = GenerateRequest.from_dict({k: v for k, v in stored_request.items() if k != "batch_index"})
+    request = GenerateRequest.from_dict(stored_request)
     assert (request.prompt, request.clip_prompt, request.negative) == ("a dog", "old painting", "blurry")
     assert (request.cfg, request.width, request.height, request.steps, request.seed) == (1.5, 64, 80, 2, 1234)
     assert (request.guidance, request.shift, request.t5_max_length) == (4.0, "none", 512)
