@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import ops
+from engine.weights import count_indexed
 
 # Not stored in the file: the published constants of FLUX.1's autoencoder.
 SCALE_FACTOR = 0.3611
@@ -27,14 +28,14 @@ class AutoEncoderParams:
     @classmethod
     def from_shapes(cls, shapes: dict[str, tuple[int, ...]]) -> AutoEncoderParams:
         ch, in_channels = shapes["encoder.conv_in.weight"][:2]
-        levels = 1 + max(int(n.split(".")[2]) for n in shapes if n.startswith("encoder.down."))
+        levels = count_indexed(shapes, "encoder.down.")
         ch_mult = tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels))
-        blocks = {int(n.split(".")[4]) for n in shapes if n.startswith("encoder.down.0.block.")}
+        blocks = count_indexed(shapes, "encoder.down.0.block.")
         return cls(
             in_channels=in_channels,
             ch=ch,
             ch_mult=ch_mult,
-            num_res_blocks=len(blocks),
+            num_res_blocks=blocks,
             z_channels=shapes["decoder.conv_in.weight"][1],
             out_ch=shapes["decoder.conv_out.weight"][0],
         )

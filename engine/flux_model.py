@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import ops
+from engine.weights import count_indexed
 
 
 @dataclass(frozen=True)
@@ -43,17 +44,12 @@ class FluxParams:
             hidden_size=hidden,
             mlp_hidden=shapes["double_blocks.0.img_mlp.0.weight"][0],
             num_heads=hidden // head_dim,
-            depth=_count(shapes, "double_blocks."),
-            depth_single=_count(shapes, "single_blocks."),
+            depth=count_indexed(shapes, "double_blocks."),
+            depth_single=count_indexed(shapes, "single_blocks."),
             axes_dim=(head_dim - 2 * rope, rope, rope),
             guidance_embed="guidance_in.in_layer.weight" in shapes,
             qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
         )
-
-
-def _count(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
-    indices = {int(name[len(prefix) :].split(".")[0]) for name in shapes if name.startswith(prefix)}
-    return max(indices) + 1 if indices else 0
 
 
 # ---- pure functions: embeddings, RoPE, attention ----

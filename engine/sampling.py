@@ -66,7 +66,6 @@ class StepReport:
     step: int
     total: int
     seconds: float
-    x: torch.Tensor  # after the step
     denoised: torch.Tensor  # the step's estimate of the clean latent, x − t·v (what previews show)
 
 
@@ -80,7 +79,7 @@ def euler(
         v = velocity(x, t).float()
         denoised = x - t * v
         x = x + (t_next - t) * v
-        on_step(StepReport(i + 1, total, time.perf_counter() - start, x, denoised))
+        on_step(StepReport(i + 1, total, time.perf_counter() - start, denoised))
     return x
 
 

@@ -11,13 +11,10 @@ from transformers.models.t5 import modeling_t5
 
 from engine import ops
 from engine.errors import UserError
+from engine.weights import count_indexed
 
 CLIP_LENGTH = 77
 CLIP_HEAD_DIM = 64  # CLIP-L: 12 heads of 64; heads are not visible in the tensors
-
-
-def _count(shapes: dict[str, tuple[int, ...]], prefix: str) -> int:
-    return len({name[len(prefix) :].split(".")[0] for name in shapes if name.startswith(prefix)})
 
 
 def clip_config(shapes: dict[str, tuple[int, ...]]) -> CLIPTextConfig:
@@ -27,7 +24,7 @@ def clip_config(shapes: dict[str, tuple[int, ...]]) -> CLIPTextConfig:
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=shapes["encoder.layers.0.mlp.fc1.weight"][0],
-        num_hidden_layers=_count(shapes, "encoder.layers."),
+        num_hidden_layers=count_indexed(shapes, "encoder.layers."),
         num_attention_heads=max(1, hidden // CLIP_HEAD_DIM),
         max_position_embeddings=shapes["embeddings.position_embedding.weight"][0],
         hidden_act="quick_gelu",
@@ -48,7 +45,7 @@ def t5_config(shapes: dict[str, tuple[int, ...]]) -> T5Config:
         d_model=d_model,
         d_kv=shapes["encoder.block.0.layer.0.SelfAttention.q.weight"][0] // heads,
         d_ff=shapes[f"encoder.block.0.layer.1.DenseReluDense.{d_ff_name}.weight"][0],
-        num_layers=_count(shapes, "encoder.block."),
+        num_layers=count_indexed(shapes, "encoder.block."),
         num_heads=heads,
         relative_attention_num_buckets=buckets,
         feed_forward_proj="gated-gelu" if gated else "relu",

@@ -56,6 +56,12 @@ _DTYPES = {
 }
 
 
+def count_indexed(names, prefix: str) -> int:
+    """How many numbered parts (`<prefix>0.`, `<prefix>1.`, ...) the tensor names have: blocks, layers, levels."""
+    indices = {int(name[len(prefix) :].split(".")[0]) for name in names if name.startswith(prefix)}
+    return max(indices) + 1 if indices else 0
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str  # safetensors' name: "BF16", "F8_E4M3", ... (GGUF: "GGUF:Q8_0", ...)
