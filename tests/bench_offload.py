@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # the memory-fraction cap wants an index
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     p = SHAPES[args.shape]
     state = random_state(p, dtype)
@@ -183,7 +185,15 @@ def main() -> None:
                 continue  # the card cannot hold it
             if name != "resident":
                 torch.cuda.set_per_process_memory_fraction(cap, device)
-            seconds, streamed, vram = ours(state, p, device, dtype, budget, args)
+            try:
+                seconds, streamed, vram = ours(state, p, device, dtype, budget, args)
+            except Exception as error:  # one mode failing must not lose the others' figures
+                print(f"{name}: failed: {type(error).__name__}: {error}")
+                continue
+            finally:
+                gc.collect()
+                torch.cuda.empty_cache()
+            print(f"{name}: {seconds:.3f} s/step, peak VRAM {vram:.0f} MB, streamed {streamed / GB:.2f} GB/step")
             resident_time = seconds if name == "resident" else resident_time
             rows.append((name, seconds, streamed, vram, None))
         base, base_vram = diffusers_group_offload(state, p, device, dtype, args)

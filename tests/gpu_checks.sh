@@ -13,7 +13,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+nvidia-smi > "$out/nvidia-smi.txt" 2>&1; free -g >> "$out/nvidia-smi.txt" 2>&1
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" > "$out/torch.txt" 2>&1
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gguf.py -k "cuda" \
   > "$out/cuda-tests.txt" 2>&1
