@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from engine import ops
 from engine.gguf_file import GGUFSource
 from engine.gguf_quants import QType
-from engine import ops
 from tests.test_gguf import random_raw
 
 HIDDEN, MLP = 3072, 12288
@@ -86,7 +86,11 @@ def main() -> None:
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[args.dtype]
     formats = args.formats.split(",")
     rng = np.random.default_rng(0)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
     print(f"{name}; {args.tokens} tokens; compute {args.dtype}; median of {args.repeats}")
     print(f"{'layer':16} {'format':11} {'ms':>9} {'expand ms':>10} {'vs bf16':>8}")
     totals = dict.fromkeys(formats, 0.0)
@@ -97,8 +101,8 @@ def main() -> None:
         for fmt in ["bf16", *[f for f in formats if f != "bf16"]]:
             linear = layer(fmt, in_f, out_f, device, rng)
             with torch.inference_mode():
-                seconds = median_seconds(lambda linear=linear: linear(x), device, args.repeats)
-                expand = median_seconds(lambda linear=linear: linear.fetch(x), device, args.repeats)
+                seconds = median_seconds(lambda linear=linear, x=x: linear(x), device, args.repeats)
+                expand = median_seconds(lambda linear=linear, x=x: linear.fetch(x), device, args.repeats)
             base = seconds if fmt == "bf16" else base
             if fmt in totals:
                 totals[fmt] += seconds
