@@ -61,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     gen.add_argument("--vram-budget", type=float, help="GB of weights to keep on the GPU")
     gen.add_argument(
+        "--cache",
+        default="none",
+        metavar="none|first-block[:THRESHOLD]",
+        help="step caching: skip most of the transformer on steps whose first block barely changed "
+        "(faster, slightly different image; default threshold 0.12)",
+    )
+    gen.add_argument(
         "--out", required=True, help="the PNG to write (never overwritten: a free name is picked)"
     )
 
@@ -108,6 +115,7 @@ def request_from_args(args: argparse.Namespace) -> GenerateRequest:
         device=args.device,
         dtype=args.dtype,
         vram_budget=args.vram_budget,
+        cache=args.cache,
         out=args.out,
     )
 
@@ -123,7 +131,8 @@ class StderrProgress:
             print(f"[{event.stage}] {event.detail}".rstrip(), file=self.stream, flush=True)
         elif isinstance(event, Step):
             print(
-                f"  step {event.step}/{event.total}  {event.seconds_per_it:.3f} s/it",
+                f"  step {event.step}/{event.total}  {event.seconds_per_it:.3f} s/it"
+                + ("  (cached)" if event.cached else ""),
                 file=self.stream,
                 flush=True,
             )

@@ -9,8 +9,9 @@ position ids (`ref_img`/`ref_ids`), ControlNets add per-block residuals to the i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,20 @@ class FluxParams:
             qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
             out_channels=shapes["final_layer.linear.weight"][0],
         )
+
+
+class StepCache(Protocol):
+    """Decides, per step, whether the blocks after the first must run or an earlier step's result is reused
+    (engine.step_cache). `rest(rows, img, txt)` runs them for some batch rows; `head_residual` is what the first
+    block added to the image stream."""
+
+    def run(
+        self,
+        head_residual: torch.Tensor,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        rest: Callable[[slice, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 # ---- pure functions: embeddings, RoPE, attention ----
@@ -281,6 +296,7 @@ class Flux(nn.Module):
         ref_img: torch.Tensor | None = None,  # (B, L_ref, 64): Kontext reference tokens (attended only)
         ref_ids: torch.Tensor | None = None,  # (B, L_ref, 3)
         control: ControlResiduals | None = None,
+        cache: StepCache | None = None,  # may reuse the blocks after the first from an earlier step
     ) -> torch.Tensor:
         """The predicted velocity for the L_img image tokens, (B, L_img, out_channels)."""
         dtype = img.dtype
@@ -299,7 +315,26 @@ class Flux(nn.Module):
         txt = self.txt_in(txt)
         if pe is None:
             pe = position_embedding(torch.cat((txt_ids, img_ids), 1), self.params.axes_dim, self.params.theta)
-        for i, block in enumerate(self.double_blocks):
+        head_in = img
+        img, txt = self.double_blocks[0](img, txt, vec, pe)
+        head_residual = img - head_in if cache is not None else None
+        if control is not None:
+            img = control.add_double(0, img, n_img)
+
+        def rest(rows: slice, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Every block after the first, for the batch rows `rows`."""
+            sub_pe = pe if pe.shape[0] == 1 else pe[rows]
+            sub_control = None if control is None else control.rows(rows)
+            return self._after_head(img, txt, vec[rows], sub_pe, sub_control, n_img)
+
+        if cache is None:
+            img, txt = rest(slice(None), img, txt)
+        else:
+            img, txt = cache.run(head_residual, img, txt, rest)
+        return self.final_layer(img[:, :n_img], vec)
+
+    def _after_head(self, img, txt, vec, pe, control: ControlResiduals | None, n_img: int):
+        for i, block in enumerate(self.double_blocks[1:], start=1):
             img, txt = block(img, txt, vec, pe)
             if control is not None:
                 img = control.add_double(i, img, n_img)
@@ -309,7 +344,7 @@ class Flux(nn.Module):
             x = block(x, vec, pe)
             if control is not None:
                 x = control.add_single(i, x, n_txt, n_img)
-        return self.final_layer(x[:, n_txt : n_txt + n_img], vec)
+        return x[:, n_txt:], x[:, :n_txt]
 
 
 @dataclass(frozen=True)
@@ -325,6 +360,11 @@ class ControlResiduals:
         if residual is None:
             return img
         return torch.cat((img[:, :n_img] + residual.to(img.dtype), img[:, n_img:]), 1)
+
+    def rows(self, rows: slice) -> ControlResiduals:
+        """The residuals of some batch rows (a step cache computes only the rows it does not reuse)."""
+        pick = lambda residuals: [None if r is None else r[rows] for r in residuals]  # noqa: E731
+        return ControlResiduals(pick(self.double), pick(self.single))
 
     def add_single(self, index: int, x: torch.Tensor, n_txt: int, n_img: int) -> torch.Tensor:
         residual = self.single[index] if index < len(self.single) else None

@@ -28,6 +28,7 @@ from engine.memory import GB, MemoryManager, auto_budget, tune_host_allocator
 from engine.model_files import ResolvedFiles, resolve
 from engine.png_output import check_writable, parameters_text, save_png
 from engine.request import GenerateRequest
+from engine.step_cache import FirstBlockCache, parse_cache
 from engine.text_encoders import (
     CLIP_LENGTH,
     encode_clip,
@@ -213,13 +214,16 @@ class Engine:
         y = torch.cat([c[0].to(device, dtype).expand(batch, -1) for c in conds])
         txt = torch.cat([c[1].to(device, dtype).expand(batch, -1, -1) for c in conds])
 
+        threshold = parse_cache(request.cache)
+        step_cache = None if threshold is None else FirstBlockCache(threshold, groups=passes)
+
         @torch.inference_mode()
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             if cancel.is_set():
                 raise Cancelled("cancelled")
             timesteps = torch.full((rows,), t, device=device, dtype=dtype)
             xin = x.to(dtype).repeat(passes, 1, 1)
-            v = transformer(xin, img_ids, txt, txt_ids, timesteps, y, guidance, pe).float()
+            v = transformer(xin, img_ids, txt, txt_ids, timesteps, y, guidance, pe, cache=step_cache).float()
             if passes == 1:
                 return v
             positive, negative = v.chunk(2)
@@ -234,7 +238,8 @@ class Engine:
 
         def on_step(report: sampling.StepReport) -> None:
             step_seconds.append(report.seconds)
-            on_event(Step(report.step, report.total, report.seconds))
+            cached = step_cache is not None and not any(step_cache.decisions[-1])
+            on_event(Step(report.step, report.total, report.seconds, cached))
             if projection is not None:
                 on_event(preview(report, projection, height, width))
 

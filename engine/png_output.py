@@ -38,6 +38,8 @@ def parameters_text(request: GenerateRequest, *, steps: int, model: str, batch_i
         fields["Denoising strength"] = _num(request.denoise)
     if request.shift != "auto":
         fields["Shift"] = request.shift
+    if request.cache != "none":
+        fields["Cache"] = request.cache
     if request.loras:
         fields["Lora hashes"] = _lora_hashes(request)
     fields["Version"] = VERSION

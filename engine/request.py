@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.step_cache import parse_cache
 
 
 @dataclass
@@ -51,6 +52,7 @@ class GenerateRequest:
     device: str = "auto"
     dtype: str = "auto"
     vram_budget: float | None = None  # GB of weights kept on the GPU; None: automatic
+    cache: str = "none"  # step caching: "none", "first-block" or "first-block:THRESHOLD" (engine.step_cache)
 
     def validate(self) -> None:
         """Refuse what cannot be generated, in one sentence that says what to do."""
@@ -86,6 +88,12 @@ class GenerateRequest:
             raise UserError(f"--dtype {self.dtype!r} is not known: use auto, fp32, bf16 or fp16.")
         if not str(self.out).lower().endswith(".png"):
             raise UserError(f"--out {self.out} does not end in .png: give a PNG file name.")
+        try:
+            parse_cache(self.cache)
+        except ValueError:
+            raise UserError(
+                f"--cache {self.cache!r} is not valid: use none, first-block or first-block:T with T from 0 to 1."
+            ) from None
         if self.init_image is not None and not Path(self.init_image).is_file():
             raise UserError(f"--init-image {self.init_image} does not exist: give the path of a PNG or JPEG.")
 
