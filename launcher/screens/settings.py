@@ -10,6 +10,7 @@ from textual.widgets import Footer, Input, Label, Select, Static, Switch
 from launcher.config import DEVICES, DTYPES, Settings
 from launcher.form import FormError, parse_number
 from launcher.keymap import KEYS
+from launcher.messages import SettingsSaved
 
 
 class SettingsScreen(Screen):
@@ -77,4 +78,4 @@ class SettingsScreen(Screen):
         except FormError as error:
             self.notify(str(error), severity="error", markup=False)
             return
-        self.app.save_settings(settings)  # type: ignore[attr-defined]
+        self.post_message(SettingsSaved(settings))
