@@ -1,14 +1,14 @@
 """What the engine process says on its stdout (engine/server.py), decoded once into typed events.
 
-One JSON object per line; `decode_line` and `decode` turn it into one of the dataclasses below (or None for a
-line that is not one of them), so the app and its screens match on types instead of `data["type"]` strings.
+One JSON object per line (launcher/engine_client.py reads the lines); `decode` turns the object into one of the
+dataclasses below, or None when it is not one of them, so the app and its screens match on types instead of
+`data["type"]` strings.
 Plain data: no Textual, no torch, so it can move into the contract module engine and launcher will share.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 
 
@@ -125,12 +125,3 @@ def decode(data: dict) -> Event | None:
     if isinstance(event, Preview) and len(event.rgb) != event.width * event.height * 3:
         return None
     return event
-
-
-def decode_line(line: str) -> Event | None:
-    """One line of the engine's stdout as an event; None when it is not a protocol object."""
-    try:
-        data = json.loads(line)
-    except ValueError:
-        return None
-    return decode(data) if isinstance(data, dict) else None
