@@ -17,11 +17,13 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from textual import events as textual_events
 from textual import on
 from textual.app import App, SystemCommand
 from textual.message import Message
 from textual.reactive import var
 from textual.screen import ModalScreen, Screen
+from textual.widgets import Input, TextArea
 
 from launcher import events
 from launcher.cli import LaunchOptions
@@ -231,6 +233,12 @@ class FluxDeckApp(App):
             self.switch_screen(name)
         else:
             self.push_screen(name)
+
+    @on(textual_events.DescendantFocus)
+    def _steady_cursor(self, event: textual_events.DescendantFocus) -> None:
+        """With cursor_blink off (tests, screenshots), every text field that takes focus keeps a steady cursor."""
+        if not self.cursor_blink and isinstance(event.widget, Input | TextArea):
+            event.widget.cursor_blink = False
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

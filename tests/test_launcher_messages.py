@@ -115,7 +115,14 @@ async def test_saved_settings_reach_every_screen_that_shows_them(tmp_path):
     app = make_app(tmp_path, start_engine=False, models_dir=None, output_dir=None)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f3", "f5", "f6")  # the gallery and models screens are shown once before
-        app.screen.query_one("#models_dir", Input).value = str(other)
+        field = app.screen.query_one("#models_dir", Input)
+        assert (
+            field.cursor_blink is True
+        )  # until it takes focus (steady cursors: the app's cursor_blink=False)
+        field.focus()
+        await pilot.pause()
+        assert field.cursor_blink is False
+        field.value = str(other)
         app.screen.query_one("#output_dir", Input).value = str(tmp_path / "new-outputs")
         await pilot.press("ctrl+s")
         await pilot.pause()

@@ -75,7 +75,6 @@ class ModelsScreen(Screen):
 
     def on_mount(self) -> None:
         self.query_one(DataTable).add_columns("Folder", "File", "Size", "Kind")
-        self.query_one(Input).cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
         self.action_rescan()
 
     def on_screen_resume(self) -> None:

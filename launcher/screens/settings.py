@@ -49,10 +49,6 @@ class SettingsScreen(Screen):
             yield Switch(s.live_preview, id="live_preview")
         yield Footer()
 
-    def on_mount(self) -> None:
-        for field in self.query(Input):
-            field.cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
-
     def read(self) -> Settings:
         text = {field.id: field.value.strip() for field in self.query(Input) if field.id}
         budget = (

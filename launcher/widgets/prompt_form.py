@@ -116,11 +116,6 @@ class PromptForm(VerticalScroll):
             yield Label("LoRAs")
             yield Static(self._lora_summary(), id="loras", markup=False)
 
-    def on_mount(self) -> None:
-        self.query_one("#prompt", TextArea).cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
-        for field in self.query(Input):
-            field.cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
-
     # -- models ---------------------------------------------------------------------------------------
     def _model_options(self) -> list[tuple[str, str]]:
         options = [("auto: the model in the models folder", AUTO_MODEL)]
