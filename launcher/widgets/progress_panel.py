@@ -15,6 +15,16 @@ STAGE_NAMES = {
 }
 
 
+def process_rss_mb() -> float:
+    """This process's resident memory (the TUI's own, shown next to the engine's)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except Exception:
+        return 0.0
+
+
 def format_eta(seconds: float) -> str:
     seconds = int(round(seconds))
     minutes, seconds = divmod(seconds, 60)
