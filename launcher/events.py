@@ -45,6 +45,7 @@ class Step(Event):
     step: int  # 1-based
     total: int
     seconds_per_it: float = 0.0
+    cached: bool = False  # the engine's step cache reused an earlier step's blocks
 
 
 @dataclass(frozen=True, kw_only=True)

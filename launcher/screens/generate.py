@@ -149,8 +149,8 @@ class GenerateScreen(Screen):
         match message.event:
             case events.Stage(stage=stage, detail=detail):
                 self.progress.stage(stage, detail)
-            case events.Step(step=step, total=total, seconds_per_it=seconds):
-                self.progress.step(step, total, seconds)
+            case events.Step(step=step, total=total, seconds_per_it=seconds, cached=cached):
+                self.progress.step(step, total, seconds, cached)
             case events.Stats(rss_mb=rss, vram_mb=vram, vram_total_mb=vram_total):
                 self.progress.memory(rss, vram, vram_total, process_rss_mb())
             case events.Preview(width=width, height=height, rgb=rgb, step=step):
