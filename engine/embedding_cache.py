@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from engine.atomic_write import write_atomic
 from engine.weights import Component
 
 DEFAULT_LIMIT = 1024**3  # bytes on disk; the least recently used entries go first
@@ -52,9 +53,8 @@ class EmbeddingCache:
             return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f"{key}.tmp"
-            save_file({"embedding": tensor.detach().cpu().contiguous()}, str(tmp))
-            os.replace(tmp, self.folder / f"{key}.safetensors")
+            data = save({"embedding": tensor.detach().cpu().contiguous()})
+            write_atomic(self.folder / f"{key}.safetensors", lambda f: f.write(data), overwrite=True)
             self._prune()
         except OSError:
             pass  # a cache that cannot be written only costs time

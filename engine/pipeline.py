@@ -170,6 +170,7 @@ class Engine:
             loras_dir = _loras_folder(request.files.models_dir)
             prompt, tagged = prompt_loras(request.prompt, loras_dir)
             request = dataclasses.replace(request, prompt=prompt, loras=[*request.loras, *tagged])
+            request.validate()  # the tags' strengths are numbers from outside too
         out = check_writable(request.out)
         device, dtype = pick_device(request.device, request.dtype)
         files = resolve(request.files)
