@@ -174,6 +174,8 @@ class Engine:
         out = check_writable(request.out)
         device, dtype = pick_device(request.device, request.dtype)
         files = resolve(request.files)
+        for skipped in files.notes:
+            on_event(Message(skipped))
         memory = self._memory(device, request.vram_budget)
         memory.reset_stats()
         schnell = "guidance_in.in_layer.weight" not in files.components["transformer"].shapes()
