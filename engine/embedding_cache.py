@@ -21,8 +21,10 @@ class EmbeddingCache:
         self.folder = Path(folder) if folder else None
         self.limit = limit_bytes
 
-    def key(self, component: Component, prompt: str, length: int, dtype: torch.dtype) -> str:
-        """The encoder file's identity (path, size, modification time, prefix), the prompt and the length."""
+    def key(self, component: Component, prompt: str, length: int, dtype: torch.dtype, tokenizer: str) -> str:
+        """The encoder file's identity (path, size, modification time, prefix), the tokenizer's identity
+        (text_encoders.tokenizer_identity: another tokenizer makes other tokens of the same prompt), the prompt
+        and the length."""
         path = component.file.path.resolve()
         stat = path.stat()
         ident = [
@@ -34,6 +36,7 @@ class EmbeddingCache:
             prompt,
             length,
             str(dtype),
+            tokenizer,
         ]
         return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
 

@@ -34,6 +34,7 @@ from engine.text_encoders import (
     encode_t5,
     load_clip_tokenizer,
     load_t5_tokenizer,
+    tokenizer_identity,
 )
 from engine.weights import Component
 
@@ -149,7 +150,7 @@ class Engine:
                 gc.collect()
 
     def _tokenizer(self, kind: str, folder: Path | None):
-        key = (kind, str(folder))
+        key = (kind, tokenizer_identity(kind, folder))  # a tokenizer replaced in its folder is read again
         if key not in self._tokenizers:
             loader = load_clip_tokenizer if kind == "clip" else load_t5_tokenizer
             self._tokenizers[key] = loader(folder)
@@ -297,11 +298,15 @@ class Engine:
         clip_prompt = request.prompt if request.clip_prompt is None else request.clip_prompt
         true_cfg = request.cfg > 1.0 and request.negative is not None
         pairs = [(clip_prompt, request.prompt)] + ([(request.negative, request.negative)] if true_cfg else [])
+        clip_tokenizer = tokenizer_identity("clip", files.clip_tokenizer)
+        t5_tokenizer = tokenizer_identity("t5", files.t5_tokenizer)
         conds = []
         for clip_text, t5_text in pairs:
             lora_key = clip_lora_key(request.loras)  # a CLIP-L LoRA changes what CLIP makes of the prompt
-            clip_key = self.cache.key(files.components["clip"], clip_text + lora_key, CLIP_LENGTH, dtype)
-            t5_key = self.cache.key(files.components["t5"], t5_text, t5_length, dtype)
+            clip_key = self.cache.key(
+                files.components["clip"], clip_text + lora_key, CLIP_LENGTH, dtype, clip_tokenizer
+            )
+            t5_key = self.cache.key(files.components["t5"], t5_text, t5_length, dtype, t5_tokenizer)
             pooled, states = self.cache.get(clip_key), self.cache.get(t5_key)
             if pooled is None:
                 clip = self._model(files.components["clip"], dtype, device)
