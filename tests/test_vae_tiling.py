@@ -377,7 +377,10 @@ GIB = 1024**3
         (512, 512, "cuda", 80 * GIB, 256 * 256, True),
         (256, 256, "cuda", 80 * GIB, 256 * 256, False),
         (64, 64, "cpu", None, 0, True),  # max_pixels=0: always tile
-        (4096, 4096, torch.device("cuda", 0), 80 * GIB, 10**9, False),
+        (4096, 4096, torch.device("cuda", 0), 80 * GIB, 10**9, True),  # attention alone: 256 GiB
+        (2048, 2048, "cuda", 80 * GIB, 10**9, False),  # 8 GiB of activations + 16 GiB of attention
+        (2048, 2048, "cpu", 40 * GIB, None, True),  # 24 GiB estimated: more than half of the free RAM
+        (2048, 2048, "cpu", 16 * GIB, None, True),  # the machine: untiled, killed at 20.6 GB
     ],
 )
 def test_should_tile(height, width, device, free, max_pixels, tiled):
