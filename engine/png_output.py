@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from engine.atomic_write import write_atomic
+from engine.atomic_write import partial_name, write_atomic
 from engine.errors import UserError
 from engine.request import GenerateRequest
 
@@ -83,8 +83,8 @@ def check_writable(out: str | Path) -> Path:
     path = Path(out)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.probe"
-        probe.write_bytes(b"")
+        probe = partial_name(path)
+        probe.open("xb").close()
         probe.unlink()
     except OSError as e:
         raise UserError(f"Cannot write to {path.parent} ({e.strerror}): choose another --out.") from None
