@@ -533,3 +533,13 @@ def test_atomic_writes_never_replace_unless_asked(tmp_path):
     write_atomic(target, lambda f: f.write(b"third"), overwrite=True)
     assert target.read_bytes() == b"third"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_sigterm_interrupts_a_generation_like_ctrl_c():
+    from engine.cli import _sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), _sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+    assert signal.getsignal(signal.SIGTERM) is before
