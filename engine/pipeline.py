@@ -167,7 +167,7 @@ class Engine:
     def _generate(self, request: GenerateRequest, on_event: EventSink, cancel: threading.Event) -> list[str]:
         started = time.perf_counter()
         request.validate()
-        if "<lora:" in request.prompt:  # A1111-style tags name LoRAs in <models-dir>/loras
+        if "<lora:" in request.prompt.lower():  # A1111-style tags name LoRAs in <models-dir>/loras
             loras_dir = _loras_folder(request.files.models_dir)
             prompt, tagged = prompt_loras(request.prompt, loras_dir)
             request = dataclasses.replace(request, prompt=prompt, loras=[*request.loras, *tagged])
