@@ -257,25 +257,24 @@ class Engine:
             on_event(Message(text))
 
         vae = self._model(files.components["vae"], dtype, device)
+        images = []
         with torch.inference_mode():
             latents = sampling.unpack(x, height, width).to(dtype)
-            pixels = torch.cat(
-                [
-                    vae_tiling.decode(vae, latents[i : i + 1], on_message=note).float().cpu()
-                    for i in range(batch)
-                ]
-            )
+            for i in range(batch):  # one image at a time, kept as 8-bit: a batch never holds float pixels
+                pixels = vae_tiling.decode(vae, latents[i : i + 1], on_message=note).float().cpu()
+                if not _finite(pixels):
+                    raise UserError(
+                        f"The decoded image holds NaN/infinity: the likely cause is the autoencoder file "
+                        f"{files.components['vae'].file.path} (damaged weights: download it again, or use "
+                        "--dtype fp32)."
+                    )
+                images += _to_images(pixels)
         self._release_after_stage(("vae",))
-        if not _finite(pixels):
-            raise UserError(
-                f"The decoded image holds NaN/infinity: the likely cause is the autoencoder file "
-                f"{files.components['vae'].file.path} (damaged weights: download it again, or use --dtype fp32)."
-            )
 
         on_event(Stage("saving"))
         model_name = files.components["transformer"].file.path.stem
         paths = []
-        for i, image in enumerate(_to_images(pixels)):
+        for i, image in enumerate(images):
             record = request.to_dict() | {"batch_index": i, "steps": steps, "t5_max_length": t5_length}
             text = parameters_text(request, steps=steps, model=model_name, batch_index=i)
             paths.append(str(save_png(image, out, text, record)))

@@ -115,6 +115,24 @@ def test_nan_weights_stop_the_job_and_name_the_file(dev_set, tmp_path, capsys):
     assert not (tmp_path / "o.png").exists()  # no black image
 
 
+@pytest.mark.parametrize(
+    ("role", "tensor", "dtype", "expected"),
+    [
+        ("t5", "encoder.final_layer_norm.weight", torch.float16, "The text encoding holds NaN/infinity"),
+        ("vae", "decoder.conv_out.bias", torch.float32, "The decoded image holds NaN/infinity"),
+    ],
+)
+def test_nan_in_other_weight_files_names_them(dev_set, tmp_path, capsys, role, tensor, dtype, expected):
+    state = fixtures.cast(getattr(dev_set.states, role), dtype)
+    state[tensor][0] = float("nan")
+    broken = tmp_path / f"{role}-broken.safetensors"
+    save_file(state, str(broken))
+    line = run_cli(capsys, *split(dev_set, **{role: broken}), *SIZE, "--prompt", f"nan {role}",
+                   "--out", str(tmp_path / "o.png"))  # fmt: skip
+    assert expected in line and str(broken) in line
+    assert not (tmp_path / "o.png").exists()
+
+
 def test_an_exploding_lora_stops_the_job_and_is_named(dev_set, tmp_path, capsys):
     from tests import lora_layouts
 
