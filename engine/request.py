@@ -24,18 +24,23 @@ def _check_number(
     name: str, value, low: float, high: float, wanted: str, *, whole: bool = False, shown: str | None = None
 ):
     """`value` if it is a finite number (a whole one when `whole`) from `low` to `high`; else one sentence."""
-    shown = shown if shown is not None else repr(value)
+    shown = shown if shown is not None else _shown(value)
     if (
         isinstance(value, bool)
         or not isinstance(value, int | float)
         or (whole and not isinstance(value, int))
     ):
         raise UserError(f"--{name} {shown} is not {'a whole number' if whole else 'a number'}: use {wanted}.")
-    if not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):  # (a whole number is finite, however big)
         raise UserError(f"--{name} {shown} is not a finite number: use {wanted}.")
     if not low <= value <= high:
         raise UserError(f"--{name} {shown} is out of range: use {wanted}.")
     return value
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _check_text(name: str, value, *, optional: bool = False) -> None:

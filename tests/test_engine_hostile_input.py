@@ -44,6 +44,7 @@ from tests.test_engine_bad_input import ROOT, SIZE, run_cli, split
         (["--steps", "1000000000"], "--steps 1000000000 is out of range: use 1 to 1000 steps"),
         (["--batch", "1000000"], "--batch 1000000 is out of range: use 1 to 64 images"),
         (["--t5-max-length", "0"], "--t5-max-length 0 is out of range"),
+        (["--seed", "9" * 400], "--seed 9999999999999999999999999999999999999... is out of range"),
     ],
 )
 def test_odd_numbers_are_refused_before_anything_loads(
