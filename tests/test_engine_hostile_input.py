@@ -92,13 +92,14 @@ def test_malformed_requests_are_one_sentence(data):
 
 
 def test_tag_strengths_are_checked_like_flags(dev_set, tmp_path, capsys):
-    loras = dev_set.models_dir / "loras"
-    loras.mkdir(exist_ok=True)
-    (loras / "style.safetensors").write_bytes(b"never read")
+    import shutil
+
+    models = tmp_path / "models"  # a copy: the session's model set stays without a loras folder
+    shutil.copytree(dev_set.models_dir, models)
+    (models / "loras").mkdir()
+    (models / "loras" / "style.safetensors").write_bytes(b"never read")
     out = str(tmp_path / "o.png")
-    line = run_cli(
-        capsys, "--models-dir", str(dev_set.models_dir), *SIZE, "--prompt", "<lora:style:nan>", "--out", out
-    )
+    line = run_cli(capsys, "--models-dir", str(models), *SIZE, "--prompt", "<lora:style:nan>", "--out", out)
     assert "--lora" in line and "is not a finite number" in line
 
 
