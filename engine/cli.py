@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import traceback
 
 from engine.errors import UserError
@@ -146,6 +149,24 @@ class StderrProgress:
             )
 
 
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends a generation as Ctrl+C does (a KeyboardInterrupt), so that a file being written is removed
+    rather than left behind under its temporary name; the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -161,7 +182,8 @@ def main(argv: list[str]) -> int:
 
         request = request_from_args(args)
         engine = Engine(EngineOptions(cache_dir=str(default_cache_dir())))
-        paths = engine.generate(request, StderrProgress())
+        with _sigterm_as_interrupt():
+            paths = engine.generate(request, StderrProgress())
         for path in paths:
             print(path)
         return 0
