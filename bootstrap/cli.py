@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     device.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="run on the CPU")
     env.add_argument("--which", action="store_true", help="print the environment's python and exit")
+    env.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    env.add_argument(
+        "--target", choices=("windows", "linux"), help="plan for this OS (the bundle is built on Linux)"
+    )
     env.add_argument("--no-selftest", action="store_true", help="skip the engine's selftest")
     env.add_argument("--requirements", type=Path, help="the dependency list (default: requirements.txt)")
 
@@ -76,6 +80,11 @@ def _models_dir(given: Path | None) -> Path:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    from bootstrap.preflight import python_problem
+
+    problem = None if args.which or args.target else python_problem()
+    if problem:
+        raise BootstrapError(problem)
     from bootstrap.environment import EnvOptions, build_environment, environment_python
 
     options = EnvOptions(device=args.device or "auto", selftest=not args.no_selftest)
@@ -84,7 +93,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     if args.which:
         print(environment_python(options))
         return 0
-    return build_environment(options)
+    return build_environment(options, dry_run=args.dry_run, target=args.target)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
