@@ -62,9 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bootstrap.console import console_modes
+
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with console_modes():  # Windows: progress redraws, a click does not freeze pip or a download
+            return COMMANDS[args.command](args)
     except BootstrapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -20,12 +20,14 @@ def main(argv: list[str] | None = None) -> int:
     # textual-image probes the terminal (sixel / kitty, cell size) when imported: before the app starts.
     import textual_image.widget  # noqa: F401
 
+    from bootstrap.console import console_modes
     from launcher.app import FluxDeckApp
     from launcher.config import ConfigFile
 
     app = FluxDeckApp(options, ConfigFile.load(options.config))
     try:
-        app.run()
+        with console_modes():  # Windows: QuickEdit off while the TUI runs (a click would freeze it), VT on
+            app.run()
     finally:
         app.engine.stop(timeout=5.0)
     return app.return_code or 0
