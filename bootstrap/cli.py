@@ -71,6 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     except BootstrapError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except PermissionError as exc:  # a folder the user cannot write to (Program Files, a read-only share)
+        where = exc.filename or "a file"
+        print(
+            f"error: {where} cannot be written (permission denied): move FluxDeck to a folder you own, such as "
+            "C:\\FluxDeck, or choose another --models-dir.",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print("stopped: run the same command again to continue where it left off.", file=sys.stderr)
         return 130

@@ -8,6 +8,16 @@ from launcher.cli import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
+    from launcher.config import ConfigError
+
+    try:
+        return _main(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     options = parse_args(argv)
     if options.check_models:
         from launcher.config import ConfigFile
