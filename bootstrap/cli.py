@@ -55,9 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     bundle = sub.add_parser("bundle", help="write <out>/<name>-windows-portable.7z")
     bundle.add_argument("--out", type=Path, default=None, help="default: dist/")
-    bundle.add_argument(
-        "--python-embed", type=Path, help="the official embeddable Python (.zip or folder) to include"
+    embed = bundle.add_mutually_exclusive_group()
+    embed.add_argument(
+        "--python-embed",
+        type=Path,
+        help="the official embeddable Python (.zip or folder) to include (default: the manifest's pinned one, "
+        "downloaded and verified)",
     )
+    embed.add_argument("--no-python-embed", action="store_true", help="a bundle without python_embeded/")
     return parser
 
 
@@ -185,6 +190,10 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     options = BundleOptions(python_embed=args.python_embed)
     if args.out is not None:
         options.out_dir = args.out
+    if options.python_embed is None and not args.no_python_embed:
+        from bootstrap import python_embed
+
+        options.python_embed = python_embed.fetch(python_embed.load_pin(), options.out_dir / "downloads")
     archive = build_bundle(options)
     print(archive)
     return 0
