@@ -175,7 +175,7 @@ def test_names_give_the_family_when_the_driver_does_not():
     assert compute_from_name("Some Future Card") is None
 
 
-def test_no_cu128_anywhere_in_the_code():
+def test_no_dropped_cuda_build_anywhere_in_the_code():
     for folder in ("bootstrap", "engine", "launcher"):
         for path in (ROOT / folder).rglob("*.py"):
             assert "cu1" + "28" not in path.read_text(encoding="utf-8"), path
