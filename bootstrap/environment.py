@@ -449,7 +449,9 @@ class EnvironmentBuilder:
         """A folder that cannot be written, or a path too long for torch's wheel: one sentence before pip."""
         problem = writable_problem(self.options.root, self.writable(py.env_dir))
         if problem is None and self.plat.windows:
-            problem = long_path_problem(str(PureWindowsPath(py.python).parent), self.long_paths())
+            folder = PureWindowsPath(py.python).parent  # python_embeded\, or .venv\Scripts\
+            env_dir = folder.parent if py.venv else folder  # where Lib\site-packages\ is
+            problem = long_path_problem(str(env_dir), self.long_paths())
         if problem:
             raise BootstrapError(problem)
 
