@@ -312,3 +312,15 @@ def test_cpu_build_falls_back_to_pypi_when_the_pytorch_index_cannot_be_reached(t
     torch_install = runner.pip_installs()[0]
     assert "--index-url" not in torch_install and torch_install[-1] == "torch==2.13.0"
     assert any("download.pytorch.org cannot be reached: torch from PyPI instead" in line for line in said)
+
+
+def test_the_long_path_check_measures_from_the_folder_that_holds_site_packages(tmp_path, monkeypatch):
+    seen: list[str] = []
+    monkeypatch.setattr(env, "long_path_problem", lambda env_dir, enabled: seen.append(env_dir))
+    built = builder(tmp_path, WINDOWS, RTX, FakeRunner({}, CUDA_PROBE), long_paths=False)
+    built._preflight(built.choice())  # a venv: .venv\Lib\site-packages, not .venv\Scripts
+    (tmp_path / "python_embeded").mkdir()
+    (tmp_path / "python_embeded" / "python.exe").write_bytes(b"")
+    built._preflight(built.choice())
+    spelled = str(env.PureWindowsPath(str(tmp_path)))
+    assert seen == [spelled + "\\.venv", spelled + "\\python_embeded"]
