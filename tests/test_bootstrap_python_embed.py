@@ -20,10 +20,13 @@ ZIP_NAME = "python-3.12.10-embed-amd64.zip"
 
 def embed_zip() -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("python.exe", b"MZ")
-        archive.writestr("python312.dll", b"MZ")
-        archive.writestr("python312._pth", "python312.zip\n.\n\n#import site\n")
+    with zipfile.ZipFile(buffer, "w") as archive:  # fixed dates: the same bytes on every call
+        for name, data in (
+            ("python.exe", b"MZ"),
+            ("python312.dll", b"MZ"),
+            ("python312._pth", b"python312.zip\n.\n"),
+        ):
+            archive.writestr(zipfile.ZipInfo(name, date_time=(2025, 4, 8, 0, 0, 0)), data)
     return buffer.getvalue()
 
 
