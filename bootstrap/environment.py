@@ -139,9 +139,8 @@ def cuda_build(gpu: GpuInfo) -> tuple[str | None, str]:
         )
     elif runs_12 or driver_cuda is None:  # Blackwell on a CUDA 12 driver: only cu130 has its kernels
         return None, (
-            f"the {gpu.name} needs torch's {CU130} build, which needs NVIDIA driver {DRIVER_FOR_CU130} or newer "
-            f"(this one runs CUDA {_dotted(driver_cuda)}): update the driver to {DRIVER_FOR_CU130} or newer "
-            f"from {DRIVER_PAGE} and run this again"
+            f"the {gpu.name} needs torch's {CU130} build, which this {driver} (CUDA {_dotted(driver_cuda)}) "
+            f"cannot run: update the driver to {DRIVER_FOR_CU130} or newer from {DRIVER_PAGE} and run this again"
         )
     return None, (
         f"the NVIDIA {driver} runs CUDA {_dotted(driver_cuda)} but torch needs 12.0 or newer: update the driver "
