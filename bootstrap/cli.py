@@ -25,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     device.add_argument("--cpu", dest="device", action="store_const", const="cpu", help="run on the CPU")
     env.add_argument("--which", action="store_true", help="print the environment's python and exit")
+    env.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    env.add_argument(
+        "--target", choices=("windows", "linux"), help="plan for this OS (the bundle is built on Linux)"
+    )
     env.add_argument("--no-selftest", action="store_true", help="skip the engine's selftest")
     env.add_argument("--requirements", type=Path, help="the dependency list (default: requirements.txt)")
 
@@ -51,18 +55,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     bundle = sub.add_parser("bundle", help="write <out>/<name>-windows-portable.7z")
     bundle.add_argument("--out", type=Path, default=None, help="default: dist/")
-    bundle.add_argument(
-        "--python-embed", type=Path, help="the official embeddable Python (.zip or folder) to include"
+    embed = bundle.add_mutually_exclusive_group()
+    embed.add_argument(
+        "--python-embed",
+        type=Path,
+        help="the official embeddable Python (.zip or folder) to include (default: the manifest's pinned one, "
+        "downloaded and verified)",
     )
+    embed.add_argument("--no-python-embed", action="store_true", help="a bundle without python_embeded/")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bootstrap.console import console_modes
+
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with console_modes():  # Windows: progress redraws, a click does not freeze pip or a download
+            return COMMANDS[args.command](args)
     except BootstrapError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except PermissionError as exc:  # a folder the user cannot write to (Program Files, a read-only share)
+        where = exc.filename or "a file"
+        print(
+            f"error: {where} cannot be written (permission denied): move FluxDeck to a folder you own, such as "
+            "C:\\FluxDeck, or choose another --models-dir.",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("stopped: run the same command again to continue where it left off.", file=sys.stderr)
@@ -76,6 +96,11 @@ def _models_dir(given: Path | None) -> Path:
 
 
 def cmd_env(args: argparse.Namespace) -> int:
+    from bootstrap.preflight import python_problem
+
+    problem = None if args.which or args.target else python_problem()
+    if problem:
+        raise BootstrapError(problem)
     from bootstrap.environment import EnvOptions, build_environment, environment_python
 
     options = EnvOptions(device=args.device or "auto", selftest=not args.no_selftest)
@@ -84,7 +109,7 @@ def cmd_env(args: argparse.Namespace) -> int:
     if args.which:
         print(environment_python(options))
         return 0
-    return build_environment(options)
+    return build_environment(options, dry_run=args.dry_run, target=args.target)
 
 
 def cmd_download(args: argparse.Namespace) -> int:
@@ -165,6 +190,10 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     options = BundleOptions(python_embed=args.python_embed)
     if args.out is not None:
         options.out_dir = args.out
+    if options.python_embed is None and not args.no_python_embed:
+        from bootstrap import python_embed
+
+        options.python_embed = python_embed.fetch(python_embed.load_pin(), options.out_dir / "downloads")
     archive = build_bundle(options)
     print(archive)
     return 0

@@ -44,6 +44,18 @@ def dump_toml(data: dict, prefix: str = "") -> str:
     return "\n".join(lines).lstrip("\n") + "\n"
 
 
+def toml_problem(path: Path, exc: ValueError) -> str:
+    """One sentence for a config.toml TOML cannot read; a hand-written Windows path in double quotes (where a
+    backslash starts an escape) is the usual cause and gets the fix."""
+    where = str(exc)
+    if "\\" in where or "escape" in where.lower():
+        return (
+            f"{path} has a backslash in double quotes ({where}): write Windows paths in single quotes, "
+            "like models_dir = 'D:\\ComfyUI\\models', or with forward slashes, like \"D:/ComfyUI/models\"."
+        )
+    return f"{path} is not valid TOML ({where}): fix or delete it."
+
+
 @dataclass
 class ProjectConfig:
     path: Path
@@ -57,7 +69,9 @@ class ProjectConfig:
         try:
             with path.open("rb") as handle:
                 return cls(path, tomllib.load(handle))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except tomllib.TOMLDecodeError as exc:
+            raise BootstrapError(toml_problem(path, exc)) from None
+        except OSError as exc:
             raise BootstrapError(f"{path} cannot be read ({exc}): fix or delete it.") from None
 
     def resolve(self, value: str) -> Path:

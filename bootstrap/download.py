@@ -277,7 +277,7 @@ class Downloader:
                 transfer.part, git_size
             )  # stopped between the last byte and the rename
             return self._finish(transfer)
-        url = file_url(self.options.endpoint, model_file)
+        url = model_file.url or file_url(self.options.endpoint, model_file)
         response, linked = self._get(url, start, transfer)
         with response:
             requested = response.url_requested  # type: ignore[attr-defined]

@@ -21,15 +21,28 @@ from urllib.parse import urlsplit
 
 from bootstrap.errors import BootstrapError
 from bootstrap.hardware import GpuInfo, Platform, detect_gpu
+from bootstrap.preflight import (
+    folder_writable,
+    long_path_problem,
+    windows_long_paths_enabled,
+    writable_problem,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = "python_embeded"  # the folder name ComfyUI's portable build made familiar
 VENV_DIR = ".venv"
 STAMP_NAME = "fluxdeck-env.json"
 TORCH_INDEX = "https://download.pytorch.org/whl"
-# CUDA builds of the pinned torch, newest first, with the driver CUDA version each needs (nvidia-smi's
-# "CUDA Version"). Keep in step with the torch pin in requirements.txt.
-CUDA_WHEELS = (("cu130", (13, 0)), ("cu128", (12, 8)), ("cu126", (12, 6)))
+# The CUDA builds of the pinned torch (2.13.0 ships exactly these two; 2.15 drops cu126, which Maxwell, Pascal
+# and Volta need: keep the pin where cu126 exists). Each: the driver CUDA it needs (nvidia-smi's "CUDA Version";
+# a CUDA 12 build runs on any CUDA 12 driver by CUDA's minor-version compatibility) and the compute capabilities
+# it has kernels for (cu130 starts at Turing, 7.5; cu126 ends before Blackwell).
+CU130 = "cu130"
+CU126 = "cu126"
+CUDA_NEEDS = {CU130: (13, 0), CU126: (12, 0)}
+CUDA_KERNELS = {CU130: ((7, 5), (13, 0)), CU126: ((5, 0), (10, 0))}  # [low, high) compute capability
+MIN_COMPUTE = (5, 0)
+DRIVER_FOR_CU130 = "580"
 PYPI_HOSTS = ("pypi.org", "files.pythonhosted.org")
 GET_PIP_URL = "https://bootstrap.pypa.io/get-pip.py"
 DRIVER_PAGE = "https://www.nvidia.com/drivers"
@@ -79,7 +92,7 @@ def patch_pth(text: str) -> str:
 class TorchChoice:
     index_url: str | None  # None: PyPI
     variant: str  # "cuda", "cpu" or "default" (whatever PyPI has for this OS)
-    tag: str | None  # "cu128", "cpu"
+    tag: str | None  # "cu130", "cu126", "cpu"
     reason: str
 
     @property
@@ -87,58 +100,79 @@ class TorchChoice:
         return urlsplit(self.index_url).hostname if self.index_url else None
 
 
-def cuda_tag(driver_cuda: tuple[int, int] | None) -> str | None:
-    """The newest CUDA build of torch the driver can run (None: the driver is too old, or unknown)."""
-    if driver_cuda is None:
-        return CUDA_WHEELS[-1][0]  # nvidia-smi did not say: the oldest build needs the least driver
-    for tag, needs in CUDA_WHEELS:
-        if driver_cuda >= needs:
-            return tag
-    return None
+def _dotted(version: tuple[int, ...] | None) -> str:
+    return ".".join(map(str, version)) if version else "unknown"
+
+
+def _has_kernels(tag: str, compute: tuple[int, int]) -> bool:
+    low, high = CUDA_KERNELS[tag]
+    return low <= compute < high
+
+
+def cuda_build(gpu: GpuInfo) -> tuple[str | None, str]:
+    """(the CUDA build of torch for this card and driver, or None; why, in words). Never a build without
+    kernels for the card: cu130 needs compute 7.5+, cu126 ends before Blackwell and needs a CUDA 12 driver."""
+    compute, driver_cuda = gpu.compute, gpu.cuda
+    driver = f"driver {gpu.driver}" if gpu.driver else "driver"
+    runs_13 = driver_cuda is not None and driver_cuda >= CUDA_NEEDS[CU130]
+    runs_12 = driver_cuda is not None and driver_cuda >= CUDA_NEEDS[CU126]
+    if compute is None:  # neither nvidia-smi nor the name told: the driver decides
+        if runs_13:
+            return CU130, f"{gpu.name} ({driver}, CUDA {_dotted(driver_cuda)}): torch's {CU130} build"
+        if runs_12 or driver_cuda is None:
+            return CU126, f"{gpu.name} ({driver}): torch's {CU126} build"
+    elif compute < MIN_COMPUTE:
+        return None, (
+            f"the {gpu.name} (compute capability {gpu.compute_text}) is older than any CUDA build of torch "
+            f"supports (5.0 or newer), so FluxDeck runs on the CPU"
+        )
+    elif runs_13 and _has_kernels(CU130, compute):
+        return (
+            CU130,
+            f"{gpu.name} (compute {gpu.compute_text}, CUDA {_dotted(driver_cuda)}): torch's {CU130} build",
+        )
+    elif (runs_12 or driver_cuda is None) and _has_kernels(CU126, compute):
+        why = "has no kernels below 7.5" if runs_13 else "needs driver 580"
+        return CU126, (
+            f"{gpu.name} (compute {gpu.compute_text}, CUDA {_dotted(driver_cuda)}): torch's {CU126} build "
+            f"({CU130} {why})"
+        )
+    elif runs_12 or driver_cuda is None:  # Blackwell on a CUDA 12 driver: only cu130 has its kernels
+        return None, (
+            f"the {gpu.name} needs torch's {CU130} build, which this {driver} (CUDA {_dotted(driver_cuda)}) "
+            f"cannot run: update the driver to {DRIVER_FOR_CU130} or newer from {DRIVER_PAGE} and run this again"
+        )
+    return None, (
+        f"the NVIDIA {driver} runs CUDA {_dotted(driver_cuda)} but torch needs 12.0 or newer: update the driver "
+        f"from {DRIVER_PAGE} (580 or newer) and run this again"
+    )
 
 
 def choose_torch(plat: Platform, gpu: GpuInfo | None, device: str) -> TorchChoice:
-    """device: "auto", "gpu" or "cpu". Windows + NVIDIA: PyTorch's CUDA index; Linux without a GPU: its CPU index
-    (PyPI's Linux torch carries gigabytes of CUDA libraries); otherwise PyPI."""
+    """device: "auto", "gpu" or "cpu". An NVIDIA GPU (Windows or Linux): the PyTorch index's build for its compute
+    capability and driver (cu130 or cu126); no GPU, or --cpu: the CPU build (PyTorch's CPU index on Linux, whose
+    PyPI torch carries gigabytes of CUDA libraries; PyPI's torch elsewhere, the CPU build on Windows)."""
     want_gpu = device == "gpu" or (device == "auto" and gpu is not None)
-    if want_gpu and gpu is None and plat.system != "Darwin":
-        want_gpu = False  # run_gpu on a machine without an NVIDIA GPU: the CPU build, and the verdict says so
-    if want_gpu and gpu is not None and plat.windows:
-        tag = cuda_tag(gpu.cuda)
-        if tag is None:
-            version = ".".join(map(str, gpu.cuda or ()))
-            oldest = ".".join(map(str, CUDA_WHEELS[-1][1]))
-            if device == "gpu":
-                raise BootstrapError(
-                    f"The NVIDIA driver runs CUDA {version} but torch needs {oldest} or newer: update the driver "
-                    f"from {DRIVER_PAGE} and run this again, or use run_cpu."
-                )
-            return TorchChoice(
-                None,
-                "default",
-                None,
-                f"the NVIDIA driver (CUDA {version}) is too old for torch's CUDA builds: CPU torch from PyPI",
-            )
-        return TorchChoice(
-            f"{TORCH_INDEX}/{tag}", "cuda", tag, f"{gpu.name}: torch's {tag} build from the PyTorch index"
-        )
-    if want_gpu and gpu is not None:
-        return TorchChoice(
-            None, "default", None, f"{gpu.name}: PyPI's torch, which is built with CUDA on Linux"
-        )
+    if want_gpu and gpu is not None and plat.system != "Darwin":
+        tag, why = cuda_build(gpu)
+        if tag is not None:
+            return TorchChoice(f"{TORCH_INDEX}/{tag}", "cuda", tag, why)
+        too_old = gpu.compute is not None and gpu.compute < MIN_COMPUTE
+        if device == "gpu" and not too_old:
+            raise BootstrapError(f"{why[0].upper()}{why[1:]}, or use run_cpu.")
+        return _cpu_choice(plat, why[0].upper() + why[1:])
+    if device != "cpu" and plat.system == "Darwin":
+        return TorchChoice(None, "default", None, "torch from PyPI (Apple GPU through MPS)")
+    why = "no GPU wanted" if device == "cpu" else "no NVIDIA GPU found"
+    return _cpu_choice(plat, why)
+
+
+def _cpu_choice(plat: Platform, why: str) -> TorchChoice:
     if plat.system == "Linux":
         return TorchChoice(
-            f"{TORCH_INDEX}/cpu",
-            "cpu",
-            "cpu",
-            "no GPU wanted: torch's CPU build (no CUDA libraries to download)",
+            f"{TORCH_INDEX}/cpu", "cpu", "cpu", f"{why}: torch's CPU build (no CUDA libraries to download)"
         )
-    return TorchChoice(
-        None,
-        "default",
-        None,
-        "torch from PyPI" + (" (Apple GPU through MPS)" if plat.system == "Darwin" else ""),
-    )
+    return TorchChoice(None, "default", "cpu" if plat.windows else None, f"{why}: torch from PyPI (CPU)")
 
 
 # ---- what to install ----
@@ -199,9 +233,8 @@ def plan_install(reqs: list[Requirement], installed: dict[str, str], choice: Tor
     plan = InstallPlan()
     for req in reqs:
         if req.name == "torch":
-            wrong_build = choice.variant == "cuda" and not local_label(installed.get("torch", "")).startswith(
-                "cu"
-            )
+            # a CPU build, or a CUDA build without kernels for this card (cu130 on a Pascal), is replaced
+            wrong_build = choice.variant == "cuda" and local_label(installed.get("torch", "")) != choice.tag
             if wrong_build or not _satisfied(req, installed):
                 plan.torch = req
         elif not _satisfied(req, installed):
@@ -242,23 +275,53 @@ class TorchProbe:
     cuda: str | None  # torch.version.cuda: None for a CPU-only build
     available: bool  # torch.cuda.is_available()
     device_name: str | None = None
+    kernel_error: str | None = None  # a real kernel run on the GPU failed: the first line of why
 
 
-PROBE_CODE = (
-    "import json, torch; ok = torch.cuda.is_available(); print(json.dumps({'version': torch.__version__, "
-    "'cuda': torch.version.cuda, 'available': ok, 'device_name': torch.cuda.get_device_name(0) if ok else None}))"
-)
+# is_available() says yes to a card torch has no kernels for: a real kernel runs too.
+PROBE_CODE = """import json, torch
+ok = torch.cuda.is_available()
+name = torch.cuda.get_device_name(0) if ok else None
+error = None
+if ok:
+    try:
+        float((torch.arange(64, device="cuda", dtype=torch.float32) * 2).sum().item())
+    except Exception as exc:
+        error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+print(json.dumps({"version": torch.__version__, "cuda": torch.version.cuda, "available": ok,
+                  "device_name": name, "kernel_error": error}))
+"""
 
 
-def gpu_verdict(probe: TorchProbe, gpu: GpuInfo | None, device: str) -> tuple[str, str]:
+def gpu_verdict(
+    probe: TorchProbe, gpu: GpuInfo | None, device: str, torch: TorchChoice | None = None
+) -> tuple[str, str]:
     """(device for the selftest, one sentence on whether the GPU is usable and what to do if not)."""
-    if probe.available and device != "cpu":
+    if device == "cpu":
+        return "cpu", f"Running on the CPU as asked (torch {probe.version})."
+    if probe.available and probe.kernel_error:
+        card = probe.device_name or (gpu.name if gpu else "GPU")
+        compute = f" (compute capability {gpu.compute_text})" if gpu else ""
+        if "no kernel image" in probe.kernel_error.lower():
+            return "cpu", (
+                f"The GPU is not usable: torch {probe.version} has no kernels for the {card}{compute}; run "
+                "`python -m bootstrap env --gpu` (run_gpu does) to install the build that has them, and update the "
+                f"NVIDIA driver from {DRIVER_PAGE} if this stays."
+            )
+        return "cpu", (
+            f"The GPU is not usable: a test computation on the {card} failed ({probe.kernel_error}); update the "
+            f"NVIDIA driver from {DRIVER_PAGE} and run this again."
+        )
+    if probe.available:
         return (
             "cuda",
             f"The GPU is usable: {probe.device_name} with torch {probe.version} (CUDA {probe.cuda}).",
         )
-    if device == "cpu":
-        return "cpu", f"Running on the CPU as asked (torch {probe.version})."
+    if torch is not None and torch.variant != "cuda" and gpu is not None:
+        return (
+            "cpu",
+            f"Running on the CPU: {torch.reason[0].lower()}{torch.reason[1:]} (torch {probe.version}).",
+        )
     if gpu is not None and probe.cuda is None:
         return "cpu", (
             f"The GPU is not usable: torch {probe.version} is a CPU-only build although an NVIDIA GPU ({gpu.name}) is present; "
@@ -327,6 +390,8 @@ class EnvironmentBuilder:
     probe_host: Callable[[str], str | None] = reach
     fetch_url: Callable[[str, Path], None] | None = None
     say: Callable[[str], None] = print
+    writable: Callable[[Path], bool] = folder_writable
+    long_paths: Callable[[], bool] = windows_long_paths_enabled
 
     @property
     def requirements_file(self) -> Path:
@@ -335,6 +400,19 @@ class EnvironmentBuilder:
     def choice(self) -> PythonChoice:
         embedded = (self.options.root / EMBEDDED_DIR / "python.exe").is_file()
         return choose_python(self.options.root, self.plat, embedded)
+
+    def dry_run(self, local: bool = True) -> int:
+        """Print what build() would do; change nothing. local: the plan is for this machine (its environment's
+        packages are read when it exists); otherwise (--target the other OS) everything is planned."""
+        py = self.choice()
+        reqs = parse_requirements(self.requirements_file.read_text(encoding="utf-8"))
+        torch = choose_torch(self.plat, self.gpu, self.options.device)
+        exists = local and Path(py.python).is_file()
+        installed = self._installed(py) if exists else {}
+        plan = plan_install(reqs, installed, torch)
+        for line in describe_plan(py, torch, self.gpu, plan, exists, self.options):
+            self.say(line)
+        return 0
 
     def build(self) -> int:
         py = self.choice()
@@ -346,10 +424,12 @@ class EnvironmentBuilder:
             "torch": torch.index_url,
             "device": self.options.device,
         }
+        stamp = self._read_stamp(py)
+        if not stamp:
+            self._preflight(py)  # a new environment: before the first file is written
         self._ensure_interpreter(py)
         installed = self._installed(py)
         plan = plan_install(reqs, installed, torch)
-        stamp = self._read_stamp(py)
         if (
             plan.empty
             and stamp.get("key") == stamp_key
@@ -358,10 +438,21 @@ class EnvironmentBuilder:
             self.say(f"The environment in {py.env_dir} is ready. {stamp.get('verdict', '')}".strip())
             return 0
         if not plan.empty:
+            self._preflight(py)
             self._install(py, plan, torch)
-        verdict, passed = self._prove(py, self.options.device)
+        verdict, passed = self._prove(py, self.options.device, torch)
         self._write_stamp(py, {"key": stamp_key, "selftest": passed, "verdict": verdict})
         return 0
+
+    def _preflight(self, py: PythonChoice) -> None:
+        """A folder that cannot be written, or a path too long for torch's wheel: one sentence before pip."""
+        problem = writable_problem(self.options.root, self.writable(py.env_dir))
+        if problem is None and self.plat.windows:
+            folder = PureWindowsPath(py.python).parent  # python_embeded\, or .venv\Scripts\
+            env_dir = folder.parent if py.venv else folder  # where Lib\site-packages\ is
+            problem = long_path_problem(str(env_dir), self.long_paths())
+        if problem:
+            raise BootstrapError(problem)
 
     def _ensure_interpreter(self, py: PythonChoice) -> None:
         if py.venv:
@@ -421,15 +512,15 @@ class EnvironmentBuilder:
                     "above; the packages already there were kept."
                 )
 
-    def _prove(self, py: PythonChoice, device: str) -> tuple[str, bool]:
+    def _prove(self, py: PythonChoice, device: str, torch: TorchChoice) -> tuple[str, bool]:
         done = self.runner.run([py.python, "-c", PROBE_CODE], capture=True)
         if done.returncode != 0:
             raise BootstrapError(
                 f"torch does not import in {py.env_dir}: {(done.stderr or '').strip().splitlines()[-1:]}."
             )
         probe = TorchProbe(**json.loads(done.stdout.strip().splitlines()[-1]))
-        selftest_device, verdict = gpu_verdict(probe, self.gpu, device)
-        if device == "gpu" and self.gpu is not None and selftest_device != "cuda":
+        selftest_device, verdict = gpu_verdict(probe, self.gpu, device, torch)
+        if device == "gpu" and torch.variant == "cuda" and selftest_device != "cuda":
             raise BootstrapError(verdict)  # an NVIDIA GPU that torch cannot use: the sentence says the fix
         self.say(verdict)
         if not self.options.selftest:
@@ -452,6 +543,46 @@ class EnvironmentBuilder:
         (py.env_dir / STAMP_NAME).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
 
 
+def describe_plan(
+    py: PythonChoice,
+    torch: TorchChoice,
+    gpu: GpuInfo | None,
+    plan: InstallPlan,
+    exists: bool,
+    options: EnvOptions,
+) -> list[str]:
+    """The dry run's lines: interpreter, GPU, torch build and index, what pip would install, the proof."""
+    where = (
+        "exists"
+        if exists
+        else (f"to be created from {options.base_python}" if py.venv else "from the bundle")
+    )
+    if gpu is None:
+        card = "none found (nvidia-smi did not answer)" if options.device != "cpu" else "not asked (--cpu)"
+    else:
+        card = (
+            f"{gpu.name}, {gpu.vram_gb:.0f} GB, compute capability {gpu.compute_text}, driver "
+            f"{gpu.driver or 'unknown'} (CUDA {_dotted(gpu.cuda)})"
+        )
+    lines = [
+        "Plan (--dry-run: nothing is changed):",
+        f"  interpreter: {py.python} ({py.kind}, {where})",
+        f"  GPU: {card}",
+        f"  torch build: {torch.tag or 'default'} from {torch.index_url or 'PyPI'}",
+        f"  why: {torch.reason}",
+    ]
+    commands = pip_commands(py.python, plan, torch)
+    if not commands:
+        lines.append("  install: nothing, every pinned package is there")
+    for command in commands:
+        lines.append("  install: " + " ".join(command[6:]))
+    if options.selftest:
+        lines.append(
+            f"  then: {py.python} -m engine selftest --device {'cuda' if torch.variant == 'cuda' else 'cpu'}"
+        )
+    return lines
+
+
 def _download_to(url: str, path: Path) -> None:
     try:
         with urllib.request.urlopen(url, timeout=60) as response:
@@ -468,7 +599,14 @@ def environment_python(options: EnvOptions, plat: Platform | None = None) -> str
     return choose_python(options.root, plat, (options.root / EMBEDDED_DIR / "python.exe").is_file()).python
 
 
-def build_environment(options: EnvOptions) -> int:
-    plat = Platform.current()
+TARGETS = {"windows": Platform("Windows", "AMD64"), "linux": Platform("Linux", "x86_64")}
+
+
+def build_environment(options: EnvOptions, dry_run: bool = False, target: str | None = None) -> int:
+    here = Platform.current()
+    plat = TARGETS[target] if target else here
     gpu = detect_gpu() if options.device != "cpu" else None
-    return EnvironmentBuilder(options, plat, gpu).build()
+    builder = EnvironmentBuilder(options, plat, gpu)
+    if dry_run:
+        return builder.dry_run(local=plat.system == here.system)
+    return builder.build()

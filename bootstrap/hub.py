@@ -114,8 +114,9 @@ def hub_error(
             )
         return BootstrapError(
             f"{model_file.name} is in the gated repo {model_file.repo}: open {page}, log in and accept the licence, "
-            f"create a read token at {TOKEN_SETTINGS_PAGE}, then set HF_TOKEN to it (for example "
-            f"`set HF_TOKEN=hf_...` on Windows, `export HF_TOKEN=hf_...` elsewhere) and run this again."
+            f"create a read token at {TOKEN_SETTINGS_PAGE}, then save it with the wizard (run_gpu/run_cpu offer "
+            "it) or set HF_TOKEN to it (on Windows `setx HF_TOKEN hf_...` and open a new window, since a "
+            "double-clicked .bat sees only saved variables; `export HF_TOKEN=hf_...` elsewhere) and run this again."
         )
     if code == "RepoNotFound" or (status == 401 and not code):
         hint = "" if has_token else " (if it is private or gated, set HF_TOKEN)"

@@ -40,6 +40,7 @@ class ModelFile:
     size: int | None = None
     sha256: str | None = None
     gated: bool = False
+    url: str | None = None  # a file outside the hub (the embeddable Python): fetched from here, no token
 
     @property
     def filename(self) -> str:

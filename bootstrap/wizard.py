@@ -209,7 +209,7 @@ def _get_token(io: WizardIO, selection: Selection, assume_yes: bool) -> str | No
     io.say(licence_advice(selection.gated, endpoint()))
     if assume_yes:
         raise BootstrapError(
-            "A gated file was chosen and no token is set: set HF_TOKEN and run the wizard again."
+            "A gated file was chosen and no token is set: run the wizard in a window to type it, or `setx HF_TOKEN hf_...` and open a new window."
         )
     token = io.secret("Paste the token (hf_...), or press Enter to stop:")
     if not token:

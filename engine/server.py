@@ -248,6 +248,9 @@ def _default_engine() -> Any:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine serve", description=__doc__.splitlines()[0])
     parser.parse_args(argv)
+    from engine.parent_watch import exit_now, watch_parent
+
+    watch_parent(exit_now)  # the TUI gone (a closed window, a crash): no engine left holding RAM and VRAM
     # stdout carries the protocol only: keep a private copy of fd 1 for it, then point fd 1 and sys.stdout
     # at stderr so that stray prints, ours or a native library's, land in the TUI's log instead.
     sys.stdout.flush()

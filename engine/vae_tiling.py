@@ -109,19 +109,15 @@ def _failure_text(error: BaseException) -> str:
 
 def free_bytes(device: torch.device | str) -> int | None:
     """Memory a run on `device` can still get: CUDA's free memory plus what torch's cache holds unused;
-    the CPU's available RAM (Linux); None where unknown."""
+    the CPU's available RAM; None where unknown."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     if device.type == "cpu":
-        try:
-            with open("/proc/meminfo", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except (OSError, ValueError, IndexError):
-            return None
+        import psutil  # every OS, not only Linux
+
+        return int(psutil.virtual_memory().available)
     return None
 
 

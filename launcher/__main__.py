@@ -8,6 +8,16 @@ from launcher.cli import parse_args
 
 
 def main(argv: list[str] | None = None) -> int:
+    from launcher.config import ConfigError
+
+    try:
+        return _main(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None) -> int:
     options = parse_args(argv)
     if options.check_models:
         from launcher.config import ConfigFile
@@ -20,12 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     # textual-image probes the terminal (sixel / kitty, cell size) when imported: before the app starts.
     import textual_image.widget  # noqa: F401
 
+    from bootstrap.console import console_modes
     from launcher.app import FluxDeckApp
     from launcher.config import ConfigFile
 
     app = FluxDeckApp(options, ConfigFile.load(options.config))
     try:
-        app.run()
+        with console_modes():  # Windows: QuickEdit off while the TUI runs (a click would freeze it), VT on
+            app.run()
     finally:
         app.engine.stop(timeout=5.0)
     return app.return_code or 0

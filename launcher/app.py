@@ -456,6 +456,18 @@ class FluxDeckApp(App):
         self.action_show("generate")
         self._generate.use_params(message.params, message.refine_from, REFINE_DENOISE)
 
+    # -- model files about to be replaced -------------------------------------------------------------
+    def release_model_files(self) -> str | None:
+        """Stop the engine so that it lets go of the model files it has memory-mapped (Windows cannot replace a
+        mapped file) before a download or repair writes over them; the next job starts it again. Returns why
+        not, when a generation is running."""
+        if self.engine_busy is not None:
+            return "A generation is running: let it finish or cancel it (escape) before downloading."
+        if self.engine.alive:
+            self.engine.stop(timeout=10.0)
+            self.log_line("Engine stopped so that model files can be replaced; the next job starts it again.")
+        return None
+
     # -- leaving ---------------------------------------------------------------------------------------
     async def action_quit(self) -> None:
         self.hunting = False

@@ -11,9 +11,17 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser as a package
     import tomli as tomllib  # type: ignore[no-redef]
 
-from bootstrap.config_file import dump_toml  # one TOML writer for the file both sides write
+from bootstrap.config_file import (
+    dump_toml,  # one TOML writer for the file both sides write
+    toml_problem,
+)
 
-__all__ = ["ConfigFile", "Settings", "dump_toml"]
+__all__ = ["ConfigError", "ConfigFile", "Settings", "dump_toml"]
+
+
+class ConfigError(ValueError):
+    """config.toml cannot be read: the message is the one sentence to show."""
+
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("auto", "cuda", "cpu")
@@ -51,8 +59,11 @@ class ConfigFile:
     def load(cls, path: Path) -> ConfigFile:
         if not path.is_file():
             return cls(path)
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
+        try:
+            with path.open("rb") as handle:
+                data = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(toml_problem(path, exc)) from None
         names = {f.name for f in dataclasses.fields(Settings)}
         known = {k: v for k, v in data.items() if k in names}
         if known.get("vram_budget") in ("", "auto", 0):

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.win_job import KillOnCloseJob
+
 
 def default_engine_command() -> list[str]:
     """The engine server, run by the same Python as the TUI."""
@@ -72,6 +74,7 @@ class EngineProcess:
     _stderr: deque = field(default_factory=deque, init=False, repr=False)
     _stopping: bool = field(default=False, init=False, repr=False)
     _send_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _job: KillOnCloseJob | None = field(default=None, init=False, repr=False)
 
     @property
     def alive(self) -> bool:
@@ -86,7 +89,10 @@ class EngineProcess:
             return
         self._stopping = False
         self._stderr = deque(maxlen=self.stderr_lines)
-        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+        # FLUXDECK_PARENT_PID: the engine watches this process and ends when it is gone (engine/parent_watch.py)
+        env = dict(
+            os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8", FLUXDECK_PARENT_PID=str(os.getpid())
+        )
         flags = getattr(subprocess, "CREATE_NO_WINDOW", 0)
         self._process = subprocess.Popen(
             self.command,
@@ -101,6 +107,9 @@ class EngineProcess:
             creationflags=flags,
         )
         process = self._process
+        if self._job is None:
+            self._job = KillOnCloseJob()
+        self._job.assign(process)  # Windows: the engine dies with the TUI, even when the window is closed
         stderr_reader = threading.Thread(target=self._read_stderr, args=(process,), daemon=True)
         stderr_reader.start()
         threading.Thread(target=self._read_stdout, args=(process, stderr_reader), daemon=True).start()

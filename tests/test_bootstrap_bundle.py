@@ -100,7 +100,7 @@ def test_bundle_refuses_a_wrong_python(tmp_path):
 
 def test_bundle_unpacks_and_generates_an_image(tmp_path, capsys):
     fixtures = pytest.importorskip("engine.fixtures", reason="engine.fixtures is not written yet")
-    assert main(["bundle", "--out", str(tmp_path / "dist")]) == 0
+    assert main(["bundle", "--out", str(tmp_path / "dist"), "--no-python-embed"]) == 0
     archive = Path(capsys.readouterr().out.strip())
     assert archive == tmp_path / "dist" / "fluxdeck-windows-portable.7z"
     with py7zr.SevenZipFile(archive) as z:

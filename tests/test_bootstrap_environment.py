@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WINDOWS = Platform("Windows", "AMD64")
 LINUX = Platform("Linux", "x86_64")
 MAC = Platform("Darwin", "arm64")
-RTX = GpuInfo("NVIDIA GeForce RTX 3060", 12288, (12, 8))
+RTX = GpuInfo("NVIDIA GeForce RTX 3060", 12288, (12, 8), (8, 6), "572.83")
 REQS = "# comment\ntorch==2.13.0\nsafetensors==0.8.0\nnumpy==2.4.6  # inline\nPillow==13.0.0\n"
 
 
@@ -51,22 +51,20 @@ def test_the_embedded_pth_gets_site_and_the_project_root():
 
 def test_torch_index_by_platform_and_gpu():
     win_gpu = env.choose_torch(WINDOWS, RTX, "auto")
-    assert (win_gpu.index_url, win_gpu.variant) == ("https://download.pytorch.org/whl/cu128", "cuda")
+    assert (win_gpu.index_url, win_gpu.variant) == ("https://download.pytorch.org/whl/cu126", "cuda")
     assert env.choose_torch(WINDOWS, GpuInfo("RTX 5090", 32768, (13, 0)), "gpu").tag == "cu130"
     assert env.choose_torch(WINDOWS, RTX, "cpu").index_url is None  # PyPI's Windows torch is the CPU build
     assert env.choose_torch(WINDOWS, None, "auto").index_url is None
-    assert env.choose_torch(LINUX, RTX, "auto").index_url is None  # PyPI's Linux torch has CUDA
+    # Linux follows the same rules: PyPI's Linux torch is one CUDA build, without kernels for every card
+    assert env.choose_torch(LINUX, RTX, "auto").index_url == "https://download.pytorch.org/whl/cu126"
     assert env.choose_torch(LINUX, None, "auto").index_url == "https://download.pytorch.org/whl/cpu"
     assert env.choose_torch(LINUX, RTX, "cpu").tag == "cpu"
     assert env.choose_torch(MAC, None, "auto").index_url is None
 
 
 def test_old_drivers_and_missing_gpus_are_one_sentence():
-    old = GpuInfo("GTX 1060", 6144, (11, 4))
-    assert (
-        env.cuda_tag((12, 6)) == "cu126" and env.cuda_tag((11, 4)) is None and env.cuda_tag(None) == "cu126"
-    )
-    with pytest.raises(BootstrapError, match="driver runs CUDA 11.4 but torch needs 12.6 or newer"):
+    old = GpuInfo("GTX 1060", 6144, (11, 4), (6, 1), "472.12")
+    with pytest.raises(BootstrapError, match="runs CUDA 11.4 but torch needs 12.0 or newer"):
         env.choose_torch(WINDOWS, old, "gpu")
     assert env.choose_torch(WINDOWS, old, "auto").variant == "default"
     assert (
@@ -85,7 +83,7 @@ def test_the_project_requirements_parse():
 def test_plan_installs_only_the_difference():
     reqs = env.parse_requirements(REQS)
     cuda = env.choose_torch(WINDOWS, RTX, "auto")
-    everything = {"torch": "2.13.0+cu128", "safetensors": "0.8.0", "numpy": "2.4.6", "pillow": "13.0.0"}
+    everything = {"torch": "2.13.0+cu126", "safetensors": "0.8.0", "numpy": "2.4.6", "pillow": "13.0.0"}
     assert env.plan_install(reqs, everything, cuda).empty
     plan = env.plan_install(reqs, {**everything, "numpy": "2.4.5", "Pillow": "13.0.0"}, cuda)
     assert plan.torch is None and [r.spec for r in plan.others] == ["numpy==2.4.6"]
@@ -94,11 +92,14 @@ def test_plan_installs_only_the_difference():
     assert plan.torch is not None and not plan.others
     (command,) = env.pip_commands(r"C:\fd\python_embeded\python.exe", plan, cuda)
     assert command[0] == r"C:\fd\python_embeded\python.exe" and command[1:4] == ["-m", "pip", "install"]
-    assert command[-3:] == ["torch==2.13.0+cu128", "--index-url", "https://download.pytorch.org/whl/cu128"]
-    # elsewhere any build of the pinned version will do
+    assert command[-3:] == ["torch==2.13.0+cu126", "--index-url", "https://download.pytorch.org/whl/cu126"]
+    # for the CPU any build of the pinned version will do; for a GPU only the build planned for the card
+    assert env.plan_install(
+        reqs, {**everything, "torch": "2.13.0"}, env.choose_torch(LINUX, None, "cpu")
+    ).empty
     assert env.plan_install(
         reqs, {**everything, "torch": "2.13.0"}, env.choose_torch(LINUX, RTX, "auto")
-    ).empty
+    ).torch
 
 
 def test_hosts_to_reach_follow_the_plan():
@@ -110,7 +111,7 @@ def test_hosts_to_reach_follow_the_plan():
         "files.pythonhosted.org",
     ]
     only_numpy = env.plan_install(
-        reqs, {"torch": "2.13.0+cu128", "safetensors": "0.8.0", "pillow": "13.0.0"}, cuda
+        reqs, {"torch": "2.13.0+cu126", "safetensors": "0.8.0", "pillow": "13.0.0"}, cuda
     )
     assert env.hosts_needed(only_numpy, cuda, pip_index="https://mirror.example/simple") == ["mirror.example"]
 
@@ -119,7 +120,7 @@ def test_gpu_verdicts():
     cpu_torch = env.TorchProbe("2.13.0+cpu", None, False)
     device, text = env.gpu_verdict(cpu_torch, RTX, "auto")
     assert device == "cpu" and "CPU-only build" in text and "python -m bootstrap env --gpu" in text
-    device, text = env.gpu_verdict(env.TorchProbe("2.13.0+cu128", "12.8", True, "RTX 3060"), RTX, "auto")
+    device, text = env.gpu_verdict(env.TorchProbe("2.13.0+cu126", "12.6", True, "RTX 3060"), RTX, "auto")
     assert device == "cuda" and text.startswith("The GPU is usable: RTX 3060")
     _, text = env.gpu_verdict(env.TorchProbe("2.13.0+cu130", "13.0", False), RTX, "auto")
     assert "update the NVIDIA driver" in text
@@ -172,16 +173,48 @@ class FakeRunner(env.Runner):
         return [c for c in self.commands if c[1:4] == ["-m", "pip", "install"]]
 
 
-def builder(tmp_path, plat, gpu, runner, device="auto", reachable=True, said=None, reqs=REQS):
+def builder(
+    tmp_path,
+    plat,
+    gpu,
+    runner,
+    device="auto",
+    reachable=True,
+    said=None,
+    reqs=REQS,
+    long_paths=True,
+    writable=True,
+):
     (tmp_path / "requirements.txt").write_text(reqs)
     options = env.EnvOptions(device=device, root=tmp_path, base_python="/usr/bin/python3")
     probe = (lambda host: None) if reachable else (lambda host: "Name or service not known")
     return env.EnvironmentBuilder(
-        options, plat, gpu, runner, probe, say=(said if said is not None else []).append
+        options,
+        plat,
+        gpu,
+        runner,
+        probe,
+        say=(said if said is not None else []).append,
+        writable=lambda folder: writable,
+        long_paths=lambda: long_paths,
     )
 
 
-CUDA_PROBE = {"version": "2.13.0+cu128", "cuda": "12.8", "available": True, "device_name": "RTX 3060"}
+@pytest.mark.parametrize(
+    "long_paths, writable, sentence", [(False, True, "too long"), (True, False, "not writable")]
+)
+def test_a_long_path_or_a_read_only_folder_stops_before_anything_is_written(
+    tmp_path, long_paths, writable, sentence
+):
+    runner = FakeRunner({}, CUDA_PROBE)
+    root = tmp_path / ("a folder name far too long for Windows " * 2).strip()
+    root.mkdir()
+    with pytest.raises(BootstrapError, match=sentence):
+        builder(root, WINDOWS, RTX, runner, long_paths=long_paths, writable=writable).build()
+    assert runner.commands == [] and not (root / ".venv").exists()
+
+
+CUDA_PROBE = {"version": "2.13.0+cu126", "cuda": "12.6", "available": True, "device_name": "RTX 3060"}
 
 
 def test_windows_portable_build_then_no_op_then_only_the_difference(tmp_path):
@@ -195,9 +228,9 @@ def test_windows_portable_build_then_no_op_then_only_the_difference(tmp_path):
     python = str(env.PureWindowsPath(str(tmp_path)) / "python_embeded" / "python.exe")
     torch_cmd, rest_cmd = runner.pip_installs()
     assert torch_cmd[0] == python and torch_cmd[-3:] == [
-        "torch==2.13.0+cu128",
+        "torch==2.13.0+cu126",
         "--index-url",
-        "https://download.pytorch.org/whl/cu128",
+        "https://download.pytorch.org/whl/cu126",
     ]
     assert rest_cmd[6:] == ["safetensors==0.8.0", "numpy==2.4.6", "Pillow==13.0.0"]
     assert [python, "-m", "engine", "selftest", "--device", "cuda"] in runner.commands
@@ -279,3 +312,15 @@ def test_cpu_build_falls_back_to_pypi_when_the_pytorch_index_cannot_be_reached(t
     torch_install = runner.pip_installs()[0]
     assert "--index-url" not in torch_install and torch_install[-1] == "torch==2.13.0"
     assert any("download.pytorch.org cannot be reached: torch from PyPI instead" in line for line in said)
+
+
+def test_the_long_path_check_measures_from_the_folder_that_holds_site_packages(tmp_path, monkeypatch):
+    seen: list[str] = []
+    monkeypatch.setattr(env, "long_path_problem", lambda env_dir, enabled: seen.append(env_dir))
+    built = builder(tmp_path, WINDOWS, RTX, FakeRunner({}, CUDA_PROBE), long_paths=False)
+    built._preflight(built.choice())  # a venv: .venv\Lib\site-packages, not .venv\Scripts
+    (tmp_path / "python_embeded").mkdir()
+    (tmp_path / "python_embeded" / "python.exe").write_bytes(b"")
+    built._preflight(built.choice())
+    spelled = str(env.PureWindowsPath(str(tmp_path)))
+    assert seen == [spelled + "\\.venv", spelled + "\\python_embeded"]

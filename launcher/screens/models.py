@@ -96,7 +96,17 @@ class ModelsScreen(Screen):
     def _models_dir_args(self) -> list[str]:
         return ["--models-dir", str(self.roots[0])]
 
+    def _release_files(self) -> bool:
+        """The engine lets go of the model files before they are replaced (see FluxDeckApp)."""
+        release = getattr(self.app, "release_model_files", None)
+        reason = release() if release is not None else None
+        if reason:
+            self.notify(reason, severity="warning", markup=False)
+        return reason is None
+
     def action_wizard(self) -> None:
+        if not self._release_files():
+            return
         with self.app.suspend():
             subprocess.run([*self._bootstrap, "wizard"], check=False)
         self.action_rescan()
@@ -110,6 +120,8 @@ class ModelsScreen(Screen):
                 severity="warning",
                 markup=False,
             )
+            return
+        if self.running is None and not self._release_files():
             return
         self._run(["download", *names, *self._models_dir_args()])
 
