@@ -84,13 +84,10 @@ def test_dropped_connection_resumes_with_a_range_request(hub, tmp_path):
     d.fetch(model_file(f))
     assert (tmp_path / "vae" / "ae.safetensors").read_bytes() == f.data
     cdn = hub.requests("cdn")
-    assert len(cdn) == 3 and "Range" not in cdn[0].headers
-    resumed_at = [int(s.headers["Range"].removeprefix("bytes=").rstrip("-")) for s in cdn[1:]]
-    assert (
-        resumed_at[0] > 0 and resumed_at[0] % CHUNK == 0
-    )  # the bytes kept from the first try are not fetched again
-    assert [s.status for s in cdn[1:]] == [206, 206]
-    assert len(sleeps) == 2
+    assert len(cdn) == 2 and "Range" not in cdn[0].headers
+    # every byte that arrived before the drop is kept and not fetched again
+    assert cdn[1].headers["Range"] == "bytes=150000-" and cdn[1].status == 206
+    assert len(sleeps) == 1
 
 
 def test_resume_after_the_process_is_killed(hub, tmp_path):
@@ -126,7 +123,7 @@ def test_resume_after_the_process_is_killed(hub, tmp_path):
         proc.wait()
     f.release.set()
     kept = part.stat().st_size
-    assert kept == 2 * 1024 * 1024 and not part.with_name("model.safetensors").exists()
+    assert kept == 2 * 1024 * 1024 + 5000 and not part.with_name("model.safetensors").exists()
     f.stall_after = None
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
