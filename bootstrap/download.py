@@ -280,10 +280,10 @@ class Downloader:
                 )
             except (requests.ConnectionError, requests.Timeout) as exc:
                 raise Retry(_reason(exc), _host(url)) from None
-            except requests.RequestException as exc:  # an address requests cannot use
+            except (requests.RequestException, ValueError) as exc:  # an address (or a Location) it cannot use
                 raise BootstrapError(
-                    f"The address {printable(url)} for {transfer.file.name} cannot be used "
-                    f"({type(exc).__name__}): check HF_ENDPOINT and the manifest."
+                    f"The address {printable(url)} for {transfer.file.name}, or where it redirects, cannot be "
+                    f"used ({printable(exc)}): check HF_ENDPOINT and the manifest."
                 ) from None
             if response.status_code not in REDIRECTS:
                 response.url_requested = url  # type: ignore[attr-defined]
@@ -299,7 +299,10 @@ class Downloader:
                     self._require_space(transfer.total - start, transfer.file.name)
             if not location:
                 raise Retry(f"the hub answered {response.status_code} without a Location", _host(url))
-            url = urljoin(url, location)
+            try:
+                url = urljoin(url, location)
+            except ValueError:  # e.g. "http://[::1/x"
+                _check_url(location, transfer.file.name, redirected=True)
         raise BootstrapError(f"The hub redirected {url} more than {self.options.max_redirects} times.")
 
     def _attempt(self, transfer: Transfer) -> Outcome:

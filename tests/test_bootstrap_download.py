@@ -326,3 +326,121 @@ def test_progress_shows_bytes_speed_and_eta():
         now[0] += 2.0
         progress.advance(100)
     assert out.getvalue().splitlines()[-1] == "ae  400 B / 1.0 KB (40%)  50 B/s  ETA 12s"
+
+
+# ---- nothing bad gets through (issue 10) ----
+
+
+def test_a_server_that_cuts_and_refuses_to_resume_is_given_up_on(hub, tmp_path):
+    # full GET cut at the same byte -> Range -> 416 -> part deleted -> full GET ...: the part grows every time,
+    # but never past the furthest byte reached, so it is not progress
+    f = hub.add(HubFile("r/x", "ae.safetensors", payload(), drop_after=150_000, drops=10**6, refuse_ranges=True))
+    d, sleeps, _ = downloader(hub, tmp_path, retries=3)
+    with pytest.raises(BootstrapError, match="failed after 3 retries") as err:
+        d.fetch(model_file(f))
+    assert "\n" not in str(err.value)
+    assert len(hub.requests("cdn")) <= 2 * (3 + 1)
+    assert not (tmp_path / "vae" / "ae.safetensors").exists()
+    # and however the failures look, the number of attempts is bounded
+    hub.log.clear()
+    d, _, _ = downloader(hub, tmp_path, retries=1000, max_attempts=5)
+    with pytest.raises(BootstrapError, match="did not complete in 5 attempts"):
+        d.fetch(model_file(f))
+    assert len(hub.requests("hub")) == 5
+
+
+def test_a_server_with_fewer_bytes_than_the_size_is_said_at_once(hub, tmp_path):
+    data = payload()
+    f = hub.add(HubFile("r/x", "ae.safetensors", data, serve=data[:-1000]))
+    d, _, _ = downloader(hub, tmp_path)
+    with pytest.raises(BootstrapError, match=f"has {SIZE - 1000} bytes for ae but {SIZE} were expected"):
+        d.fetch(model_file(f, with_hash=False))  # the size comes from the hub's X-Linked-Size
+    assert len(hub.requests("cdn")) == 1 and tree(tmp_path / "vae") == []
+
+
+@pytest.mark.parametrize(
+    "location",
+    ["file:///etc/passwd", "http://[::1/x", "http://localhost:port/x", "gopher://localhost/x", "https://:0/x"],
+)
+def test_a_redirect_to_a_local_file_or_a_malformed_address_is_one_sentence(hub, tmp_path, location):
+    f = hub.add(HubFile("r/x", "ae.safetensors", payload(), location=location))
+    d, _, _ = downloader(hub, tmp_path)
+    with pytest.raises(BootstrapError) as err:
+        d.fetch(model_file(f))
+    assert "\n" not in str(err.value) and ("http(s)" in str(err.value) or "cannot be used" in str(err.value))
+    assert hub.requests("cdn") == [] and tree(tmp_path) == []
+
+
+def test_a_malformed_hf_endpoint_is_one_sentence(tmp_path):
+    f = ModelFile("ae", "r/x", "ae.safetensors", "vae")
+    for endpoint in ("huggingface.co", "file:///srv/hub", "https://"):
+        d = Downloader(tmp_path, DownloadOptions(endpoint=endpoint, token=None), sleep=lambda s: None)
+        with pytest.raises(BootstrapError, match="check HF_ENDPOINT"):
+            d.fetch(f)
+
+
+def test_without_a_size_or_hash_a_cut_off_file_is_never_verified(hub, tmp_path):
+    # a plain file served with no ETag and no Content-Length, cut after 100 kB: the end of the connection looks
+    # like the end of the file
+    f = hub.add(HubFile("r/x", "vocab.json", payload(), lfs=False, bare=True, drop_after=100_000))
+    mf = model_file(f, "vocab", "tokenizers/clip_l", with_hash=False)
+    d, _, _ = downloader(hub, tmp_path)
+    with pytest.raises(BootstrapError, match="Neither the manifest nor the server gives a size or a hash"):
+        d.fetch(mf)
+    assert tree(tmp_path / "tokenizers") == []
+    # a copy already in place is not trusted either
+    target = tmp_path / "tokenizers" / "clip_l" / "vocab.json"
+    target.parent.mkdir(parents=True)
+    target.write_bytes(payload()[:100_000])
+    outcomes, errors = downloader(hub, tmp_path)[0].ensure([mf])
+    assert outcomes == [] and len(errors) == 1
+    assert verified.VerifiedState.load(tmp_path).files == {}
+    assert not downloader(hub, tmp_path)[0].is_verified(mf)
+
+
+def test_a_trickling_server_meets_the_deadline(hub, tmp_path):
+    f = hub.add(HubFile("r/x", "ae.safetensors", payload(), trickle_s=0.05))  # about 2 kB/s
+    d, _, _ = downloader(hub, tmp_path, deadline_s=0.6)
+    began = time.monotonic()
+    with pytest.raises(BootstrapError, match="took longer than the 1s allowed.*run the command again to resume"):
+        d.fetch(model_file(f))
+    assert time.monotonic() - began < 10
+    part = tmp_path / "vae" / "ae.safetensors.part"
+    assert 0 < part.stat().st_size < SIZE and not part.with_name("ae.safetensors").exists()
+    # below the minimum speed for a whole window, an attempt is a failure even though bytes arrived
+    hub.log.clear()
+    d, _, _ = downloader(hub, tmp_path, retries=2, slow_window_s=0.2, min_speed_bytes_s=100_000)
+    with pytest.raises(BootstrapError, match="failed after 2 retries: the server sends only"):
+        d.fetch(model_file(f))
+    assert len(hub.requests("cdn")) == 3
+
+
+def test_models_dir_that_is_a_file_is_one_sentence(hub, tmp_path, monkeypatch, capsys):
+    from bootstrap.cli import main
+
+    f = hub.add(HubFile("r/x", "ae.safetensors", payload()))
+    manifest = tmp_path / "manifest.toml"
+    manifest.write_text(f'[[file]]\nname = "ae"\nrepo = "r/x"\npath = "ae.safetensors"\nfolder = "vae"\nsize = {SIZE}\n')
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    a_file = tmp_path / "models.txt"
+    a_file.write_text("not a folder")
+    for models in (a_file, a_file / "inside"):
+        for command in ("download", "verify"):
+            assert main([command, "ae", "--manifest", str(manifest), "--models-dir", str(models)]) == 1
+            err = capsys.readouterr().err
+            assert "not a folder" in err and "Traceback" not in err and err.count("\n") == 1
+    assert hub.log == [] and f.data
+
+
+def test_what_a_server_says_reaches_the_terminal_escaped(tmp_path, monkeypatch, capsys):
+    from bootstrap.cli import main
+
+    with FakeHub(error_message="gone \x1b]0;owned\x07\x1b[2J") as hub:
+        hub.add(HubFile("r/x", "other.safetensors", payload()))
+        manifest = tmp_path / "manifest.toml"
+        manifest.write_text('[[file]]\nname = "ae"\nrepo = "r/x"\npath = "ae.safetensors"\nfolder = "vae"\n')
+        monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+        monkeypatch.setenv("HF_TOKEN", "")
+        assert main(["download", "ae", "--manifest", str(manifest), "--models-dir", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "no file ae.safetensors" in err
