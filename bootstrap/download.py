@@ -476,7 +476,11 @@ class Downloader:
                 chunk = raw.read1(self.options.chunk_bytes, decode_content=True)
             except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                 timed_out = isinstance(exc, (TimeoutError, urllib3.exceptions.TimeoutError))
-                reason = "the connection timed out" if timed_out else "the connection dropped in the middle of the file"
+                reason = (
+                    "the connection timed out"
+                    if timed_out
+                    else "the connection dropped in the middle of the file"
+                )
                 raise Retry(reason, host) from None
             if not chunk:
                 return

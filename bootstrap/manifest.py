@@ -104,7 +104,9 @@ class Manifest:
 
     def preset(self, name: str) -> Preset:
         if name not in self.presets:
-            raise BootstrapError(f"Unknown preset '{printable(name)}': choose one of {_listing(self.presets)}.")
+            raise BootstrapError(
+                f"Unknown preset '{printable(name)}': choose one of {_listing(self.presets)}."
+            )
         return self.presets[name]
 
     def select(self, names: list[str], presets: list[str]) -> list[ModelFile]:
@@ -118,7 +120,13 @@ def _listing(names) -> str:
     return ", ".join(sorted(printable(n) for n in names))
 
 
-_TYPE_WORDS = {str: "a string", int: "a whole number", bool: "true or false", float: "a number", list: "a list"}
+_TYPE_WORDS = {
+    str: "a string",
+    int: "a whole number",
+    bool: "true or false",
+    float: "a number",
+    list: "a list",
+}
 # a repo id as the hub spells it: owner/name, letters, digits, '-', '_' and '.'
 REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -157,7 +165,9 @@ def _file(table: dict, where: str) -> ModelFile:
     at = f"the [[file]] {name} of {where}"
     repo = str(_get(table, "repo", str, at))
     if not REPO_RE.match(repo) or ".." in repo:
-        raise BootstrapError(f"The repo '{printable(repo)}' of {name} in {where} is not an owner/name repo id.")
+        raise BootstrapError(
+            f"The repo '{printable(repo)}' of {name} in {where} is not an owner/name repo id."
+        )
     path = str(_get(table, "path", str, at))
     relative_parts(path, f"The path of {name} in {where}")  # no '..', drive, UNC, backslash, device name
     sha = _get(table, "sha256", str, at)

@@ -66,8 +66,8 @@ def confine(base: PurePath, relative: str, what: str) -> PurePath:
     with all of base's parts; a symlink the user made inside the folder is the user's choice and is kept."""
     parts = relative_parts(relative, what)
     joined = base.joinpath(*parts)
-    anchored = joined.parts[: len(base.parts)] == base.parts and len(joined.parts) == len(base.parts) + len(parts)
-    if not anchored or ".." in joined.parts[len(base.parts) :]:
+    inside = joined.parts[len(base.parts) :]
+    if joined.parts[: len(base.parts)] != base.parts or len(inside) != len(parts) or ".." in inside:
         raise BootstrapError(f"{what} '{printable(relative)}' would leave {base}: it is refused.")
     return joined
 

@@ -39,7 +39,8 @@ class HubFile:
     release: threading.Event = field(default_factory=threading.Event)
     refuse_ranges: bool = False  # the CDN answers every Range request with 416
     location: str | None = None  # the hub's 302 points here instead of at the CDN
-    bare: bool = False  # served by the hub itself with no ETag, no Content-Length: only the closing connection ends it
+    # served by the hub itself with no ETag and no Content-Length: only the closing connection ends it
+    bare: bool = False
     trickle_s: float = 0.0  # the CDN sends 100 bytes, then waits this long, and so on
 
     @property
@@ -168,7 +169,8 @@ class FakeHub:
                     return self._answer(
                         302,
                         {
-                            "Location": found.location or f"{hub.cdn_base}/blobs/{found.sha256}?name={found.path}",
+                            "Location": found.location
+                            or f"{hub.cdn_base}/blobs/{found.sha256}?name={found.path}",
                             "X-Linked-Etag": f'"{found.sha256}"',
                             "X-Linked-Size": str(len(found.data)),
                             "X-Repo-Commit": COMMIT,

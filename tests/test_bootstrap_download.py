@@ -334,7 +334,9 @@ def test_progress_shows_bytes_speed_and_eta():
 def test_a_server_that_cuts_and_refuses_to_resume_is_given_up_on(hub, tmp_path):
     # full GET cut at the same byte -> Range -> 416 -> part deleted -> full GET ...: the part grows every time,
     # but never past the furthest byte reached, so it is not progress
-    f = hub.add(HubFile("r/x", "ae.safetensors", payload(), drop_after=150_000, drops=10**6, refuse_ranges=True))
+    f = hub.add(
+        HubFile("r/x", "ae.safetensors", payload(), drop_after=150_000, drops=10**6, refuse_ranges=True)
+    )
     d, sleeps, _ = downloader(hub, tmp_path, retries=3)
     with pytest.raises(BootstrapError, match="failed after 3 retries") as err:
         d.fetch(model_file(f))
@@ -360,7 +362,13 @@ def test_a_server_with_fewer_bytes_than_the_size_is_said_at_once(hub, tmp_path):
 
 @pytest.mark.parametrize(
     "location",
-    ["file:///etc/passwd", "http://[::1/x", "http://localhost:port/x", "gopher://localhost/x", "https://:0/x"],
+    [
+        "file:///etc/passwd",
+        "http://[::1/x",
+        "http://localhost:port/x",
+        "gopher://localhost/x",
+        "https://:0/x",
+    ],
 )
 def test_a_redirect_to_a_local_file_or_a_malformed_address_is_one_sentence(hub, tmp_path, location):
     f = hub.add(HubFile("r/x", "ae.safetensors", payload(), location=location))
@@ -402,7 +410,9 @@ def test_a_trickling_server_meets_the_deadline(hub, tmp_path):
     f = hub.add(HubFile("r/x", "ae.safetensors", payload(), trickle_s=0.05))  # about 2 kB/s
     d, _, _ = downloader(hub, tmp_path, deadline_s=0.6)
     began = time.monotonic()
-    with pytest.raises(BootstrapError, match="took longer than the 1s allowed.*run the command again to resume"):
+    with pytest.raises(
+        BootstrapError, match="took longer than the 1s allowed.*run the command again to resume"
+    ):
         d.fetch(model_file(f))
     assert time.monotonic() - began < 10
     part = tmp_path / "vae" / "ae.safetensors.part"
@@ -420,7 +430,9 @@ def test_models_dir_that_is_a_file_is_one_sentence(hub, tmp_path, monkeypatch, c
 
     f = hub.add(HubFile("r/x", "ae.safetensors", payload()))
     manifest = tmp_path / "manifest.toml"
-    manifest.write_text(f'[[file]]\nname = "ae"\nrepo = "r/x"\npath = "ae.safetensors"\nfolder = "vae"\nsize = {SIZE}\n')
+    manifest.write_text(
+        f'[[file]]\nname = "ae"\nrepo = "r/x"\npath = "ae.safetensors"\nfolder = "vae"\nsize = {SIZE}\n'
+    )
     monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
     a_file = tmp_path / "models.txt"
     a_file.write_text("not a folder")
