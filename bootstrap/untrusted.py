@@ -1,6 +1,6 @@
-"""Data from outside (a manifest, a server's answer, a path typed by someone else) made safe to use: names that
-mean one file on every OS, paths confined to their folder, text that cannot drive the terminal, and files that
-appear whole or not at all."""
+"""Data from outside (a manifest, a server's answer, an archive) made safe to use: names that mean one file on
+every OS, paths confined to their folder, text that cannot drive the terminal; and secrets written whole and
+private."""
 
 from __future__ import annotations
 
@@ -72,18 +72,16 @@ def confine(base: PurePath, relative: str, what: str) -> PurePath:
     return joined
 
 
-def atomic_write(path: Path, data: bytes, private: bool = False) -> None:
-    """Write the bytes to a temporary name in the same folder, then rename it over `path`: a reader sees the old
-    file or the whole new one, never half of it. private=True: readable and writable by the owner only (0600;
-    on Windows the file takes its folder's access list, which in the user's profile is the user's alone)."""
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret whole or not at all, readable and writable by the owner only: the bytes go to a temporary
+    name in the same folder (created 0600), which is renamed over `path` once complete, so a reader sees the
+    old file or the whole new one, and an older world-readable file is replaced rather than rewritten. On
+    Windows the mode bits do not apply: the file takes the access list of its folder, which in the user's
+    profile (the default place of the token) admits the user, SYSTEM and administrators only."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # mode 0600
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as out:
-            if not private and hasattr(os, "fchmod"):
-                umask = os.umask(0)
-                os.umask(umask)
-                os.fchmod(out.fileno(), 0o666 & ~umask)
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
@@ -91,5 +89,3 @@ def atomic_write(path: Path, data: bytes, private: bool = False) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    if private and hasattr(os, "chmod") and os.name != "nt":
-        os.chmod(path, 0o600)

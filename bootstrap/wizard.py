@@ -18,7 +18,7 @@ from bootstrap.hardware import Platform, SystemInfo, detect_system
 from bootstrap.hub import TOKEN_SETTINGS_PAGE, endpoint, find_token, repo_page, token_file
 from bootstrap.manifest import Manifest, ModelFile, Preset, load_manifest
 from bootstrap.reuse import ExistingFolder, candidate_places, classify, find_existing
-from bootstrap.untrusted import atomic_write, printable
+from bootstrap.untrusted import printable, write_private
 
 RAM_SLACK = 0.9  # a "16 GB" machine reports about 15.6 GiB
 CPU_MAX_STEPS = 8  # on the CPU a step takes minutes: only few-step models are recommended
@@ -223,12 +223,9 @@ def _get_token(io: WizardIO, selection: Selection, assume_yes: bool) -> str | No
 
 
 def save_token(path: Path, token: str) -> None:
-    """The token file as huggingface_hub reads it, written whole or not at all (a temporary name in the same
-    folder, then a rename) and readable by the owner only: 0600 on Linux/macOS; on Windows the file takes the
-    access list of its folder, which under the user's profile (the default, ~/.cache/huggingface) is the user's
-    own (plus SYSTEM and administrators)."""
+    """The token file as huggingface_hub reads it, whole and readable by the owner only (write_private)."""
     try:
-        atomic_write(path, (token + "\n").encode("utf-8"), private=True)
+        write_private(path, (token + "\n").encode("utf-8"))
     except OSError as exc:
         raise BootstrapError(
             f"Could not save the token in {path} ({exc.strerror or exc}): set HF_TOKEN instead."

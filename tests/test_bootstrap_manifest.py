@@ -167,7 +167,10 @@ def test_manifest_paths_that_could_escape_are_refused(bad):
             '[[file]]\nname=5\nrepo="r/a"\npath="a"\nfolder="vae"',
             r"name in a \[\[file\]\] of the manifest must be a string",
         ),
-        ('[[file]]\nname="a"\nrepo="r/a"\npath="a"\nfolder="vae"\nsize="12"', r"size in the \[\[file\]\] a .* must be a whole number"),
+        (
+            '[[file]]\nname="a"\nrepo="r/a"\npath="a"\nfolder="vae"\nsize="12"',
+            r"size in the \[\[file\]\] a .* must be a whole number",
+        ),
         ('[[file]]\nname="a"\nrepo="r/a"\npath="a"\nfolder="vae"\nsize=true', "must be a whole number"),
         (
             '[[file]]\nname="a"\nrepo="r/a"\npath="a"\nfolder="vae"\ngated="no"',
