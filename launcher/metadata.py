@@ -99,6 +99,24 @@ def read_png_params(path: Path, full: bool = True) -> ImageParams | None:
     return params_from_text(text)
 
 
+def load_picture(path: Path) -> Image.Image:
+    """The image's pixels as RGB for showing, refused (UnreadableImage) over MAX_PIXELS or when unreadable."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise UnreadableImage(
+                    f"{plain_text(path.name, MAX_NAME_CHARS)} is {width}x{height} pixels, too large to show."
+                )
+            return image.convert("RGB")
+    except UnreadableImage:
+        raise
+    except Exception as exc:  # noqa: BLE001 - as in read_png_params
+        raise UnreadableImage(
+            f"{plain_text(path.name, MAX_NAME_CHARS)} cannot be read: {_why(exc)}."
+        ) from None
+
+
 def _why(exc: Exception) -> str:
     if isinstance(exc, Image.DecompressionBombError):
         return "its pixel count is too large to be a real image (a decompression bomb)"
