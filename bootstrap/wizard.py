@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bootstrap.config_file import PROJECT_ROOT, ProjectConfig
+from bootstrap.disk import usable_folder
 from bootstrap.errors import BootstrapError
 from bootstrap.hardware import Platform, SystemInfo, detect_system
 from bootstrap.hub import TOKEN_SETTINGS_PAGE, endpoint, find_token, repo_page, token_file
@@ -246,7 +247,7 @@ def run_wizard(
 
     config = ProjectConfig.load(config_path)
     root = config.path.parent
-    models_dir = models_dir or config.models_dir
+    models_dir = usable_folder(models_dir or config.models_dir)
     manifest = load_manifest(manifest_path)
     system = detect(models_dir)
     io.say(describe_system(system))

@@ -441,6 +441,8 @@ def test_models_dir_that_is_a_file_is_one_sentence(hub, tmp_path, monkeypatch, c
             assert main([command, "ae", "--manifest", str(manifest), "--models-dir", str(models)]) == 1
             err = capsys.readouterr().err
             assert "not a folder" in err and "Traceback" not in err and err.count("\n") == 1
+    assert main(["wizard", "--yes", "--manifest", str(manifest), "--models-dir", str(a_file)]) == 1
+    assert "is a file, not a folder" in capsys.readouterr().err
     assert hub.log == [] and f.data
 
 
