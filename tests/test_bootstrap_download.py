@@ -380,7 +380,7 @@ def test_a_server_with_fewer_bytes_than_the_size_is_said_at_once(hub, tmp_path):
     f = hub.add(HubFile("r/x", "ae.safetensors", data, serve=data[:-1000]))
     d, _, _ = downloader(hub, tmp_path)
     with pytest.raises(BootstrapError, match=f"has {SIZE - 1000} bytes for ae but {SIZE} were expected"):
-        d.fetch(model_file(f, with_hash=False))  # the size comes from the hub's X-Linked-Size
+        within(30, lambda: d.fetch(model_file(f, with_hash=False)))  # the size: the hub's X-Linked-Size
     assert len(hub.requests("cdn")) == 1 and tree(tmp_path / "vae") == []
 
 
@@ -433,12 +433,10 @@ def test_without_a_size_or_hash_a_cut_off_file_is_never_verified(hub, tmp_path):
 def test_a_trickling_server_meets_the_deadline(hub, tmp_path):
     f = hub.add(HubFile("r/x", "ae.safetensors", payload(), trickle_s=0.05))  # about 2 kB/s
     d, _, _ = downloader(hub, tmp_path, deadline_s=0.6)
-    began = time.monotonic()
     with pytest.raises(
         BootstrapError, match="took longer than the 1s allowed.*run the command again to resume"
     ):
-        d.fetch(model_file(f))
-    assert time.monotonic() - began < 10
+        within(10, lambda: d.fetch(model_file(f)))
     part = tmp_path / "vae" / "ae.safetensors.part"
     assert 0 < part.stat().st_size < SIZE and not part.with_name("ae.safetensors").exists()
     # below the minimum speed for a whole window, an attempt is a failure even though bytes arrived
