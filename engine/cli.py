@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import traceback
 
 from engine.errors import UserError
@@ -61,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     gen.add_argument("--vram-budget", type=float, help="GB of weights to keep on the GPU")
     gen.add_argument(
+        "--cache",
+        default="none",
+        metavar="none|first-block[:THRESHOLD]",
+        help="step caching: skip most of the transformer on steps whose first block barely changed "
+        "(faster, slightly different image; default threshold 0.12)",
+    )
+    gen.add_argument(
         "--out", required=True, help="the PNG to write (never overwritten: a free name is picked)"
     )
 
@@ -108,6 +118,7 @@ def request_from_args(args: argparse.Namespace) -> GenerateRequest:
         device=args.device,
         dtype=args.dtype,
         vram_budget=args.vram_budget,
+        cache=args.cache,
         out=args.out,
     )
 
@@ -123,7 +134,8 @@ class StderrProgress:
             print(f"[{event.stage}] {event.detail}".rstrip(), file=self.stream, flush=True)
         elif isinstance(event, Step):
             print(
-                f"  step {event.step}/{event.total}  {event.seconds_per_it:.3f} s/it",
+                f"  step {event.step}/{event.total}  {event.seconds_per_it:.3f} s/it"
+                + ("  (cached)" if event.cached else ""),
                 file=self.stream,
                 flush=True,
             )
@@ -135,6 +147,24 @@ class StderrProgress:
                 file=self.stream,
                 flush=True,
             )
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM ends a generation as Ctrl+C does (a KeyboardInterrupt), so that a file being written is removed
+    rather than left behind under its temporary name; the previous handler comes back afterwards."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str]) -> int:
@@ -152,7 +182,8 @@ def main(argv: list[str]) -> int:
 
         request = request_from_args(args)
         engine = Engine(EngineOptions(cache_dir=str(default_cache_dir())))
-        paths = engine.generate(request, StderrProgress())
+        with _sigterm_as_interrupt():
+            paths = engine.generate(request, StderrProgress())
         for path in paths:
             print(path)
         return 0

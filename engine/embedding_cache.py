@@ -8,8 +8,9 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from engine.atomic_write import write_atomic
 from engine.weights import Component
 
 DEFAULT_LIMIT = 1024**3  # bytes on disk; the least recently used entries go first
@@ -20,8 +21,10 @@ class EmbeddingCache:
         self.folder = Path(folder) if folder else None
         self.limit = limit_bytes
 
-    def key(self, component: Component, prompt: str, length: int, dtype: torch.dtype) -> str:
-        """The encoder file's identity (path, size, modification time, prefix), the prompt and the length."""
+    def key(self, component: Component, prompt: str, length: int, dtype: torch.dtype, tokenizer: str) -> str:
+        """The encoder file's identity (path, size, modification time, prefix), the tokenizer's identity
+        (text_encoders.tokenizer_identity: another tokenizer makes other tokens of the same prompt), the prompt
+        and the length."""
         path = component.file.path.resolve()
         stat = path.stat()
         ident = [
@@ -33,6 +36,7 @@ class EmbeddingCache:
             prompt,
             length,
             str(dtype),
+            tokenizer,
         ]
         return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
 
@@ -52,9 +56,8 @@ class EmbeddingCache:
             return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            tmp = self.folder / f"{key}.tmp"
-            save_file({"embedding": tensor.detach().cpu().contiguous()}, str(tmp))
-            os.replace(tmp, self.folder / f"{key}.safetensors")
+            data = save({"embedding": tensor.detach().cpu().contiguous()})
+            write_atomic(self.folder / f"{key}.safetensors", lambda f: f.write(data), overwrite=True)
             self._prune()
         except OSError:
             pass  # a cache that cannot be written only costs time

@@ -20,6 +20,7 @@ class Step:
     step: int  # 1-based
     total: int
     seconds_per_it: float  # of this step
+    cached: bool = False  # the step cache reused an earlier step's blocks
 
 
 @dataclass

@@ -37,12 +37,13 @@ class TinySpec:
     vae_ch: int = 32
     vae_levels: int = 4  # 8× down-sampling needs four levels
     seed: int = 0
+    in_channels: int = 64  # 384 for FLUX.1 Fill, 128 for Canny/Depth: conditioning channels after the latent
 
     def flux_params(self) -> FluxParams:
         head_dim = self.hidden // self.heads
         rope = (7 * head_dim // 16) // 2 * 2
         return FluxParams(
-            in_channels=64,
+            in_channels=self.in_channels,
             context_in_dim=self.t5_dim,
             vec_in_dim=self.clip_hidden,
             hidden_size=self.hidden,

@@ -1,9 +1,17 @@
-"""The FLUX.1 transformer (BFL tensor names), every dimension read off the weights."""
+"""The FLUX.1 transformer (BFL tensor names), every dimension read off the weights.
+
+Seams for the models built on it: `in_channels`/`out_channels` differ for Fill/Canny/Depth (conditioning
+channels concatenated to the image tokens: `img_cond`), Kontext adds reference image tokens with their own
+position ids (`ref_img`/`ref_ids`), ControlNets add per-block residuals to the image tokens (`control`), and
+`streamable_blocks` tells the memory manager what it may stream.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +35,7 @@ class FluxParams:
     guidance_embed: bool
     qkv_bias: bool
     theta: int = 10_000
+    out_channels: int = 64  # the packed latent the model predicts; in_channels is larger for Fill/Canny/Depth
 
     @property
     def head_dim(self) -> int:
@@ -49,7 +58,22 @@ class FluxParams:
             axes_dim=(head_dim - 2 * rope, rope, rope),
             guidance_embed="guidance_in.in_layer.weight" in shapes,
             qkv_bias="double_blocks.0.img_attn.qkv.bias" in shapes,
+            out_channels=shapes["final_layer.linear.weight"][0],
         )
+
+
+class StepCache(Protocol):
+    """Decides, per step, whether the blocks after the first must run or an earlier step's result is reused
+    (engine.step_cache). `rest(rows, img, txt)` runs them for some batch rows; `head_residual` is what the first
+    block added to the image stream."""
+
+    def run(
+        self,
+        head_residual: torch.Tensor,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        rest: Callable[[slice, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 # ---- pure functions: embeddings, RoPE, attention ----
@@ -150,14 +174,32 @@ class SelfAttention(nn.Module):
         return self.norm.query_norm(q), self.norm.key_norm(k), v
 
 
-class Modulation(nn.Module):
-    def __init__(self, hidden: int, parts: int):
-        super().__init__()
-        self.parts = parts
-        self.lin = ops.Linear(hidden, parts * hidden)
+@dataclass(frozen=True)
+class ModulationOut:
+    """One adaptive layer norm's parameters, (B, 1, hidden) each: x → x·(1 + scale) + shift, output × gate."""
 
-    def forward(self, vec: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return self.lin(F.silu(vec))[:, None, :].chunk(self.parts, dim=-1)
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+    def modulate(self, x: torch.Tensor) -> torch.Tensor:
+        return modulate(_layer_norm(x), self.shift, self.scale)
+
+    def gated_add(self, residual: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(residual, self.gate, out)
+
+
+class Modulation(nn.Module):
+    """Modulation for one stream: one ModulationOut (single blocks) or two (attention, then MLP)."""
+
+    def __init__(self, hidden: int, double: bool):
+        super().__init__()
+        self.count = 2 if double else 1
+        self.lin = ops.Linear(hidden, 3 * self.count * hidden)
+
+    def forward(self, vec: torch.Tensor) -> list[ModulationOut]:
+        parts = self.lin(F.silu(vec))[:, None, :].chunk(3 * self.count, dim=-1)
+        return [ModulationOut(*parts[3 * i : 3 * i + 3]) for i in range(self.count)]
 
 
 def _layer_norm(x: torch.Tensor) -> torch.Tensor:
@@ -176,24 +218,20 @@ class DoubleStreamBlock(nn.Module):
     def __init__(self, p: FluxParams):
         super().__init__()
         self.num_heads = p.num_heads
-        self.img_mod, self.img_attn, self.img_mlp = Modulation(p.hidden_size, 6), SelfAttention(p), _mlp(p)
-        self.txt_mod, self.txt_attn, self.txt_mlp = Modulation(p.hidden_size, 6), SelfAttention(p), _mlp(p)
+        self.img_mod, self.img_attn, self.img_mlp = Modulation(p.hidden_size, True), SelfAttention(p), _mlp(p)
+        self.txt_mod, self.txt_attn, self.txt_mlp = Modulation(p.hidden_size, True), SelfAttention(p), _mlp(p)
 
     def forward(self, img, txt, vec, pe):
-        img_mod = self.img_mod(vec)
-        txt_mod = self.txt_mod(vec)
-        iq, ik, iv = self.img_attn.qkv_heads(
-            modulate(_layer_norm(img), img_mod[0], img_mod[1]), self.num_heads
-        )
-        tq, tk, tv = self.txt_attn.qkv_heads(
-            modulate(_layer_norm(txt), txt_mod[0], txt_mod[1]), self.num_heads
-        )
+        img_attn_mod, img_mlp_mod = self.img_mod(vec)
+        txt_attn_mod, txt_mlp_mod = self.txt_mod(vec)
+        iq, ik, iv = self.img_attn.qkv_heads(img_attn_mod.modulate(img), self.num_heads)
+        tq, tk, tv = self.txt_attn.qkv_heads(txt_attn_mod.modulate(txt), self.num_heads)
         attn = attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2), pe)
         txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-        img = torch.addcmul(img, img_mod[2], self.img_attn.proj(img_attn))
-        img = torch.addcmul(img, img_mod[5], self.img_mlp(modulate(_layer_norm(img), img_mod[3], img_mod[4])))
-        txt = torch.addcmul(txt, txt_mod[2], self.txt_attn.proj(txt_attn))
-        txt = torch.addcmul(txt, txt_mod[5], self.txt_mlp(modulate(_layer_norm(txt), txt_mod[3], txt_mod[4])))
+        img = img_attn_mod.gated_add(img, self.img_attn.proj(img_attn))
+        img = img_mlp_mod.gated_add(img, self.img_mlp(img_mlp_mod.modulate(img)))
+        txt = txt_attn_mod.gated_add(txt, self.txt_attn.proj(txt_attn))
+        txt = txt_mlp_mod.gated_add(txt, self.txt_mlp(txt_mlp_mod.modulate(txt)))
         return fp16_safe(img), fp16_safe(txt)
 
 
@@ -205,30 +243,21 @@ class SingleStreamBlock(nn.Module):
         self.linear1 = ops.Linear(p.hidden_size, 3 * p.hidden_size + p.mlp_hidden)
         self.linear2 = ops.Linear(p.hidden_size + p.mlp_hidden, p.hidden_size)
         self.norm = QKNorm(p.head_dim)
-        self.modulation = Modulation(p.hidden_size, 3)
+        self.modulation = Modulation(p.hidden_size, False)
 
     def forward(self, x, vec, pe):
-        shift, scale, gate = self.modulation(vec)
-        # linear1 as two products over row blocks of its weight: contiguous outputs, no split copies
-        weight, bias = self.linear1.fetch(x)
-        x_mod = modulate(_layer_norm(x), shift, scale)
-        qkv = F.linear(x_mod, weight[: self.split[0]], None if bias is None else bias[: self.split[0]])
-        mlp = F.linear(x_mod, weight[self.split[0] :], None if bias is None else bias[self.split[0] :])
+        (mod,) = self.modulation(vec)
+        qkv, mlp = self.linear1.forward_split(mod.modulate(x), self.split)
         q, k, v = split_heads(qkv, self.num_heads)
         attn = attention(self.norm.query_norm(q), self.norm.key_norm(k), v, pe)
-        # linear2 over cat(attn, gelu(mlp)) as two products summed in place: no concatenated copy
-        weight2, bias2 = self.linear2.fetch(x)
-        hidden = self.split[0] // 3
-        out = F.linear(attn, weight2[:, :hidden], bias2)
-        mlp = F.gelu(mlp, approximate="tanh")
-        out = torch.addmm(out.flatten(0, 1), mlp.flatten(0, 1), weight2[:, hidden:].t()).view_as(out)
-        return fp16_safe(torch.addcmul(x, gate, out))
+        out = self.linear2.forward_concat((attn, F.gelu(mlp, approximate="tanh")))
+        return fp16_safe(mod.gated_add(x, out))
 
 
 class LastLayer(nn.Module):
     def __init__(self, p: FluxParams):
         super().__init__()
-        self.linear = ops.Linear(p.hidden_size, p.in_channels)
+        self.linear = ops.Linear(p.hidden_size, p.out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(p.hidden_size, 2 * p.hidden_size))
 
     def forward(self, x, vec):
@@ -249,6 +278,10 @@ class Flux(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(p) for _ in range(p.depth_single))
         self.final_layer = LastLayer(p)
 
+    def streamable_blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in the order they run: the memory manager streams these."""
+        return [*self.double_blocks, *self.single_blocks]
+
     def forward(
         self,
         img: torch.Tensor,  # (B, L_img, 64) packed latent
@@ -258,9 +291,20 @@ class Flux(nn.Module):
         timesteps: torch.Tensor,  # (B,) in [0, 1]
         y: torch.Tensor,  # (B, 768) CLIP pooled
         guidance: torch.Tensor | None = None,  # (B,)
-        pe: torch.Tensor | None = None,  # position_embedding of cat(txt_ids, img_ids), to reuse across steps
+        pe: torch.Tensor | None = None,  # RoPE of cat(txt_ids, img_ids, ref_ids), reused across steps
+        img_cond: torch.Tensor | None = None,  # (B, L_img, in_channels - 64): Fill/Canny/Depth conditioning
+        ref_img: torch.Tensor | None = None,  # (B, L_ref, 64): Kontext reference tokens (attended only)
+        ref_ids: torch.Tensor | None = None,  # (B, L_ref, 3)
+        control: ControlResiduals | None = None,
+        cache: StepCache | None = None,  # may reuse the blocks after the first from an earlier step
     ) -> torch.Tensor:
+        """The predicted velocity for the L_img image tokens, (B, L_img, out_channels)."""
         dtype = img.dtype
+        n_img = img.shape[1]
+        if img_cond is not None:
+            img = torch.cat((img, img_cond), dim=-1)
+        if ref_img is not None:
+            img, img_ids = torch.cat((img, ref_img), 1), torch.cat((img_ids, ref_ids), 1)
         vec = self.time_in(timestep_embedding(timesteps).to(dtype))
         if self.guidance_in is not None:
             if guidance is None:
@@ -271,9 +315,60 @@ class Flux(nn.Module):
         txt = self.txt_in(txt)
         if pe is None:
             pe = position_embedding(torch.cat((txt_ids, img_ids), 1), self.params.axes_dim, self.params.theta)
-        for block in self.double_blocks:
+        head_in = img
+        img, txt = self.double_blocks[0](img, txt, vec, pe)
+        head_residual = img - head_in if cache is not None else None
+        if control is not None:
+            img = control.add_double(0, img, n_img)
+
+        def rest(rows: slice, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Every block after the first, for the batch rows `rows`."""
+            sub_pe = pe if pe.shape[0] == 1 else pe[rows]
+            sub_control = None if control is None else control.rows(rows)
+            return self._after_head(img, txt, vec[rows], sub_pe, sub_control, n_img)
+
+        if cache is None:
+            img, txt = rest(slice(None), img, txt)
+        else:
+            img, txt = cache.run(head_residual, img, txt, rest)
+        return self.final_layer(img[:, :n_img], vec)
+
+    def _after_head(self, img, txt, vec, pe, control: ControlResiduals | None, n_img: int):
+        for i, block in enumerate(self.double_blocks[1:], start=1):
             img, txt = block(img, txt, vec, pe)
+            if control is not None:
+                img = control.add_double(i, img, n_img)
         x = torch.cat((txt, img), 1)
-        for block in self.single_blocks:
+        n_txt = txt.shape[1]
+        for i, block in enumerate(self.single_blocks):
             x = block(x, vec, pe)
-        return self.final_layer(x[:, txt.shape[1] :], vec)
+            if control is not None:
+                x = control.add_single(i, x, n_txt, n_img)
+        return x[:, n_txt:], x[:, :n_txt]
+
+
+@dataclass(frozen=True)
+class ControlResiduals:
+    """Residuals a ControlNet adds to the image tokens after each double and each single block (None or a
+    missing index: nothing for that block); (B, L_img, hidden) each."""
+
+    double: Sequence[torch.Tensor | None] = ()
+    single: Sequence[torch.Tensor | None] = ()
+
+    def add_double(self, index: int, img: torch.Tensor, n_img: int) -> torch.Tensor:
+        residual = self.double[index] if index < len(self.double) else None
+        if residual is None:
+            return img
+        return torch.cat((img[:, :n_img] + residual.to(img.dtype), img[:, n_img:]), 1)
+
+    def rows(self, rows: slice) -> ControlResiduals:
+        """The residuals of some batch rows (a step cache computes only the rows it does not reuse)."""
+        pick = lambda residuals: [None if r is None else r[rows] for r in residuals]  # noqa: E731
+        return ControlResiduals(pick(self.double), pick(self.single))
+
+    def add_single(self, index: int, x: torch.Tensor, n_txt: int, n_img: int) -> torch.Tensor:
+        residual = self.single[index] if index < len(self.single) else None
+        if residual is None:
+            return x
+        end = n_txt + n_img
+        return torch.cat((x[:, :n_txt], x[:, n_txt:end] + residual.to(x.dtype), x[:, end:]), 1)

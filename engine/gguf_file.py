@@ -8,6 +8,7 @@ names, which `t5_gguf_to_hf_names` maps to the HF T5EncoderModel names the engin
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -18,7 +19,8 @@ import gguf
 import numpy as np
 import torch
 
-from engine.gguf_quants import FLOAT_TYPES, QType, dequantize
+from engine.errors import UserError
+from engine.gguf_quants import FLOAT_TYPES, SUPPORTED_TYPES, QType, block_layout, dequantize
 from engine.ops import WeightSource
 
 FLUX_ARCHITECTURES = ("flux",)
@@ -91,12 +93,47 @@ def read_gguf(path: str | Path) -> tuple[dict[str, GGUFWeight], dict[str, Any]]:
     }
     tensors: dict[str, GGUFWeight] = {}
     for tensor in reader.tensors:
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        shape = tuple(metadata.get(ORIG_SHAPE_PREFIX + tensor.name, shape))
-        tensors[tensor.name] = GGUFWeight(
-            raw=_raw_bytes(tensor.data), qtype=QType(tensor.tensor_type), shape=shape
+        qtype, shape = check_tensor(
+            path, tensor.name, int(tensor.tensor_type), tensor.shape.tolist(), metadata
         )
+        tensors[tensor.name] = GGUFWeight(raw=_raw_bytes(tensor.data), qtype=qtype, shape=shape)
     return tensors, metadata
+
+
+def check_tensor(
+    path: str | Path, name: str, type_id: int, dims: list[int], metadata: dict[str, Any]
+) -> tuple[QType, tuple[int, ...]]:
+    """A GGUF tensor's type and logical shape, checked before any tensor is made from it: a type FluxDeck can
+    expand, and a `comfy.gguf.orig_shape` (if any) of non-negative whole numbers with the stored element count."""
+    try:
+        qtype = QType(type_id)
+    except ValueError:
+        qtype = None
+    if qtype not in SUPPORTED_TYPES:
+        kind = qtype.name if qtype is not None else f"number {type_id}"
+        raise UserError(
+            f"{path} holds tensors of GGUF type {kind} (e.g. {name[:60]}), which FluxDeck cannot read: "
+            "use a file quantized as Q8_0, Q6_K, Q5_K, Q5_0, Q4_K, Q4_0, Q3_K, Q2_K, F16 or BF16."
+        )
+    stored = tuple(int(d) for d in reversed(dims))
+    if any(d < 0 for d in stored) or math.prod(stored) % block_layout(qtype)[0]:
+        raise UserError(
+            f"{path} has a tensor {name[:60]} of shape {stored} that {qtype.name} cannot hold: the file is "
+            "broken; download it again."
+        )
+    if ORIG_SHAPE_PREFIX + name not in metadata:
+        return qtype, stored
+    shape = metadata[ORIG_SHAPE_PREFIX + name]
+    if (
+        not isinstance(shape, list | tuple)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or math.prod(shape) != math.prod(stored)
+    ):
+        raise UserError(
+            f"{path} has a {ORIG_SHAPE_PREFIX}{name[:60]} of {str(shape)[:40]} that does not fit the tensor's "
+            f"{math.prod(stored)} values: the file is broken; download it again."
+        )
+    return qtype, tuple(shape)
 
 
 def architecture(metadata: dict[str, Any]) -> str:

@@ -193,5 +193,17 @@ def dequantize(
         return raw.reshape(-1).view(FLOAT_TYPES[qtype]).reshape(shape).to(dtype)
     if qtype not in BLOCK_DEQUANTIZERS:
         raise NotImplementedError(f"GGUF type {qtype.name} is not supported")
-    blocks = raw.reshape(-1, block_layout(qtype)[1])
-    return BLOCK_DEQUANTIZERS[qtype](blocks).reshape(shape).to(dtype)
+    block_size, type_size = block_layout(qtype)
+    blocks = raw.reshape(-1, type_size)
+    expand = BLOCK_DEQUANTIZERS[qtype]
+    out = torch.empty((blocks.shape[0], block_size), dtype=dtype, device=raw.device)
+    step = max(1, _CHUNK_ELEMENTS[raw.device.type == "cuda"] // block_size)
+    for start in range(0, blocks.shape[0], step):
+        out[start : start + step] = expand(blocks[start : start + step])  # float32 → dtype as it lands
+    return out.reshape(shape)
+
+
+# Blocks expanded at a time: on the CPU a chunk's float32 temporaries stay in cache and their memory is reused
+# (a whole 12B-block layer's would be hundreds of MB, freshly paged in on every call); on a GPU larger chunks
+# keep the kernel launches few while still bounding the temporaries' VRAM.
+_CHUNK_ELEMENTS = {False: 1 << 18, True: 1 << 23}

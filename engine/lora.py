@@ -30,6 +30,7 @@ from torch import nn
 
 from engine import ops
 from engine.errors import UserError
+from engine.paths import confined
 from engine.request import LoraSpec
 
 LORA_SUFFIXES = (".safetensors", ".sft")
@@ -152,7 +153,7 @@ def _read(path: Path, mtime_ns: int, size: int) -> LoraFile:
     # copies, not views of the mapped file: a long-lived engine must not hold the file open (on Windows that
     # would stop people from replacing or deleting it)
     tensors = {name: t.clone() for name, t in file.load(names).items()}
-    alphas = _metadata_alphas(file.metadata)
+    alphas = _metadata_alphas(file.metadata, path)
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     unsupported: list[str] = []
     for name, tensor in tensors.items():
@@ -169,10 +170,24 @@ def _read(path: Path, mtime_ns: int, size: int) -> LoraFile:
             unsupported += [name for name, _ in parts.values()]
             continue
         rank = down.shape[0]
+        if rank == 0:
+            raise UserError(f"{path} has a LoRA layer of rank 0 ({key}): the file is broken; get it again.")
         if "alpha" in parts:
-            scale = float(parts["alpha"][1].float().reshape(-1)[0]) / rank
+            alpha = parts["alpha"][1]
+            if alpha.numel() != 1:
+                raise UserError(
+                    f"{path} has an alpha of {alpha.numel()} values for {key} (one number expected): "
+                    "the file is broken; get it again."
+                )
+            scale = float(alpha.float().reshape(-1)[0]) / rank
         else:
             scale = alphas(key, rank)
+        if not math.isfinite(scale):
+            raise UserError(f"{path} has an alpha that is not a finite number ({key}): the file is broken.")
+        if not (_finite(down) and _finite(up)):
+            raise UserError(
+                f"{path} holds NaN or infinite values ({key}): the file is broken; get it again or remove it."
+            )
         pairs[key] = _Pair(key, [name for name, _ in parts.values()], down, up, scale)
     if not pairs:
         raise UserError(
@@ -180,6 +195,10 @@ def _read(path: Path, mtime_ns: int, size: int) -> LoraFile:
             "use a plain LoRA (not LoHa, LoKr or DoRA)."
         )
     return LoraFile(path, lora_name(path), pairs, unsupported, mtime_ns, size)
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t.float() if t.element_size() == 1 else t).all())
 
 
 def _matrix(part: tuple[str, torch.Tensor] | None) -> torch.Tensor | None:
@@ -192,15 +211,36 @@ def _matrix(part: tuple[str, torch.Tensor] | None) -> torch.Tensor | None:
     return t if t.ndim == 2 and t.is_floating_point() else None
 
 
-def _metadata_alphas(metadata: dict[str, str]):
+def _metadata_alphas(metadata: dict[str, str], path: Path):
     """alpha/rank from diffusers' `lora_adapter_metadata` (PEFT's lora_alpha, alpha_pattern, use_rslora), per
-    component ("transformer.lora_alpha") or global; without it alpha is the rank (scale 1)."""
+    component ("transformer.lora_alpha") or global; without it alpha is the rank (scale 1). Values of the wrong
+    kind (a text alpha, a list for alpha_pattern) are refused here, in one sentence, before any layer is read."""
     try:
         config = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-    except (TypeError, json.JSONDecodeError):
+    except (TypeError, json.JSONDecodeError, RecursionError):
         config = {}
     if not isinstance(config, dict):
         config = {}
+
+    def bad(field_name: str, value) -> UserError:
+        return UserError(
+            f"{path} has a {field_name} of {str(value)[:40]!r} in its metadata, which is not "
+            f"{'an object of numbers' if 'pattern' in field_name else 'a number'}: the file is broken; get it again."
+        )
+
+    def number(field_name: str, value) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise bad(field_name, value)
+        return float(value)
+
+    for field_name, value in config.items():
+        if field_name.endswith("lora_alpha") and value is not None:
+            number(field_name, value)
+        elif field_name.endswith("alpha_pattern") and value is not None:
+            if not isinstance(value, dict):
+                raise bad(field_name, value)
+            for item in value.values():
+                number(field_name, item)
 
     def scale(key: str, rank: int) -> float:
         component, _, module = key.partition(".")
@@ -606,25 +646,53 @@ def file_sha256(path: str | Path) -> str:
     return _HASHES[key]
 
 
-_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?(?::[^>]*)?>", re.IGNORECASE)
+_TAG_START = re.compile(re.escape("<lora:"), re.IGNORECASE)
+
+
+def _tags(prompt: str) -> list[tuple[int, int, str, str]]:
+    """(start, end, name, strength text) of each `<lora:name[:strength[:anything]]>` tag, in one pass: every
+    tag start reuses the `>` found for the one before it while that one lies ahead, so a prompt full of
+    unclosed tags costs time in proportion to its length, not its square."""
+    tags = []
+    close = -1
+    taken = 0  # tags do not overlap: the next starts after the last one's `>`
+    for match in _TAG_START.finditer(prompt):
+        start = match.start()
+        if start < taken:
+            continue
+        if close < match.end():
+            close = prompt.find(">", match.end())
+            if close < 0:
+                break  # no `>` from here on: no more tags
+        name, _, rest = prompt[match.end() : close].partition(":")
+        if not name:
+            continue
+        tags.append((start, close + 1, name, rest.partition(":")[0]))
+        taken = close + 1
+    return tags
 
 
 def prompt_loras(prompt: str, loras_dir: str | Path | None) -> tuple[str, list[LoraSpec]]:
     """Take A1111's `<lora:name>` / `<lora:name:0.8>` tags out of a prompt: (the prompt without them, the LoRAs
-    they name, found as name.safetensors in `loras_dir` or a folder below it)."""
+    they name, found as name.safetensors in `loras_dir` or a folder below it, never outside it)."""
     specs = []
-    for match in _TAG.finditer(prompt):
-        name, strength = match[1].strip(), (match[2] or "").strip()
+    pieces = []
+    last = 0
+    for start, end, raw_name, raw_strength in _tags(prompt):
+        tag, name, strength = prompt[start:end], raw_name.strip(), raw_strength.strip()
         try:
             value = float(strength) if strength else 1.0
         except ValueError:
             raise UserError(
-                f"{match[0]} in the prompt has no number for its strength: write e.g. <lora:{name}:0.8>."
+                f"{tag[:80]} in the prompt has no number for its strength: write e.g. <lora:{name[:40]}:0.8>."
             ) from None
-        specs.append(LoraSpec(str(_find_lora(name, loras_dir, match[0])), value))
+        specs.append(LoraSpec(str(_find_lora(name, loras_dir, tag[:80])), value))
+        pieces.append(prompt[last:start])
+        last = end
     if not specs:
         return prompt, []
-    cleaned = re.sub(r"[ \t]{2,}", " ", _TAG.sub("", prompt)).strip()
+    pieces.append(prompt[last:])
+    cleaned = re.sub(r"[ \t]{2,}", " ", "".join(pieces)).strip()
     cleaned = re.sub(r"\s+,", ",", cleaned).strip(" ,")
     return cleaned, specs
 
@@ -636,13 +704,13 @@ def _find_lora(name: str, loras_dir: str | Path | None, tag: str) -> Path:
         )
     folder = Path(loras_dir)
     for suffix in ("", *LORA_SUFFIXES):
-        direct = folder / f"{name}{suffix}"
+        direct = confined(folder, f"{name}{suffix}", f"{tag} in the prompt")
         if direct.is_file():
             return direct
     wanted = name.lower()
     for path in sorted(folder.rglob("*")):
         if path.suffix.lower() in LORA_SUFFIXES and path.is_file() and lora_name(path).lower() == wanted:
-            return path
+            return confined(folder, str(path.relative_to(folder)), f"{tag} in the prompt")
     raise UserError(
         f"{tag} in the prompt names no LoRA in {folder}: put {name}.safetensors there or fix the name."
     )

@@ -24,10 +24,11 @@ LOOKAHEAD = 2  # streamed blocks copied ahead of the one that runs
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks a model is streamed by (what is left of it is small and stays resident)."""
-    for path in ("double_blocks", "single_blocks"):
-        if hasattr(model, path):
-            return [*model.double_blocks, *model.single_blocks]
+    """The repeated blocks a model is streamed by (what is left of it is small and stays resident): those it
+    declares (`streamable_blocks`, our own models), else the encoder layers of transformers' T5 and CLIP."""
+    declared = getattr(model, "streamable_blocks", None)
+    if declared is not None:
+        return list(declared())
     for path in ("encoder.block", "encoder.layers"):  # T5, CLIP
         try:
             return list(model.get_submodule(path))
@@ -231,6 +232,7 @@ class MemoryManager:
         for other in list(self._active):
             if other != id(model):
                 self._release(self._models[other])
+                self._active.remove(other)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         self.stats.budget_lowered += 1
@@ -240,13 +242,14 @@ class MemoryManager:
     def _evict_for(self, managed: _Managed) -> None:
         if self.budget is None:
             return
-        for other_id in list(self._active):
-            used = sum(self._models[i].plan.resident_bytes for i in self._active if self._models[i].plan)
+        others = [i for i in self._active if i != id(managed.model)]
+        for other_id in others:
+            used = sum(self._models[i].plan.resident_bytes for i in self._active
+                       if i != id(managed.model) and self._models[i].plan)  # fmt: skip
             if used + managed.plan.resident_bytes <= self.budget:
                 break
-            if other_id != id(managed.model):
-                self._release(self._models[other_id])
-                self._active.remove(other_id)
+            self._release(self._models[other_id])
+            self._active.remove(other_id)
 
     def _stage_resident(self, managed: _Managed) -> None:
         layers = list(managed.rest)

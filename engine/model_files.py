@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import UserError
@@ -30,10 +30,13 @@ class ResolvedFiles:
     components: dict[str, Component]  # one per role
     clip_tokenizer: Path | None
     t5_tokenizer: Path | None
+    notes: list[str] = field(default_factory=list)  # files of the models folder that were skipped, and why
 
 
-def scan_models_dir(models_dir: Path) -> dict[str, list[Component]]:
-    """Every weight file under the ComfyUI folders, grouped by the roles its tensor names show."""
+def scan_models_dir(models_dir: Path, notes: list[str] | None = None) -> dict[str, list[Component]]:
+    """Every weight file under the ComfyUI folders, grouped by the roles its tensor names show. A file that
+    cannot be read (truncated, foreign, a malformed header) is skipped with a note in `notes`: one bad file in a
+    shared folder never stops the scan."""
     if not models_dir.is_dir():
         raise UserError(f"The models folder {models_dir} does not exist: check --models-dir.")
     found: dict[str, list[Component]] = {role: [] for role in ROLES}
@@ -44,8 +47,14 @@ def scan_models_dir(models_dir: Path) -> dict[str, list[Component]]:
                 continue
             try:
                 components = find_components(open_weights(path))
-            except UserError:
-                continue  # a truncated or foreign file in a shared folder must not stop the others
+            except UserError as error:
+                if notes is not None:
+                    notes.append(f"skipped {path.name}: {error}")
+                continue
+            except Exception as error:  # a reader's own failure on a hostile file: still only this file
+                if notes is not None:
+                    notes.append(f"skipped {path.name}: it could not be read ({type(error).__name__})")
+                continue
             for role, component in components.items():
                 found[role].append(component)
     return found
@@ -70,11 +79,12 @@ def resolve(files: ModelFiles) -> ResolvedFiles:
         path = getattr(files, role)
         if path:
             components[role] = component_from(path, role, FLAGS[role])
+    notes: list[str] = []
     clip_tok = Path(files.clip_tokenizer) if files.clip_tokenizer else None
     t5_tok = Path(files.t5_tokenizer) if files.t5_tokenizer else None
     if files.models_dir:
         models_dir = Path(files.models_dir)
-        scanned = scan_models_dir(models_dir)
+        scanned = scan_models_dir(models_dir, notes)
         if not any(scanned.values()):
             raise UserError(
                 f"The models folder {models_dir} holds no FLUX model files: download them "
@@ -94,7 +104,7 @@ def resolve(files: ModelFiles) -> ResolvedFiles:
     # Files given one by one: the tokenizers the bootstrap downloads into the bundle's own models folder.
     clip_tok = clip_tok or _bundled_tokenizer("clip_l")
     t5_tok = t5_tok or _bundled_tokenizer("t5xxl")
-    return ResolvedFiles(components, clip_tok, t5_tok)
+    return ResolvedFiles(components, clip_tok, t5_tok, notes)
 
 
 def _bundled_tokenizer(name: str) -> Path | None:

@@ -69,9 +69,36 @@ _PLAIN = WeightSource()
 
 
 class Linear(CastMixin, nn.Linear):
+    """Every product with a linear layer's weight is one of these three methods, so a faster path (a quantized
+    matmul, say) replaces them here and no model code can go around it."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight, bias = self.fetch(x)
         return F.linear(x, weight, bias)
+
+    def forward_split(self, x: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+        """`forward(x).split(sizes, -1)` as one product per row block of the weight: contiguous outputs, no
+        split copies."""
+        weight, bias = self.fetch(x)
+        outputs, start = [], 0
+        for size in sizes:
+            rows = slice(start, start + size)
+            outputs.append(F.linear(x, weight[rows], None if bias is None else bias[rows]))
+            start += size
+        return outputs
+
+    def forward_concat(self, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """`forward(torch.cat(parts, -1))` as products over column blocks of the weight, summed in place: no
+        concatenated copy of the input."""
+        weight, bias = self.fetch(parts[0])
+        width = parts[0].shape[-1]
+        out = F.linear(parts[0], weight[:, :width], bias)
+        flat = out.flatten(0, -2)
+        for part in parts[1:]:
+            columns = weight[:, width : width + part.shape[-1]]
+            flat = torch.addmm(flat, part.flatten(0, -2), columns.t())
+            width += part.shape[-1]
+        return flat.view_as(out)
 
 
 class Conv2d(CastMixin, nn.Conv2d):

@@ -23,17 +23,19 @@ from engine.embedding_cache import EmbeddingCache
 from engine.errors import Cancelled, UserError
 from engine.events import Done, EventSink, Message, Preview, Stage, Step, ignore
 from engine.flux_model import position_embedding
-from engine.lora import apply_loras, clip_lora_key, prompt_loras
+from engine.lora import apply_loras, clip_lora_key, lora_name, prompt_loras
 from engine.memory import GB, MemoryManager, auto_budget, tune_host_allocator
 from engine.model_files import ResolvedFiles, resolve
 from engine.png_output import check_writable, parameters_text, save_png
 from engine.request import GenerateRequest
+from engine.step_cache import FirstBlockCache, parse_cache
 from engine.text_encoders import (
     CLIP_LENGTH,
     encode_clip,
     encode_t5,
     load_clip_tokenizer,
     load_t5_tokenizer,
+    tokenizer_identity,
 )
 from engine.weights import Component
 
@@ -149,7 +151,7 @@ class Engine:
                 gc.collect()
 
     def _tokenizer(self, kind: str, folder: Path | None):
-        key = (kind, str(folder))
+        key = (kind, tokenizer_identity(kind, folder))  # a tokenizer replaced in its folder is read again
         if key not in self._tokenizers:
             loader = load_clip_tokenizer if kind == "clip" else load_t5_tokenizer
             self._tokenizers[key] = loader(folder)
@@ -166,13 +168,16 @@ class Engine:
     def _generate(self, request: GenerateRequest, on_event: EventSink, cancel: threading.Event) -> list[str]:
         started = time.perf_counter()
         request.validate()
-        if "<lora:" in request.prompt:  # A1111-style tags name LoRAs in <models-dir>/loras
+        if "<lora:" in request.prompt.lower():  # A1111-style tags name LoRAs in <models-dir>/loras
             loras_dir = _loras_folder(request.files.models_dir)
             prompt, tagged = prompt_loras(request.prompt, loras_dir)
             request = dataclasses.replace(request, prompt=prompt, loras=[*request.loras, *tagged])
+            request.validate()  # the tags' strengths are numbers from outside too
         out = check_writable(request.out)
         device, dtype = pick_device(request.device, request.dtype)
         files = resolve(request.files)
+        for skipped in files.notes:
+            on_event(Message(skipped))
         memory = self._memory(device, request.vram_budget)
         memory.reset_stats()
         schnell = "guidance_in.in_layer.weight" not in files.components["transformer"].shapes()
@@ -213,13 +218,16 @@ class Engine:
         y = torch.cat([c[0].to(device, dtype).expand(batch, -1) for c in conds])
         txt = torch.cat([c[1].to(device, dtype).expand(batch, -1, -1) for c in conds])
 
+        threshold = parse_cache(request.cache)
+        step_cache = None if threshold is None else FirstBlockCache(threshold, groups=passes)
+
         @torch.inference_mode()
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             if cancel.is_set():
                 raise Cancelled("cancelled")
             timesteps = torch.full((rows,), t, device=device, dtype=dtype)
             xin = x.to(dtype).repeat(passes, 1, 1)
-            v = transformer(xin, img_ids, txt, txt_ids, timesteps, y, guidance, pe).float()
+            v = transformer(xin, img_ids, txt, txt_ids, timesteps, y, guidance, pe, cache=step_cache).float()
             if passes == 1:
                 return v
             positive, negative = v.chunk(2)
@@ -234,11 +242,18 @@ class Engine:
 
         def on_step(report: sampling.StepReport) -> None:
             step_seconds.append(report.seconds)
-            on_event(Step(report.step, report.total, report.seconds))
+            cached = step_cache is not None and not any(step_cache.decisions[-1])
+            on_event(Step(report.step, report.total, report.seconds, cached))
             if projection is not None:
                 on_event(preview(report, projection, height, width))
 
-        x = sampling.euler(x, times, self._retrying(velocity, transformer, on_event), on_step)
+        try:
+            x = sampling.euler(x, times, self._retrying(velocity, transformer, on_event), on_step)
+        except sampling.NonFiniteLatents as error:
+            raise UserError(
+                f"The image turned to NaN/infinity at step {error.step} of {error.total}, so it would be black: "
+                f"the likely cause is {_nonfinite_cause(request, files, dtype)}."
+            ) from None
         self._release_after_stage(("transformer",))
 
         on_event(Stage("decoding"))
@@ -247,20 +262,24 @@ class Engine:
             on_event(Message(text))
 
         vae = self._model(files.components["vae"], dtype, device)
+        images = []
         with torch.inference_mode():
             latents = sampling.unpack(x, height, width).to(dtype)
-            pixels = torch.cat(
-                [
-                    vae_tiling.decode(vae, latents[i : i + 1], on_message=note).float().cpu()
-                    for i in range(batch)
-                ]
-            )
+            for i in range(batch):  # one image at a time, kept as 8-bit: a batch never holds float pixels
+                pixels = vae_tiling.decode(vae, latents[i : i + 1], on_message=note).float().cpu()
+                if not _finite(pixels):
+                    raise UserError(
+                        f"The decoded image holds NaN/infinity: the likely cause is the autoencoder file "
+                        f"{files.components['vae'].file.path} (damaged weights: download it again, or use "
+                        "--dtype fp32)."
+                    )
+                images += _to_images(pixels)
         self._release_after_stage(("vae",))
 
         on_event(Stage("saving"))
         model_name = files.components["transformer"].file.path.stem
         paths = []
-        for i, image in enumerate(_to_images(pixels)):
+        for i, image in enumerate(images):
             record = request.to_dict() | {"batch_index": i, "steps": steps, "t5_max_length": t5_length}
             text = parameters_text(request, steps=steps, model=model_name, batch_index=i)
             paths.append(str(save_png(image, out, text, record)))
@@ -294,23 +313,29 @@ class Engine:
         clip_prompt = request.prompt if request.clip_prompt is None else request.clip_prompt
         true_cfg = request.cfg > 1.0 and request.negative is not None
         pairs = [(clip_prompt, request.prompt)] + ([(request.negative, request.negative)] if true_cfg else [])
+        clip_tokenizer = tokenizer_identity("clip", files.clip_tokenizer)
+        t5_tokenizer = tokenizer_identity("t5", files.t5_tokenizer)
         conds = []
         for clip_text, t5_text in pairs:
             lora_key = clip_lora_key(request.loras)  # a CLIP-L LoRA changes what CLIP makes of the prompt
-            clip_key = self.cache.key(files.components["clip"], clip_text + lora_key, CLIP_LENGTH, dtype)
-            t5_key = self.cache.key(files.components["t5"], t5_text, t5_length, dtype)
+            clip_key = self.cache.key(
+                files.components["clip"], clip_text + lora_key, CLIP_LENGTH, dtype, clip_tokenizer
+            )
+            t5_key = self.cache.key(files.components["t5"], t5_text, t5_length, dtype, t5_tokenizer)
             pooled, states = self.cache.get(clip_key), self.cache.get(t5_key)
             if pooled is None:
                 clip = self._model(files.components["clip"], dtype, device)
                 for note in apply_loras(None, clip, request.loras, parts=("clip",)):
                     on_event(Message(note))
                 pooled = encode_clip(clip, self._tokenizer("clip", files.clip_tokenizer), [clip_text], device)
+                _check_encoding(pooled, files.components["clip"], request.loras)
                 self.cache.put(clip_key, pooled)
             if states is None:
                 t5 = self._model(files.components["t5"], dtype, device)
                 states = encode_t5(
                     t5, self._tokenizer("t5", files.t5_tokenizer), [t5_text], t5_length, device
                 )
+                _check_encoding(states, files.components["t5"], [])
                 self.cache.put(t5_key, states)
             conds.append((pooled, states))
         return conds
@@ -354,6 +379,56 @@ def _loras_folder(models_dir: str | None) -> Path | None:
         return None
     folders = [Path(models_dir) / name for name in ("loras", "Lora")]
     return next((f for f in folders if f.is_dir()), folders[0])
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def _check_encoding(encoded: torch.Tensor, component: Component, loras) -> None:
+    """A text encoding with NaN/infinity stops the job (and never reaches the cache)."""
+    if _finite(encoded):
+        return
+    strong = [lora_name(spec.path) for spec in loras if spec.strength != 0]
+    cause = (
+        f"a LoRA with a CLIP-L part ({', '.join(strong)}) or the file {component.file.path}"
+        if strong
+        else f"the file {component.file.path} (damaged weights: download it again)"
+    )
+    raise UserError(f"The text encoding holds NaN/infinity: the likely cause is {cause}.")
+
+
+def _holds_nonfinite(component: Component) -> bool:
+    """Whether the component's stored float weights hold NaN or infinity (read tensor by tensor from the
+    mapped file; quantized GGUF blocks are not expanded)."""
+    for tensor in component.load().values():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            if not _finite(tensor.float() if tensor.element_size() == 1 else tensor):
+                return True
+    return False
+
+
+def _nonfinite_cause(request: GenerateRequest, files: ResolvedFiles, dtype: torch.dtype) -> str:
+    """The likely cause of NaN/infinity in the latents, in words: a weight file, a LoRA or a setting."""
+    transformer = files.components["transformer"]
+    if _holds_nonfinite(transformer):
+        return f"the transformer file {transformer.file.path}, which holds NaN/infinite weights (download it again)"
+    loras = [spec for spec in request.loras if spec.strength != 0]
+    if loras:
+        names = ", ".join(f"{lora_name(s.path)} (strength {s.strength:g})" for s in loras)
+        return f"the LoRA {names}: try a lower strength or generate without it"
+    if dtype == torch.float16:
+        return "float16 overflowing in this model: use --dtype bf16 or --dtype fp32"
+    settings = [
+        f"--{name} {value:g}"
+        for name, value, usual in (("guidance", request.guidance, 10), ("cfg", request.cfg, 10))
+        if value > usual
+    ]
+    if request.shift not in ("auto", "none"):
+        settings.append(f"--shift {request.shift}")
+    if settings:
+        return f"a setting far from the usual ({', '.join(settings)}): try the defaults"
+    return f"the transformer file {transformer.file.path} or a setting: download the file again and try the defaults"
 
 
 def _mu(shift: str, schnell: bool, image_tokens: int) -> float | None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
+from engine.atomic_write import partial_name, write_atomic
 from engine.errors import UserError
 from engine.request import GenerateRequest
 
@@ -38,6 +39,8 @@ def parameters_text(request: GenerateRequest, *, steps: int, model: str, batch_i
         fields["Denoising strength"] = _num(request.denoise)
     if request.shift != "auto":
         fields["Shift"] = request.shift
+    if request.cache != "none":
+        fields["Cache"] = request.cache
     if request.loras:
         fields["Lora hashes"] = _lora_hashes(request)
     fields["Version"] = VERSION
@@ -82,8 +85,8 @@ def check_writable(out: str | Path) -> Path:
     path = Path(out)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = path.parent / f".{path.name}.probe"
-        probe.write_bytes(b"")
+        probe = partial_name(path)
+        probe.open("xb").close()
         probe.unlink()
     except OSError as e:
         raise UserError(f"Cannot write to {path.parent} ({e.strerror}): choose another --out.") from None
@@ -101,16 +104,15 @@ def free_path(path: Path) -> Path:
 
 
 def save_png(image: Image.Image, out: Path, parameters: str, request_json: dict) -> Path:
-    """Write the PNG under a name that does not exist yet (exclusive create: a racing writer cannot clobber it)."""
+    """Write the PNG under a name that does not exist yet: written whole under a temporary name, then linked
+    into place without replacing anything (a racing writer cannot clobber it, an interrupt leaves no half PNG)."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
     info.add_text(JSON_KEY, json.dumps(request_json))
     while True:
         path = free_path(out)
         try:
-            with path.open("xb") as f:
-                image.save(f, format="PNG", pnginfo=info)
-            return path
+            return write_atomic(path, lambda f: image.save(f, format="PNG", pnginfo=info))
         except FileExistsError:
             continue
 

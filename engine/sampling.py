@@ -61,6 +61,14 @@ def schedule(steps: int, mu: float | None) -> list[float]:
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]  # (x, t) → v
 
 
+class NonFiniteLatents(Exception):
+    """The latents held NaN or infinity at the end of a step: the image would come out black."""
+
+    def __init__(self, step: int, total: int):
+        super().__init__(f"NaN or infinity in the latents after step {step} of {total}")
+        self.step, self.total = step, total
+
+
 @dataclass
 class StepReport:
     step: int
@@ -72,13 +80,16 @@ class StepReport:
 def euler(
     x: torch.Tensor, times: list[float], velocity: Velocity, on_step: Callable[[StepReport], None]
 ) -> torch.Tensor:
-    """x ← x + (t_next − t)·v(x, t), in float32 between steps whatever the compute dtype."""
+    """x ← x + (t_next − t)·v(x, t), in float32 between steps whatever the compute dtype. Latents that hold
+    NaN or infinity at the end of a step stop the loop (NonFiniteLatents): nothing good can come of them."""
     total = len(times) - 1
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         start = time.perf_counter()
         v = velocity(x, t).float()
         denoised = x - t * v
         x = x + (t_next - t) * v
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteLatents(i + 1, total)
         on_step(StepReport(i + 1, total, time.perf_counter() - start, denoised))
     return x
 

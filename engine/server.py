@@ -10,7 +10,12 @@ Out (one object a line; every job line carries its "id"):
     event_to_dict(event) + "id"             stage, step, preview, done, message (engine/events.py)
     {"type": "stats", "id": ..., "rss_mb": .., "vram_mb": .., "vram_total_mb": ..}   after each step and at the end
     {"type": "cancelled", "id": ...}
+    {"type": "unknown-job", "id": ..., "message": ...}        a cancel for an id that is neither queued nor running
     {"type": "error", "id": ..., "message": "one sentence"}   UserError, or anything unexpected (traceback: stderr)
+
+Every input line gets an answer or its job's events, and no input ends the server: a line that is not a JSON
+object (nested past the parser's depth included) or a command of the wrong shape gets an error object whose
+message is a plain sentence, never an exception's raw text.
     {"type": "bye"}                         just before a clean exit
 
 stdout carries the protocol only: anything else that prints goes to stderr, which the TUI shows in its log.
@@ -100,14 +105,30 @@ class Server:
                 continue
             try:
                 command = json.loads(line)
-                if not isinstance(command, dict):
-                    raise ValueError("not an object")
-            except ValueError:
-                self._out.send({"type": "error", "id": None, "message": f"Not a JSON object: {line[:80]!r}."})
+            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+                command = None
+            if not isinstance(command, dict):
+                self._out.send(
+                    {
+                        "type": "error",
+                        "id": None,
+                        "message": "A line was not a JSON object: send one command per line.",
+                    }
+                )
                 continue
             if command.get("type") == "shutdown":
                 break
-            self._handle(command)
+            try:
+                self._handle(command)
+            except Exception:  # a bug in handling one command must not end the server and its queue
+                traceback.print_exc(file=sys.stderr)
+                self._out.send(
+                    {
+                        "type": "error",
+                        "id": None,
+                        "message": "The engine could not handle a command: see its log.",
+                    }
+                )
         self._stop()
         self._out.send({"type": "bye"})
         return 0
@@ -115,15 +136,21 @@ class Server:
     def _handle(self, command: dict) -> None:
         kind = command.get("type")
         job_id = command.get("id")
+        if kind in ("job", "cancel") and (isinstance(job_id, bool) or not isinstance(job_id, str | int)):
+            self._out.send(
+                {"type": "error", "id": None, "message": f"A {kind} command needs an id that is a string."}
+            )
+            return
         if kind == "job":
-            job = _Job(id=str(job_id), request=command.get("request") or {})
+            job = _Job(id=str(job_id), request=command.get("request"))
             with self._lock:
                 self._pending[job.id] = job
             self._jobs.put(job)
         elif kind == "cancel":
             self._cancel(str(job_id))
         else:
-            self._out.send({"type": "error", "id": job_id, "message": f"Unknown command type {kind!r}."})
+            shown = kind if isinstance(kind, str) else type(kind).__name__
+            self._out.send({"type": "error", "id": None, "message": f"Unknown command type {shown[:40]!r}."})
 
     def _cancel(self, job_id: str) -> None:
         with self._lock:
@@ -134,6 +161,14 @@ class Server:
         if job is not None:
             job.cancel.set()  # the worker skips it
             self._out.send({"type": "cancelled", "id": job_id})
+        else:
+            self._out.send(
+                {
+                    "type": "unknown-job",
+                    "id": job_id,
+                    "message": f"No job {job_id[:40]!r} to cancel: it has already ended or was never queued.",
+                }
+            )
 
     def _stop(self) -> None:
         with self._lock:
@@ -191,10 +226,17 @@ class Server:
             )
         except Exception as error:  # the server must outlive a bad job
             traceback.print_exc(file=sys.stderr)
-            name = type(error).__name__
-            oom = "out of memory" in str(error).lower()
-            hint = "try a smaller size or a lower VRAM budget" if oom else "see the log for the traceback"
-            send({"type": "error", "id": job.id, "message": f"{name}: {str(error)[:200]} ({hint})."})
+            send({"type": "error", "id": job.id, "message": _plain_sentence(error)})
+
+
+def _plain_sentence(error: Exception) -> str:
+    """What the user reads about an unexpected failure: a sentence, never the exception's raw text (which
+    the log keeps, with the traceback)."""
+    if "out of memory" in str(error).lower() or "not enough memory" in str(error).lower():
+        return "The engine ran out of memory: try a smaller size, a smaller batch or a lower VRAM budget."
+    return (
+        f"The engine failed unexpectedly ({type(error).__name__}): the log has the details; please report it."
+    )
 
 
 def _default_engine() -> Any:

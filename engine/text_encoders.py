@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -122,24 +123,41 @@ def _tokenizer_folder(folder: str | Path | None, what: str, flag: str) -> Path:
     return path
 
 
-def load_clip_tokenizer(folder: str | Path | None) -> CLIPTokenizer:
-    path = _tokenizer_folder(folder, "CLIP", "--clip-tokenizer")
-    if not (
-        (path / "tokenizer.json").is_file()
-        or (path / "vocab.json").is_file()
-        and (path / "merges.txt").is_file()
-    ):
-        raise UserError(
-            f"{path} has no tokenizer.json nor vocab.json + merges.txt: it is not a CLIP tokenizer folder."
-        )
-    return CLIPTokenizer.from_pretrained(str(path))
+def tokenizer_identity(kind: str, folder: str | Path | None) -> str:
+    """What the text-embedding cache knows a tokenizer by: its folder (resolved) and each file's name, size and
+    modification time. The folder is checked as loading it would be, so a missing tokenizer is an error even
+    when the embeddings are cached."""
+    path = _checked_folder(kind, folder)
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return json.dumps(
+        [str(path.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+    )
 
 
-def load_t5_tokenizer(folder: str | Path | None) -> T5Tokenizer:
+def _checked_folder(kind: str, folder: str | Path | None) -> Path:
+    if kind == "clip":
+        path = _tokenizer_folder(folder, "CLIP", "--clip-tokenizer")
+        if not (
+            (path / "tokenizer.json").is_file()
+            or (path / "vocab.json").is_file()
+            and (path / "merges.txt").is_file()
+        ):
+            raise UserError(
+                f"{path} has no tokenizer.json nor vocab.json + merges.txt: it is not a CLIP tokenizer folder."
+            )
+        return path
     path = _tokenizer_folder(folder, "T5", "--t5-tokenizer")
     if not ((path / "tokenizer.json").is_file() or (path / "spiece.model").is_file()):
         raise UserError(f"{path} has no tokenizer.json nor spiece.model: it is not a T5 tokenizer folder.")
-    return T5Tokenizer.from_pretrained(str(path))
+    return path
+
+
+def load_clip_tokenizer(folder: str | Path | None) -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(str(_checked_folder("clip", folder)))
+
+
+def load_t5_tokenizer(folder: str | Path | None) -> T5Tokenizer:
+    return T5Tokenizer.from_pretrained(str(_checked_folder("t5", folder)))
 
 
 def _ids(tokenizer, prompts: list[str], length: int, device: torch.device) -> torch.Tensor:

@@ -9,8 +9,10 @@ A tiled result is not the untiled one: GroupNorm statistics and the mid-block at
 whole image, and convolutions see zero padding at tile edges. The differences are small and the ramp hides
 the seams; when one tile covers the whole input the result is the untiled one exactly.
 
-`decode` and `encode` are the pipeline's entry points: untiled for small images, tiled for big ones (see
-`should_tile`), and tiled again, with smaller and smaller tiles, when a run raises torch.OutOfMemoryError.
+`decode` and `encode` are the pipeline's entry points: untiled for small images, tiled for big ones or when
+the memory estimate (activations plus the mid-block attention's tokens × tokens matrix) exceeds a share of the
+free memory (see `should_tile`), and tiled again, with smaller and smaller tiles, when a run fails to allocate
+memory on any device (torch.OutOfMemoryError on a GPU; MemoryError or the CPU allocator's RuntimeError).
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ GPU_MAX_PIXELS = 1024 * 1024
 CPU_MAX_PIXELS = 2048 * 2048
 # Full-resolution activations alive at once in the untiled decoder/encoder (input, norm, activation, conv out).
 LIVE_TENSORS = 4
+# The mid-block attention runs over every latent pixel: its tokens × tokens scores, in float32 (4 bytes), are
+# 17 GB for a 2048×2048 image (65,536 tokens) and dominate the estimate above about 1024×1024.
+ATTENTION_BYTES = 4
+# Shares of the free memory an untiled run may plan to use: on the CPU the estimate competes with the model's
+# own pages and everything else in RAM (and running out there is the OOM killer, not an exception); a GPU's
+# free figure already counts torch's unused cache.
+CPU_FREE_SHARE = 0.5
+GPU_FREE_SHARE = 0.9
+# Texts of allocation failures that torch raises as plain RuntimeErrors (the CPU allocator, cuDNN, MPS).
+_ALLOCATION_FAILURES = ("out of memory", "not enough memory", "defaultcpuallocator", "can't allocate memory")
 
 DECODE_TILE, DECODE_OVERLAP = 64, 16  # latent pixels (512 and 128 image pixels)
 ENCODE_TILE, ENCODE_OVERLAP = 512, 64  # image pixels
@@ -40,6 +52,21 @@ Notify = Callable[[str], None]
 # ---- the decision ----
 
 
+def estimate_bytes(
+    height: int,
+    width: int,
+    *,
+    bytes_per_pixel: int = LIVE_TENSORS * 256 * 2,
+    downscale: int = 8,
+    batch: int = 1,
+) -> int:
+    """The untiled run's estimated peak for `batch` images of height × width pixels: `bytes_per_pixel` per
+    image pixel (the default is FLUX's decoder in bfloat16) plus the mid-block attention's scores,
+    (latent pixels)² × ATTENTION_BYTES."""
+    tokens = (height // downscale) * (width // downscale)
+    return batch * (height * width * bytes_per_pixel + tokens * tokens * ATTENTION_BYTES)
+
+
 def should_tile(
     height: int,
     width: int,
@@ -48,19 +75,36 @@ def should_tile(
     *,
     max_pixels: int | None = None,
     bytes_per_pixel: int = LIVE_TENSORS * 256 * 2,
+    downscale: int = 8,
+    batch: int = 1,
 ) -> bool:
     """Whether an image of height × width pixels (the decoder's output, the encoder's input) goes in tiles.
 
     Tiled when it has more than `max_pixels` pixels (default: GPU_MAX_PIXELS on an accelerator,
-    CPU_MAX_PIXELS on the CPU), or when the untiled run's estimated peak (`bytes_per_pixel` per pixel; the
-    default is FLUX's autoencoder in bfloat16) is more than `free_bytes` (None: unknown, not checked).
+    CPU_MAX_PIXELS on the CPU), or when `estimate_bytes` is more than the device's share (CPU_FREE_SHARE,
+    GPU_FREE_SHARE) of `free_bytes` (None: unknown, not checked).
     """
-    pixels = height * width
+    cpu = torch.device(device).type == "cpu"
     if max_pixels is None:
-        max_pixels = CPU_MAX_PIXELS if torch.device(device).type == "cpu" else GPU_MAX_PIXELS
-    if pixels > max_pixels:
+        max_pixels = CPU_MAX_PIXELS if cpu else GPU_MAX_PIXELS
+    if height * width > max_pixels:
         return True
-    return free_bytes is not None and pixels * bytes_per_pixel > free_bytes
+    if free_bytes is None:
+        return False
+    needed = estimate_bytes(height, width, bytes_per_pixel=bytes_per_pixel, downscale=downscale, batch=batch)
+    return needed > (CPU_FREE_SHARE if cpu else GPU_FREE_SHARE) * free_bytes
+
+
+def is_allocation_failure(error: BaseException) -> bool:
+    """Whether `error` says memory ran out, on any device: torch.OutOfMemoryError (CUDA's), MemoryError, or
+    the RuntimeError the CPU allocator raises ("DefaultCPUAllocator: not enough memory: you tried to allocate")."""
+    if isinstance(error, torch.OutOfMemoryError | MemoryError):
+        return True
+    return isinstance(error, RuntimeError) and any(t in str(error).lower() for t in _ALLOCATION_FAILURES)
+
+
+def _failure_text(error: BaseException) -> str:
+    return "out of GPU memory" if isinstance(error, torch.OutOfMemoryError) else "out of memory"
 
 
 def free_bytes(device: torch.device | str) -> int | None:
@@ -107,7 +151,7 @@ def decode(
     tile: int = DECODE_TILE,
     overlap: int = DECODE_OVERLAP,
 ) -> torch.Tensor:
-    """vae.decode(z), in tiles when the image is big or the untiled run runs out of GPU memory."""
+    """vae.decode(z), in tiles when the image is big or the untiled run runs out of memory."""
     f = downscale(vae)
     height, width = z.shape[-2] * f, z.shape[-1] * f
     return _run(
@@ -120,7 +164,9 @@ def decode(
             z.device,
             free_bytes(z.device),
             max_pixels=max_pixels,
-            bytes_per_pixel=_bytes_per_pixel(vae, z.dtype, decoding=True) * z.shape[0],
+            bytes_per_pixel=_bytes_per_pixel(vae, z.dtype, decoding=True),
+            downscale=f,
+            batch=z.shape[0],
         ),
         (height, width),
         tile,
@@ -141,7 +187,7 @@ def encode(
     tile: int = ENCODE_TILE,
     overlap: int = ENCODE_OVERLAP,
 ) -> torch.Tensor:
-    """vae.encode(x), in tiles when the image is big or the untiled run runs out of GPU memory."""
+    """vae.encode(x), in tiles when the image is big or the untiled run runs out of memory."""
     height, width = x.shape[-2:]
     return _run(
         "encoding",
@@ -153,7 +199,9 @@ def encode(
             x.device,
             free_bytes(x.device),
             max_pixels=max_pixels,
-            bytes_per_pixel=_bytes_per_pixel(vae, x.dtype, decoding=False) * x.shape[0],
+            bytes_per_pixel=_bytes_per_pixel(vae, x.dtype, decoding=False),
+            downscale=downscale(vae),
+            batch=x.shape[0],
         ),
         (height, width),
         tile,
@@ -176,28 +224,32 @@ def _run(
     tile_pixels: int,
     on_message: Notify | None,
 ) -> torch.Tensor:
-    """The untiled run unless `tile_first`; tiled after an out-of-memory, halving the tiles (in units of
-    `tile_pixels` image pixels) after each further one down to `min_tile`."""
+    """The untiled run unless `tile_first`; tiled after an allocation failure (`is_allocation_failure`), halving
+    the tiles (in units of `tile_pixels` image pixels) after each further one down to `min_tile`."""
     notify = on_message or (lambda _text: None)
     if tile_first:
         notify(f"{verb} {size[1]}×{size[0]} in tiles")
     else:
         try:
             return untiled()
-        except torch.OutOfMemoryError:
-            pass  # retry outside the handler: the traceback holds the failed run's activations
+        except Exception as error:
+            if not is_allocation_failure(error):
+                raise
+            failure = _failure_text(error)
+        # retried outside the handler: the traceback holds the failed run's activations
         _free_cache()
-        notify(f"out of GPU memory while {verb}: {verb} in tiles")
+        notify(f"{failure} while {verb}: {verb} in tiles")
     while True:
         try:
             return tiled(tile, overlap)
-        except torch.OutOfMemoryError:
-            if tile // 2 < min_tile:
+        except Exception as error:
+            if not is_allocation_failure(error) or tile // 2 < min_tile:
                 raise
+            failure = _failure_text(error)
         _free_cache()
         tile = tile // 2
         overlap = min(overlap // 2, tile - 1)
-        notify(f"out of GPU memory while {verb} in tiles: trying smaller tiles ({tile * tile_pixels} pixels)")
+        notify(f"{failure} while {verb} in tiles: trying smaller tiles ({tile * tile_pixels} pixels)")
 
 
 def _free_cache() -> None:

@@ -7,6 +7,7 @@ under a known prefix. Tensors are loaded one at a time in the dtype the file sto
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 import warnings
@@ -127,23 +128,63 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int
             )
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise UserError(f"{path} is not a safetensors file: its header is unreadable.") from None
-    metadata = header.pop("__metadata__", {}) or {}
-    tensors: dict[str, TensorInfo] = {}
-    end = 0
-    for name, info in header.items():
-        if info.get("dtype") not in _DTYPES:
-            raise UserError(f"{path} holds a tensor of type {info.get('dtype')!r} that FluxDeck cannot read.")
-        start, stop = info["data_offsets"]
-        tensors[name] = TensorInfo(info["dtype"], tuple(info["shape"]), start, stop)
-        end = max(end, stop)
-    if 8 + header_len + end > size:
-        missing = 8 + header_len + end - size
+    tensors, metadata = check_header(header, path)
+    data_size = size - 8 - header_len
+    end = max((info.end for info in tensors.values()), default=0)
+    if end > data_size:
         raise UserError(
-            f"{path} is truncated ({missing:,} bytes missing): its download did not finish; download it again."
+            f"{path} is truncated ({end - data_size:,} bytes missing): its download did not finish; "
+            "download it again."
         )
     return tensors, metadata, 8 + header_len
+
+
+def _bad_header(path: Path, what: str) -> UserError:
+    return UserError(
+        f"{path} is not a valid safetensors file ({what}): download it again or give the right file."
+    )
+
+
+def check_header(header, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Every field of a safetensors header checked before any tensor is made from it: an object of entries,
+    each with a known dtype, a shape of non-negative whole numbers, and [start, end) byte offsets that are
+    whole numbers, in order, hold exactly shape × item size bytes and overlap no other tensor's."""
+    if not isinstance(header, dict):
+        raise _bad_header(path, "its header is not a JSON object")
+    metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _bad_header(path, "its __metadata__ is not an object of texts")
+    tensors: dict[str, TensorInfo] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        shown = repr(name[:60])
+        if not isinstance(info, dict):
+            raise _bad_header(path, f"the entry for {shown} is not an object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise UserError(f"{path} holds a tensor of type {str(dtype)[:20]!r} that FluxDeck cannot read.")
+        if not isinstance(shape, list) or not all(_whole(d) for d in shape):
+            raise _bad_header(path, f"{shown} has no shape of non-negative whole numbers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)):
+            raise _bad_header(path, f"{shown} has no [start, end] byte offsets")
+        start, end = offsets
+        if end < start:
+            raise _bad_header(path, f"{shown} ends before it starts")
+        if math.prod(shape) * _DTYPES[dtype].itemsize != end - start:
+            raise _bad_header(path, f"{shown} is {shape} {dtype} but its bytes are {end - start:,} long")
+        tensors[name] = TensorInfo(dtype, tuple(shape), start, end)
+    ranges = sorted((info.start, info.end, name) for name, info in tensors.items())
+    for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
+        if start < end:
+            raise _bad_header(path, f"the bytes of {first[:60]!r} and {second[:60]!r} overlap")
+    return tensors, metadata
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class GGUFFile:

@@ -1,4 +1,12 @@
-"""FluxDeckApp: the screens, the job queue and the engine process that does the work."""
+"""FluxDeckApp: the screens, the job queue and the engine process that does the work.
+
+How the parts talk (launcher/messages.py): the engine client's threads post the engine's decoded events
+(launcher/events.py); screens post what the user asked for (settings saved, a job cancelled, models rescanned,
+parameters to reuse) and the app handles them with `@on`. The app posts what happened to jobs and the log to
+its screens, and keeps the state several screens show (model files, folders, the status line) in reactives
+that the screens bind to. The one screen the app calls is the generate screen it owns, to read the form on
+ctrl+g and to fill it from an image.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +14,39 @@ import dataclasses
 import random
 import sys
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from textual import events as textual_events
 from textual import on
 from textual.app import App, SystemCommand
+from textual.message import Message
+from textual.reactive import var
 from textual.screen import ModalScreen, Screen
+from textual.widgets import Input, TextArea
 
+from launcher import events
 from launcher.cli import LaunchOptions
 from launcher.config import PROJECT_ROOT, ConfigFile, Settings
 from launcher.engine_client import EngineExit, EngineProcess, default_engine_command
-from launcher.form import AUTO_MODEL, FormError, FormValues, build_requests
+from launcher.form import AUTO_MODEL, FormValues, build_requests
 from launcher.jobs import Job, JobQueue, JobState
 from launcher.keymap import KEYS
-from launcher.messages import EngineExited, EngineLog, EngineMessage, GenerateRequested, UseParams
+from launcher.messages import (
+    EngineExited,
+    EngineLog,
+    EngineReported,
+    GenerateRequested,
+    JobCancelRequested,
+    JobFinished,
+    JobProgress,
+    JobsChanged,
+    JobStarted,
+    LogLine,
+    ModelsChanged,
+    SettingsSaved,
+    UseParams,
+)
 from launcher.metadata import ImageParams
 from launcher.models import ModelFile, defaults_for_file, root_of, scan_models
 from launcher.screens.gallery import GalleryScreen
@@ -29,19 +56,10 @@ from launcher.screens.log import LogScreen
 from launcher.screens.models import ModelsScreen
 from launcher.screens.queue import QueueScreen
 from launcher.screens.settings import SettingsScreen
-from launcher.seeds import SeedMode, next_seed
+from launcher.seeds import MAX_RANDOM_SEED, SeedMode, next_seed
 
 MAX_CRASHES_IN_A_ROW = 3
 REFINE_DENOISE = 0.55
-
-
-def process_rss_mb() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except Exception:
-        return 0.0
 
 
 class FluxDeckApp(App):
@@ -62,6 +80,13 @@ class FluxDeckApp(App):
         KEYS.binding("show_log", "show('log')", "Log"),
     ]
 
+    # State the screens show; they bind to it (data_bind) instead of being told.
+    models: var[list[ModelFile]] = var(list, init=False)
+    model_roots: var[list[Path]] = var(list, init=False)
+    output_dir: var[Path] = var(Path, init=False)
+    status: var[str] = var("", init=False)
+    _generate: GenerateScreen  # made in on_mount
+
     def __init__(
         self,
         options: LaunchOptions | None = None,
@@ -76,9 +101,10 @@ class FluxDeckApp(App):
     ) -> None:
         super().__init__()
         self.options = options or LaunchOptions()
-        self.config_file = config or ConfigFile(self.options.config)
+        self.config_file = config or ConfigFile.load(self.options.config)
         self.root = root
-        self.settings = self._effective(self.config_file.settings)
+        self.settings = Settings()
+        self._use_settings(self.config_file.settings)
         self.cursor_blink = cursor_blink
         self.jobs = JobQueue()
         self.rng = random.Random(seed)
@@ -86,93 +112,90 @@ class FluxDeckApp(App):
         self.bootstrap_command = bootstrap_command or [sys.executable, "-m", "bootstrap"]
         self.start_engine = start_engine
         self.engine = EngineProcess(
-            on_message=lambda data: self.post_message(EngineMessage(data)),
+            on_message=self._engine_said,
             on_exit=lambda ended: self.post_message(EngineExited(ended)),
             on_log=lambda line: self.post_message(EngineLog(line)),
             command=self.engine_command,
             cwd=PROJECT_ROOT,  # where `-m engine` is importable, whatever the current directory
         )
-        self.engine_busy: str | None = None  # id of the job the engine is working on
         self.hunting = False
         self.hunt_values: FormValues | None = None
         self.crashes_in_a_row = 0
         self.log_lines: deque[str] = deque(maxlen=5000)
-        self.models: list[ModelFile] = scan_models(self.model_roots)
+        self.models = scan_models(self.model_roots)
+        self._screens: list[Screen] = []
         if self.config_file.keys:
             self.set_keymap(KEYS.overridden(self.config_file.keys))
 
     # -- settings and folders --------------------------------------------------------------------------
-    def _effective(self, saved: Settings) -> Settings:
-        """The saved settings with the launch flags on top."""
+    def _use_settings(self, saved: Settings) -> None:
+        """The saved settings with the launch flags on top, and the folders they name."""
         o = self.options
-        return dataclasses.replace(
+        self.settings = dataclasses.replace(
             saved,
             device="cpu" if o.cpu else saved.device,
             models_dir=o.models_dir or saved.models_dir,
             output_dir=o.output_dir or saved.output_dir,
         )
+        self.model_roots = self.settings.model_roots(self.root)
+        self.output_dir = self.settings.resolve(self.settings.output_dir, self.root)
 
     def models_root(self, values: FormValues) -> Path:
         """The models folder of the chosen model (FluxDeck's own, or a ComfyUI/Forge one), for its other files."""
         return self.model_roots[0] if values.model == AUTO_MODEL else root_of(values.model, self.model_roots)
 
-    @property
-    def model_roots(self) -> list[Path]:
-        return self.settings.model_roots(self.root)
-
     def key_for(self, binding_id: str) -> str:
         """The key a binding answers to (config.toml's [keys] or the default), for hints on screen."""
-        keys = KEYS.overridden(self.config_file.keys).get(binding_id) or getattr(KEYS, binding_id)
-        return keys.split(",")[0].strip()
-
-    @property
-    def output_dir(self) -> Path:
-        return self.settings.resolve(self.settings.output_dir, self.root)
+        return KEYS.key_for(binding_id, self.config_file.keys)
 
     def initial_values(self) -> FormValues:
         o = self.options
         model = next((m for m in self.models if m.is_model), None)
         defaults = defaults_for_file(model.path if model else "")
         values = FormValues(
-            steps=defaults.steps, guidance=defaults.guidance, seed=self.rng.randint(0, 2**32 - 1)
+            steps=defaults.steps, guidance=defaults.guidance, seed=self.rng.randint(0, MAX_RANDOM_SEED)
         )
         for name in ("prompt", "width", "height", "steps", "seed"):
             if getattr(o, name) is not None:
                 setattr(values, name, getattr(o, name))
         return values
 
-    def save_settings(self, settings: Settings) -> None:
-        self.config_file.settings = settings
+    @on(SettingsSaved)
+    def _save_settings(self, message: SettingsSaved) -> None:
+        self.config_file.settings = message.settings
         try:
             self.config_file.save()
         except OSError as error:
             self.notify(f"Could not save {self.config_file.path}: {error}", severity="error", markup=False)
             return
-        self.settings = self._effective(settings)
-        self.models_changed(scan_models(self.model_roots))
-        gallery, models = self.get_screen("gallery"), self.get_screen("models")
-        if isinstance(gallery, GalleryScreen):
-            gallery.folder = self.output_dir
-        if isinstance(models, ModelsScreen):
-            models.roots = self.model_roots
+        self._use_settings(message.settings)
+        self.models = scan_models(self.model_roots)
+        self._update_status()
         self.notify(f"Settings saved to {self.config_file.path}.", markup=False)
 
-    def models_changed(self, models: list[ModelFile]) -> None:
-        self.models = models
-        generate = self._screen("generate")
-        if isinstance(generate, GenerateScreen) and generate.is_mounted:
-            generate.form.set_models(models)
+    @on(ModelsChanged)
+    def _models_changed(self, message: ModelsChanged) -> None:
+        self.models = message.models
 
     # -- screens ---------------------------------------------------------------------------------------
     def on_mount(self) -> None:
         renderer = self.options.renderer
-        generate = GenerateScreen(self.initial_values(), self.models, renderer, lambda: self.model_roots)
-        self.install_screen(generate, "generate")
-        self.install_screen(GalleryScreen(self.output_dir, renderer), "gallery")
-        self.install_screen(QueueScreen(self.jobs), "queue")
-        self.install_screen(ModelsScreen(self.model_roots, self.bootstrap_command), "models")
-        self.install_screen(SettingsScreen(self.config_file.settings, str(self.config_file.path)), "settings")
-        self.install_screen(LogScreen(self.log_lines), "log")
+        self._generate = GenerateScreen(
+            self.initial_values(), self.models, renderer, key_for=self.key_for
+        ).data_bind(FluxDeckApp.models, FluxDeckApp.model_roots, FluxDeckApp.status)
+        screens = {
+            "generate": self._generate,
+            "gallery": GalleryScreen(self.output_dir, renderer).data_bind(folder=FluxDeckApp.output_dir),
+            "queue": QueueScreen(self.jobs),
+            "models": ModelsScreen(self.model_roots, self.bootstrap_command).data_bind(
+                roots=FluxDeckApp.model_roots
+            ),
+            "settings": SettingsScreen(self.config_file.settings, str(self.config_file.path)),
+            "log": LogScreen(self.log_lines),
+        }
+        for name, screen in screens.items():
+            self.install_screen(screen, name)
+        self._screens = list(screens.values())
         self.push_screen("generate")
         if not any(m.is_model for m in self.models) and not self.options.no_wizard:
             self.push_screen("models")
@@ -182,27 +205,40 @@ class FluxDeckApp(App):
             )
         if self.start_engine:
             self._start_engine()
-        self.call_after_refresh(self._status)
+        self.call_after_refresh(self._update_status)
 
-    def _screen(self, name: str) -> Screen | None:
-        """An installed screen that is mounted (engine replies can arrive while the app shuts down)."""
+    def _tell_screens(self, message: Callable[[], Message]) -> None:
+        """Post a message to every screen that runs (each handles what it shows; the others ignore it).
+        A screen not shown yet reads the state when it is (engine replies can also arrive while quitting)."""
+        if not self.is_running:
+            return
+        for screen in self._screens:
+            if screen.is_running:
+                screen.post_message(message())
+
+    def _is_showing(self, name: str) -> bool:
         try:
-            screen = self.get_screen(name)
+            return self.screen is self.get_screen(name)
         except KeyError:
-            return None
-        return screen if screen.is_mounted and self.is_running else None
+            return False
 
     def action_show(self, name: str) -> None:
-        if self.screen is self._screen(name):
+        if self._is_showing(name):
             return
         while len(self.screen_stack) > 2 and isinstance(self.screen, ModalScreen):
             self.pop_screen()  # a modal (the LoRA panel) over a screen closes first: no screen twice in the stack
-        if self.screen is self._screen(name):
+        if self._is_showing(name):
             return
         if len(self.screen_stack) > 1:
             self.switch_screen(name)
         else:
             self.push_screen(name)
+
+    @on(textual_events.DescendantFocus)
+    def _steady_cursor(self, event: textual_events.DescendantFocus) -> None:
+        """With cursor_blink off (tests, screenshots), every text field that takes focus keeps a steady cursor."""
+        if not self.cursor_blink and isinstance(event.widget, Input | TextArea):
+            event.widget.cursor_blink = False
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
@@ -227,39 +263,21 @@ class FluxDeckApp(App):
 
     def log_line(self, line: str) -> None:
         self.log_lines.append(line)
-        log = self._screen("log")
-        if isinstance(log, LogScreen) and log.is_mounted:
-            log.add(line)
+        self._tell_screens(lambda: LogLine(line))
 
-    def _status(self) -> None:
-        generate = self._screen("generate")
-        if not (isinstance(generate, GenerateScreen) and generate.is_mounted):
-            return
+    def _update_status(self) -> None:
         engine = f"engine pid {self.engine.pid}" if self.engine.alive else "engine stopped"
         queued = len(self.jobs.queued())
         hunt = " · seed hunt on" if self.hunting else ""
-        generate.set_status(f"{engine} · {queued} queued{hunt} · outputs: {self.output_dir}")
-        queue = self._screen("queue")
-        if isinstance(queue, QueueScreen) and queue.is_mounted:
-            queue.refresh_jobs()
+        self.status = f"{engine} · {queued} queued{hunt} · outputs: {self.output_dir}"
 
     # -- generating ------------------------------------------------------------------------------------
     def action_generate(self) -> None:
-        generate = self._screen("generate")
-        if not isinstance(generate, GenerateScreen) or not generate.is_mounted:
-            return
-        try:
-            values = generate.form.values()
-        except FormError as error:
-            self.notify(str(error), severity="error", markup=False)
-            return
-        if not values.prompt:
-            self.notify("Write a prompt first.", severity="warning", markup=False)
+        values = self._generate.submit()
+        if values is None:
             return
         requests = build_requests(values, self.settings, self.output_dir, self.models_root(values), self.rng)
         self.post_message(GenerateRequested(requests, values.hunt, values))
-        if values.seed_mode is SeedMode.INCREMENT:
-            generate.form.set_seed(values.seed + values.batch)
 
     @on(GenerateRequested)
     def _enqueue(self, message: GenerateRequested) -> None:
@@ -271,26 +289,24 @@ class FluxDeckApp(App):
             self.hunt_values = message.values
         count = len(message.requests)
         self.log_line(f"Queued {count} job(s){' (seed hunt)' if message.hunt else ''}.")
+        self._tell_screens(JobsChanged)
         self._pump()
 
     def _pump(self) -> None:
         """Give the engine the next queued job when it is free; (re)start it when it is not running."""
-        if self.engine_busy is None:
+        if self.jobs.running() is None:
             job = self.jobs.next_queued()
             if job is not None and self.crashes_in_a_row < MAX_CRASHES_IN_A_ROW:
                 if not self.engine.alive:
                     self._start_engine()
                 if self.engine.send({"type": "job", "id": job.id, "request": job.request}):
                     job.state = JobState.RUNNING
-                    self.engine_busy = job.id
-                    generate = self._screen("generate")
-                    if isinstance(generate, GenerateScreen):
-                        generate.job_started(job)
+                    self._tell_screens(lambda: JobStarted(job))
                 else:
                     self.log_line(
                         "Could not send the job to the engine; it will be retried when it restarts."
                     )
-        self._status()
+        self._update_status()
 
     def _start_engine(self) -> None:
         if self.engine.alive:
@@ -319,92 +335,88 @@ class FluxDeckApp(App):
     def action_cancel(self) -> None:
         """Cancel the running job (between steps) and stop a seed hunt; queued jobs stay."""
         self.hunting = False
-        if self.engine_busy is not None:
-            self.engine.send({"type": "cancel", "id": self.engine_busy})
+        running = self.jobs.running()
+        if running is not None:
+            self.engine.send({"type": "cancel", "id": running.id})
             self.notify("Cancelling…", markup=False)
-        self._status()
+        self._update_status()
 
     def action_cancel_all(self) -> None:
         dropped = self.jobs.cancel_queued()
         self.action_cancel()
         if dropped:
             self.notify(f"Dropped {len(dropped)} queued job(s).", markup=False)
-        self._status()
+            self._tell_screens(JobsChanged)
 
-    def cancel_job(self, job_id: str) -> None:
-        if job_id == self.engine_busy:
+    @on(JobCancelRequested)
+    def _cancel_job(self, message: JobCancelRequested) -> None:
+        running = self.jobs.running()
+        if running is not None and message.job_id == running.id:
             self.action_cancel()
-        elif self.jobs.cancel_queued(job_id):
-            self.notify(f"Dropped {job_id}.", markup=False)
-        self._status()
+        elif self.jobs.cancel_queued(message.job_id):
+            self.notify(f"Dropped {message.job_id}.", markup=False)
+            self._tell_screens(JobsChanged)
+        self._update_status()
 
     # -- the engine's replies --------------------------------------------------------------------------
+    def _engine_said(self, data: dict) -> None:
+        """On the engine client's reader thread: decode the line and hand it to the app's loop."""
+        event = events.decode(data)
+        if event is None:
+            self.post_message(EngineLog(f"Ignored an engine line the TUI does not know: {str(data)[:200]}"))
+        else:
+            self.post_message(EngineReported(event))
+
     @on(EngineLog)
     def _engine_log(self, message: EngineLog) -> None:
         self.log_line(message.line)
 
-    @on(EngineMessage)
-    def _engine_message(self, message: EngineMessage) -> None:
-        data = message.data
-        kind = data.get("type")
-        if kind == "ready":
-            self.log_line(f"Engine ready (pid {data.get('pid')}).")
-            self._status()
+    @on(EngineReported)
+    def _engine_reported(self, message: EngineReported) -> None:
+        event = message.event
+        if isinstance(event, events.Ready):
+            self.log_line(f"Engine ready (pid {event.pid}).")
+            self._update_status()
             return
-        if kind == "bye":
-            return
-        job = self.jobs.get(str(data.get("id")))
+        job = self.jobs.get(event.job) if event.job is not None else None
         if job is None:
-            if kind == "error":
-                self.notify(data.get("message", "Engine error."), severity="error", markup=False)
-                self.log_line(f"Engine error: {data.get('message')}")
+            if isinstance(event, events.Failed):
+                self.notify(event.message, severity="error", markup=False)
+                self.log_line(f"Engine error: {event.message}")
             return
-        generate = self._screen("generate")
-        if kind in ("stage", "step", "preview", "stats", "message", "started"):
-            if kind == "step":
-                job.step, job.total = data["step"], data["total"]
-            if kind == "stage":
-                self.log_line(f"{job.id}: {data.get('stage')} {data.get('detail', '')}".rstrip())
-            if kind == "message":
-                self.log_line(f"{job.id}: {data.get('text')}")
-            if kind == "preview" and not self.settings.live_preview:
-                return
-            if isinstance(generate, GenerateScreen):
-                generate.job_event(job, data, process_rss_mb())
-            if kind == "step":
-                queue = self._screen("queue")
-                if isinstance(queue, QueueScreen) and queue.is_mounted and self.screen is queue:
-                    queue.refresh_jobs()
-            return
-        if kind == "done":
-            job.state, job.paths, job.seconds = (
-                JobState.DONE,
-                list(data.get("paths", [])),
-                data.get("seconds"),
-            )
-            self.crashes_in_a_row = 0
-            self.log_line(f"{job.id}: done in {job.seconds:.1f} s: {', '.join(job.paths)}")
-            self._hunt_next(job)
-        elif kind == "cancelled":
-            job.state = JobState.CANCELLED
-            self.log_line(f"{job.id}: cancelled")
-        elif kind == "error":
-            job.state, job.error = JobState.FAILED, data.get("message", "Engine error.")
-            self.log_line(f"{job.id}: {job.error}")
-            self.notify(job.error, severity="error", timeout=10, markup=False)
+        if isinstance(event, events.Done | events.Cancelled | events.Failed):
+            self._job_ended(job, event)
         else:
-            return
-        self._job_ended(job)
+            self._job_progress(job, event)
 
-    def _job_ended(self, job: Job) -> None:
-        if job.id == self.engine_busy:
-            self.engine_busy = None
-        generate = self._screen("generate")
-        if isinstance(generate, GenerateScreen):
-            generate.job_finished(job)
-        gallery = self._screen("gallery")
-        if job.paths and isinstance(gallery, GalleryScreen) and gallery.is_mounted and self.screen is gallery:
-            gallery.refresh_images()
+    def _job_progress(self, job: Job, event: events.Event) -> None:
+        match event:
+            case events.Step(step=step, total=total):
+                job.step, job.total = step, total
+            case events.Stage(stage=stage, detail=detail):
+                self.log_line(f"{job.id}: {stage} {detail}".rstrip())
+            case events.Note(text=text):
+                self.log_line(f"{job.id}: {text}")
+            case events.Preview() if not self.settings.live_preview:
+                return
+        self._tell_screens(lambda: JobProgress(job, event))
+
+    def _job_ended(self, job: Job, event: events.Done | events.Cancelled | events.Failed) -> None:
+        match event:
+            case events.Done(paths=paths, seconds=seconds):
+                job.state, job.paths, job.seconds = JobState.DONE, list(paths), seconds
+                self.crashes_in_a_row = 0
+                took = f" in {seconds:.1f} s" if seconds is not None else ""
+                self.log_line(f"{job.id}: done{took}: {', '.join(job.paths)}")
+                self._hunt_next(job)
+            case events.Cancelled():
+                job.state = JobState.CANCELLED
+                self.log_line(f"{job.id}: cancelled")
+            case events.Failed(message=error):
+                job.state, job.error = JobState.FAILED, error
+                self.log_line(f"{job.id}: {error}")
+                self.notify(error, severity="error", timeout=10, markup=False)
+        self._tell_screens(lambda: JobFinished(job))
         self._pump()
 
     @on(EngineExited)
@@ -418,15 +430,12 @@ class FluxDeckApp(App):
         self.log_line(reason)
         for line in ended.stderr_tail:
             self.log_line(f"  {line}")
-        job = self.jobs.get(self.engine_busy) if self.engine_busy else None
-        self.engine_busy = None
+        job = self.jobs.running()
         self.hunting = False
         if job is not None:
             self.crashes_in_a_row += 1
             job.state, job.error = JobState.FAILED, reason
-            generate = self._screen("generate")
-            if isinstance(generate, GenerateScreen):
-                generate.job_finished(job)
+            self._tell_screens(lambda: JobFinished(job))
         waiting = len(self.jobs.queued())
         more = f" {waiting} queued job(s) kept; it restarts for the next one." if waiting else ""
         if self.crashes_in_a_row >= MAX_CRASHES_IN_A_ROW and waiting:
@@ -444,28 +453,8 @@ class FluxDeckApp(App):
 
     @on(UseParams)
     def _use_params(self, message: UseParams) -> None:
-        generate = self._screen("generate")
-        if not isinstance(generate, GenerateScreen):
-            return
         self.action_show("generate")
-        try:
-            values = generate.form.values()
-        except FormError:
-            values = FormValues()
-        values = values.with_params(message.params)
-        if message.refine_from:
-            values.init_image, values.denoise = message.refine_from, REFINE_DENOISE
-            values.hunt = False
-        missing = generate.form.set_values(values)
-        what = f"Refining {Path(message.refine_from).name}" if message.refine_from else "Parameters loaded"
-        self.notify(f"{what}: press {self.key_for('generate')} to generate.", markup=False)
-        if missing:
-            self.notify(
-                f"LoRA(s) not found in the models folders, left off: {', '.join(missing)}.",
-                severity="warning",
-                timeout=10,
-                markup=False,
-            )
+        self._generate.use_params(message.params, message.refine_from, REFINE_DENOISE)
 
     # -- leaving ---------------------------------------------------------------------------------------
     async def action_quit(self) -> None:

@@ -50,5 +50,9 @@ class Keymap:
         names = {f.name for f in dataclasses.fields(self)}
         return {name: key for name, key in keys.items() if name in names}
 
+    def key_for(self, name: str, keys: dict[str, str] | None = None) -> str:
+        """The first key a binding answers to ([keys] where it remaps it, else the default), for hints."""
+        return (self.overridden(keys or {}).get(name) or getattr(self, name)).split(",")[0].strip()
+
 
 KEYS = Keymap()  # the defaults; frozen, so shared safely by the classes' BINDINGS

@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
 # <models>/loras is ComfyUI's folder; A1111/Forge installs (often given as extra model paths) use `Lora`.
-LORA_FOLDERS = ("loras", "Lora", "lora", "Loras")
-LORA_SUFFIXES = (".safetensors",)
+# The same folders and suffixes as the engine's `<lora:name>` tags search (engine/pipeline.py, engine/lora.py;
+# tests/test_launcher_loras.py holds the two lists together until both read them from one contract module).
+LORA_FOLDERS = ("loras", "Lora")
+LORA_SUFFIXES = (".safetensors", ".sft")
 STRENGTH_RANGE = (-10.0, 10.0)  # free entry; this only catches typos (usual values are -2..2)
 
 

@@ -1,4 +1,11 @@
-"""Messages between the engine client threads, the app and its screens."""
+"""The typed messages of the TUI.
+
+Up (posted by the engine client's threads and by screens, handled by the app with `@on`): the engine's events,
+its exit and log lines, and what the user asked for on a screen. Down (posted by the app to its screens, which
+handle the ones they show; they do not bubble back): what happened to jobs and the log. State that several
+screens show (the model files, the folders, the status line) is not a message: it is a reactive on the app
+that the screens bind to (launcher/app.py).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +13,21 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
+from launcher.config import Settings
 from launcher.engine_client import EngineExit
+from launcher.events import Event
 from launcher.form import FormValues
 from launcher.jobs import Job
 from launcher.metadata import ImageParams
+from launcher.models import ModelFile
 
 
+# -- up: from the engine client's threads to the app --------------------------------------------------------
 @dataclass
-class EngineMessage(Message):
-    """One protocol line from the engine (posted from its reader thread)."""
+class EngineReported(Message):
+    """One protocol line from the engine, decoded (launcher/events.py)."""
 
-    data: dict
+    event: Event
 
 
 @dataclass
@@ -29,31 +40,14 @@ class EngineLog(Message):
     line: str
 
 
+# -- up: from screens (and the app's own keys) to the app --------------------------------------------------
 @dataclass
 class GenerateRequested(Message):
-    """The form asks for these requests; `hunt` keeps going with the next seed until cancelled."""
+    """Queue these requests; `hunt` keeps going with the next seed until cancelled."""
 
     requests: list[dict]
     hunt: bool
     values: FormValues
-
-
-@dataclass
-class JobsChanged(Message):
-    """Something in the queue changed state (added, started, finished)."""
-
-
-@dataclass
-class JobProgress(Message):
-    """A running job's engine event (stage, step, preview, stats, message)."""
-
-    job: Job
-    data: dict
-
-
-@dataclass
-class JobFinished(Message):
-    job: Job
 
 
 @dataclass
@@ -66,4 +60,51 @@ class UseParams(Message):
 
 @dataclass
 class SettingsSaved(Message):
-    pass
+    """The settings screen's values, to write to config.toml and use from now on."""
+
+    settings: Settings
+
+
+@dataclass
+class JobCancelRequested(Message):
+    """Cancel this job: dropped when queued, stopped between steps when running."""
+
+    job_id: str
+
+
+@dataclass
+class ModelsChanged(Message):
+    """The models screen scanned the folders (after a download, the wizard, a rescan)."""
+
+    models: list[ModelFile]
+
+
+# -- down: from the app to its screens ---------------------------------------------------------------------
+@dataclass
+class JobStarted(Message, bubble=False):
+    job: Job
+
+
+@dataclass
+class JobProgress(Message, bubble=False):
+    """An engine event about the running job (stage, step, preview, stats, note)."""
+
+    job: Job
+    event: Event
+
+
+@dataclass
+class JobFinished(Message, bubble=False):
+    """The job is done, failed or cancelled (its state says which)."""
+
+    job: Job
+
+
+@dataclass
+class JobsChanged(Message, bubble=False):
+    """Jobs were added to or dropped from the queue."""
+
+
+@dataclass
+class LogLine(Message, bubble=False):
+    line: str

@@ -238,8 +238,11 @@ def _number(value: str | None, kind: type) -> int | float | None:
     int field keeps the float (20.0), so a huge or fractional value is refused by `checked`, not rounded."""
     if value is None:
         return None
+    text = value.strip()
+    if kind is int and text.lstrip("+-").isdigit():
+        return int(text)  # exact: a 64-bit seed is not rounded through a float
     try:
-        return float(value.strip())
+        return float(text)
     except ValueError:
         return None
 
@@ -408,6 +411,8 @@ def _int(value: object) -> int | float | None:
     """A whole number as ComfyUI stores it (a number, or a numeric string); `checked` judges its range."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value.strip())
     number = _float(value)
     return int(number) if number is not None and math.isfinite(number) and number.is_integer() else number
 

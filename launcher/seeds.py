@@ -5,7 +5,10 @@ from __future__ import annotations
 import random
 from enum import Enum
 
-MAX_SEED = 2**32 - 1
+# Any seed the engine takes (engine/request.py refuses others), so a ComfyUI image's 64-bit seed regenerates.
+MAX_SEED = 2**64 - 1
+# Random seeds are drawn below 2^32, like A1111/Forge: short enough to read and type back.
+MAX_RANDOM_SEED = 2**32 - 1
 
 
 class SeedMode(str, Enum):
@@ -19,12 +22,12 @@ def seeds_for(mode: SeedMode, seed: int, count: int, rng: random.Random) -> list
     if mode is SeedMode.FIXED:
         return [seed] * count
     if mode is SeedMode.RANDOM:
-        return [rng.randint(0, MAX_SEED) for _ in range(count)]
+        return [rng.randint(0, MAX_RANDOM_SEED) for _ in range(count)]
     return [(seed + i) % (MAX_SEED + 1) for i in range(count)]
 
 
 def next_seed(mode: SeedMode, last: int, rng: random.Random) -> int:
     """The seed after `last` in a seed hunt: a fixed seed would repeat one image, so it counts up too."""
     if mode is SeedMode.RANDOM:
-        return rng.randint(0, MAX_SEED)
+        return rng.randint(0, MAX_RANDOM_SEED)
     return (last + 1) % (MAX_SEED + 1)

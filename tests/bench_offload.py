@@ -193,7 +193,9 @@ def main() -> None:
             finally:
                 gc.collect()
                 torch.cuda.empty_cache()
-            print(f"{name}: {seconds:.3f} s/step, peak VRAM {vram:.0f} MB, streamed {streamed / GB:.2f} GB/step")
+            print(
+                f"{name}: {seconds:.3f} s/step, peak VRAM {vram:.0f} MB, streamed {streamed / GB:.2f} GB/step"
+            )
             resident_time = seconds if name == "resident" else resident_time
             rows.append((name, seconds, streamed, vram, None))
         base, base_vram = diffusers_group_offload(state, p, device, dtype, args)

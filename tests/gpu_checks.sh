@@ -4,7 +4,8 @@
 #          python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #              --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 gguf==0.19.0 importlib_metadata==10.2.0
 #   then:  the device tool's run with command "bash tests/gpu_checks.sh", carry [".whl"], timeout_s 540
-# Results land in $OUT (the device tool brings them back): nvidia-smi, the CUDA tests, the 12B benchmark.
+# Results land in $OUT (the device tool brings them back): nvidia-smi, the CUDA tests, the 12B streaming
+# benchmark, the dequantization, attention and step-cache benchmarks.
 set -u
 out=${OUT:-gpu-results}
 mkdir -p "$out"
@@ -15,9 +16,27 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1; free -g >> "$out/nvidia-smi.txt" 2>&1
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" > "$out/torch.txt" 2>&1
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gguf.py -k "cuda" \
-  > "$out/cuda-tests.txt" 2>&1
-timeout 330 python3 -m tests.bench_offload --shape 12b --size 1024 --vram-cap-gb 8 --repeats 2 \
-  > "$out/bench-12b.txt" 2>&1
-tail -n 3 "$out/cuda-tests.txt"
-cat "$out/bench-12b.txt"
+# CHECKS picks parts (default all): cuda offload dequant cache attention
+checks=" ${CHECKS:-cuda offload dequant cache attention} "
+if [[ $checks == *" cuda "* ]]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gguf.py -k "cuda" \
+    > "$out/cuda-tests.txt" 2>&1
+  tail -n 3 "$out/cuda-tests.txt"
+fi
+if [[ $checks == *" offload "* ]]; then
+  timeout 330 python3 -m tests.bench_offload --shape 12b --size 1024 --vram-cap-gb 8 --repeats 2 \
+    > "$out/bench-12b.txt" 2>&1
+  cat "$out/bench-12b.txt"
+fi
+if [[ $checks == *" dequant "* ]]; then
+  timeout 120 python3 -m tests.bench_dequant --device cuda --repeats 5 > "$out/bench-dequant.txt" 2>&1
+  cat "$out/bench-dequant.txt"
+fi
+if [[ $checks == *" attention "* ]]; then
+  timeout 60 python3 -m tests.bench_attention > "$out/bench-attention.txt" 2>&1
+  cat "$out/bench-attention.txt"
+fi
+if [[ $checks == *" cache "* ]]; then
+  timeout 200 python3 -m tests.bench_cache --shape 12b --size 1024 > "$out/bench-cache.txt" 2>&1
+  cat "$out/bench-cache.txt"
+fi

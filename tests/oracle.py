@@ -107,6 +107,7 @@ def diffusers_transformer(p: FluxParams) -> FluxTransformer2DModel:
     return FluxTransformer2DModel(
         patch_size=1,
         in_channels=p.in_channels,
+        out_channels=p.out_channels,
         num_layers=p.depth,
         num_single_layers=p.depth_single,
         attention_head_dim=p.head_dim,

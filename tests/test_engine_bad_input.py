@@ -73,7 +73,7 @@ def test_t5_given_as_clip(dev_set, tmp_path, capsys):
     [
         (["--width", "100", "--height", "64"], "--width 100 is not a multiple of 16"),
         (["--width", "64", "--height", "72"], "--height 72 is not a multiple of 16"),
-        (["--width", "64", "--height", "64", "--steps", "0"], "--steps 0 is too small"),
+        (["--width", "64", "--height", "64", "--steps", "0"], "--steps 0 is out of range"),
         (["--width", "64", "--height", "64", "--denoise", "1.5"], "--denoise 1.5 is out of range"),
         (["--width", "64", "--height", "64", "--shift", "banana"], "--shift 'banana' is not valid"),
         (["--width", "64", "--height", "64", "--seed", "-3"], "--seed -3 is out of range"),

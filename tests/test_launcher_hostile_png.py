@@ -106,6 +106,20 @@ def test_numbers_that_are_not_finite_or_in_range_are_left_out(tmp_path):
     assert (values.steps, values.seed, values.width, values.cfg) == (20, 3, 1024, 1.0)
 
 
+def test_whole_numbers_are_read_exactly_and_judged_by_range():
+    from launcher.metadata import parse_a1111
+
+    assert parse_a1111("a\nSteps: 4, Seed: 18446744073709551615").seed == 2**64 - 1  # not rounded via float
+    too_big = parse_a1111("a\nSteps: 4.5, Seed: 18446744073709551616")
+    assert (too_big.seed, too_big.steps) == (None, None) and len(too_big.ignored) == 2
+    assert (
+        parse_comfyui(
+            {"1": {"class_type": "RandomNoise", "inputs": {"noise_seed": "18446744073709551615"}}}
+        ).seed
+        == 2**64 - 1
+    )
+
+
 def test_comfyui_nodes_without_inputs_or_of_the_wrong_shape(tmp_path):
     files = hostile_outputs(tmp_path)
     comfy = read_png_params(files["comfy"])

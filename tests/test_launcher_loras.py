@@ -14,7 +14,7 @@ from textual.widgets import Checkbox, DataTable, Input, Label
 from launcher.config import Settings
 from launcher.form import FormValues, build_requests
 from launcher.jobs import JobState
-from launcher.loras import LoraChoice, match_loras, scan_loras, summary
+from launcher.loras import LORA_FOLDERS, LORA_SUFFIXES, LoraChoice, match_loras, scan_loras, summary
 from launcher.metadata import params_from_request, parse_a1111
 from launcher.models import DEV, SCHNELL, defaults_for_file, is_dev_transformer, safetensors_names
 from launcher.screens.loras import LoraScreen
@@ -55,6 +55,25 @@ def test_scan_loras_lists_safetensors_in_lora_folders_and_subfolders(tmp_path):
     ]
     assert found[-1].path == extra / "Lora" / "forge-style.safetensors" and found[-1].size == 4
     assert scan_loras([tmp_path / "nowhere"]) == []
+
+
+def test_the_panel_lists_the_folders_and_suffixes_the_engines_tags_search(tmp_path):
+    """A LoRA the panel lists must be one a `<lora:name>` tag finds too (until both read one contract)."""
+    from engine.lora import LORA_SUFFIXES as ENGINE_SUFFIXES
+    from engine.pipeline import _loras_folder
+
+    assert LORA_SUFFIXES == ENGINE_SUFFIXES
+    for name in LORA_FOLDERS:
+        models = tmp_path / name / "models"
+        touch(models / name / "style.sft")
+        assert _loras_folder(str(models)) == models / name
+        assert [f.name for f in scan_loras([models])] == ["style"]
+    for name in ("lora", "Loras", "LoRA"):  # folders the engine never searches: not listed
+        models = tmp_path / f"not-{name}" / "models"
+        touch(models / name / "style.safetensors")
+        if not (models / "loras").is_dir():  # a case-sensitive disk
+            assert not _loras_folder(str(models)).is_dir()
+            assert scan_loras([models]) == []
 
 
 def test_request_with_two_loras_at_strengths(tmp_path):

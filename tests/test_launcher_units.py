@@ -14,7 +14,7 @@ from launcher.jobs import JobQueue, JobState
 from launcher.metadata import parse_a1111, parse_comfyui, read_png_params
 from launcher.models import defaults_for, scan_models
 from launcher.screens.models import percent_in, split_output
-from launcher.seeds import SeedMode, next_seed, seeds_for
+from launcher.seeds import MAX_SEED, SeedMode, next_seed, seeds_for
 from launcher.sizes import ASPECTS, MEGAPIXELS, size_for
 from tests.launcher_helpers import A1111_TEXT, COMFY_PROMPT, fluxdeck_png, write_png
 
@@ -38,10 +38,22 @@ def test_seed_modes():
     rng = random.Random(1)
     assert seeds_for(SeedMode.FIXED, 5, 3, rng) == [5, 5, 5]
     assert seeds_for(SeedMode.INCREMENT, 5, 3, rng) == [5, 6, 7]
-    assert seeds_for(SeedMode.INCREMENT, 2**32 - 1, 2, rng) == [2**32 - 1, 0]
+    assert seeds_for(SeedMode.INCREMENT, 2**32 - 1, 2, rng) == [2**32 - 1, 2**32]  # the engine's range
+    assert seeds_for(SeedMode.INCREMENT, 2**64 - 1, 2, rng) == [2**64 - 1, 0]
     randoms = seeds_for(SeedMode.RANDOM, 5, 3, rng)
     assert len(set(randoms)) == 3 and all(0 <= s < 2**32 for s in randoms)
     assert next_seed(SeedMode.FIXED, 9, rng) == 10  # a hunt never repeats an image
+    assert next_seed(SeedMode.INCREMENT, 2**64 - 1, rng) == 0
+
+
+def test_the_seed_range_is_the_engines():
+    from engine.errors import UserError
+    from engine.request import GenerateRequest
+
+    for seed in (0, MAX_SEED):
+        GenerateRequest(prompt="p", out="o.png", seed=seed).validate()
+    with pytest.raises(UserError):
+        GenerateRequest(prompt="p", out="o.png", seed=MAX_SEED + 1).validate()
 
 
 def test_a1111_parameters():
@@ -111,6 +123,20 @@ def test_config_round_trip_keeps_other_tools_keys(tmp_path):
     assert again.settings == config.settings
     assert again.other == {"wizard_done": True, "download": {"mirror": "x"}}
     assert again.keys == {"generate": "f9"}
+
+
+def test_app_without_a_config_object_loads_the_file_and_keeps_its_other_keys(tmp_path):
+    from launcher.app import FluxDeckApp
+    from launcher.cli import LaunchOptions
+
+    path = tmp_path / "config.toml"
+    path.write_text('models_dir = "elsewhere"\nwizard_done = true\n[keys]\ngenerate = "f9"\n')
+    app = FluxDeckApp(LaunchOptions(config=path), start_engine=False, root=tmp_path)
+    assert app.settings.models_dir == "elsewhere" and app.key_for("generate") == "f9"
+    app.config_file.save()
+    again = ConfigFile.load(path)
+    assert again.other == {"wizard_done": True} and again.keys == {"generate": "f9"}
+    assert again.settings.models_dir == "elsewhere"
 
 
 def test_dump_toml_nested_tables():

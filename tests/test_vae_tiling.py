@@ -377,7 +377,10 @@ GIB = 1024**3
         (512, 512, "cuda", 80 * GIB, 256 * 256, True),
         (256, 256, "cuda", 80 * GIB, 256 * 256, False),
         (64, 64, "cpu", None, 0, True),  # max_pixels=0: always tile
-        (4096, 4096, torch.device("cuda", 0), 80 * GIB, 10**9, False),
+        (4096, 4096, torch.device("cuda", 0), 80 * GIB, 10**9, True),  # attention alone: 256 GiB
+        (2048, 2048, "cuda", 80 * GIB, 10**9, False),  # 8 GiB of activations + 16 GiB of attention
+        (2048, 2048, "cpu", 40 * GIB, None, True),  # 24 GiB estimated: more than half of the free RAM
+        (2048, 2048, "cpu", 16 * GIB, None, True),  # the issue's machine: untiled, killed at 20.6 GB
     ],
 )
 def test_should_tile(height, width, device, free, max_pixels, tiled):
@@ -397,3 +400,58 @@ def test_memory_estimate_follows_the_model_and_dtype():
 def test_free_bytes_on_cpu_is_known_or_none():
     free = vt.free_bytes("cpu")
     assert free is None or free > 0
+
+
+# ---- issue 10: CPU decodes at 2048² and allocation failures on any device ----
+
+
+def test_the_estimate_counts_the_mid_block_attention():
+    # 2048×2048: 8 GiB of activations (bfloat16 FLUX decoder) and 65,536² float32 attention scores (16 GiB)
+    assert vt.estimate_bytes(2048, 2048) == 2048 * 2048 * 2048 + 65536**2 * 4
+    assert vt.estimate_bytes(1024, 512, batch=3) == 3 * (1024 * 512 * 2048 + (128 * 64) ** 2 * 4)
+    # with 32 GiB free the activations alone (8 GiB) would fit in the CPU's share; the attention does not
+    assert vt.should_tile(2048, 2048, "cpu", 32 * GIB) is True
+    assert vt.should_tile(1024, 1024, "cpu", 32 * GIB) is False
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 17179869184 bytes."),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory"),
+        MemoryError(),
+    ],
+)
+def test_a_cpu_allocation_failure_decodes_in_tiles(vae, monkeypatch, error):
+    z = _randn(1, 16, 12, 20, seed=7)
+    expected = vt.decode_tiled(vae, z, 8, 4)
+    original = vae.decoder.forward
+    calls = {"n": 0}
+
+    def forward(x):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise error
+        return original(x)
+
+    monkeypatch.setattr(vae.decoder, "forward", forward)
+    messages = []
+    out = vt.decode(vae, z, on_message=messages.append, tile=8, overlap=4)
+    assert torch.equal(out, expected)
+    assert messages == ["out of memory while decoding: decoding in tiles"]
+
+
+def test_a_2048_cpu_decode_goes_in_tiles_when_ram_is_short(vae, monkeypatch):
+    """The decision as `decode` makes it: a latent of a 2048×2048 image on a machine with 16 GiB free is tiled
+    before anything is allocated (the untiled decoder is never called)."""
+    monkeypatch.setattr(vt, "free_bytes", lambda device: 16 * GIB)
+    flux_like = AutoEncoderParams(3, 128, (1, 2, 4, 4), 2, 16, 3)
+    monkeypatch.setattr(vae, "params", flux_like)  # FLUX's widths for the estimate, the tiny weights to run
+    seen = []
+    monkeypatch.setattr(vt, "_run", lambda verb, untiled, tiled, tile_first, *rest: seen.append(tile_first))
+    vt.decode(vae, torch.zeros(1, 16, 256, 256, dtype=torch.bfloat16))
+    assert seen == [True]
+    seen.clear()
+    monkeypatch.setattr(vt, "free_bytes", lambda device: 256 * GIB)
+    vt.decode(vae, torch.zeros(1, 16, 256, 256, dtype=torch.bfloat16))
+    assert seen == [False]

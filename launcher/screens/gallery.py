@@ -11,11 +11,12 @@ from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
+from textual.reactive import var
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from launcher.keymap import KEYS
-from launcher.messages import UseParams
+from launcher.messages import JobFinished, UseParams
 from launcher.metadata import ImageParams, load_picture, plain_text, read_png_params
 from launcher.widgets.image_pane import ImagePane
 
@@ -63,9 +64,11 @@ class GalleryScreen(Screen):
     GalleryScreen #params { height: auto; max-height: 12; padding: 0 1; border-top: tall $panel; }
     """
 
+    folder: var[Path] = var(Path, init=False)  # the outputs folder (bound to the app's settings)
+
     def __init__(self, folder: Path, renderer: str, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.folder = folder
+        self.set_reactive(GalleryScreen.folder, folder)
         self._renderer = renderer
         self._params: dict[str, ImageParams | None] = {}
         self._problems: dict[str, str] = {}  # why an image's metadata could not be read
@@ -86,6 +89,11 @@ class GalleryScreen(Screen):
 
     def on_screen_resume(self) -> None:
         self.refresh_images()
+
+    @on(JobFinished)
+    def _job_finished(self, message: JobFinished) -> None:
+        if message.job.paths and self.is_current:  # shown again: on_screen_resume lists the folder
+            self.refresh_images()
 
     def refresh_images(self) -> None:
         table = self.query_one(DataTable)
@@ -162,11 +170,11 @@ class GalleryScreen(Screen):
 
     def action_reuse(self) -> None:
         if picked := self._selected_params():
-            self.app.post_message(UseParams(picked[1]))
+            self.post_message(UseParams(picked[1]))
 
     def action_refine(self) -> None:
         if picked := self._selected_params():
-            self.app.post_message(UseParams(picked[1], refine_from=picked[0]))
+            self.post_message(UseParams(picked[1], refine_from=picked[0]))
 
     def action_open_image(self) -> None:
         key = self.selected()

@@ -6,20 +6,24 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
+from textual.reactive import var
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from launcher.form import FormValues
-from launcher.jobs import Job
+from launcher import events
+from launcher.form import FormError, FormValues
 from launcher.keymap import KEYS
 from launcher.loras import LoraFile, lora_folders, scan_loras
+from launcher.messages import JobFinished, JobProgress, JobStarted
+from launcher.metadata import ImageParams
 from launcher.models import ModelFile
 from launcher.screens.loras import LoraScreen
-from launcher.seeds import MAX_SEED
+from launcher.seeds import MAX_RANDOM_SEED, SeedMode
 from launcher.widgets.image_pane import ImagePane, preview_image
-from launcher.widgets.progress_panel import ProgressPanel
+from launcher.widgets.progress_panel import ProgressPanel, process_rss_mb
 from launcher.widgets.prompt_form import PromptForm
 
 
@@ -34,27 +38,34 @@ class GenerateScreen(Screen):
     GenerateScreen #status { height: 1; padding: 0 1; background: $panel; }
     """
 
+    # Bound to the app's state (FluxDeckApp.on_mount); the form binds to `models` in turn.
+    models: var[list[ModelFile]] = var(list, init=False)
+    model_roots: var[list[Path]] = var(list, init=False)  # where the LoRA panel looks
+    status: var[str] = var("", init=False)
+
     def __init__(
         self,
         values: FormValues,
         models: list[ModelFile],
         renderer: str,
-        model_roots: Callable[[], list[Path]] = list,
+        key_for: Callable[[str], str] = KEYS.key_for,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self._values = values
-        self._models = models
+        self.set_reactive(GenerateScreen.models, models)
         self._renderer = renderer
-        self._model_roots = model_roots  # read when needed: the settings screen can change the folders
+        self._key_for = key_for  # the key of a binding (config.toml can remap it), for hints
 
     def compose(self) -> ComposeResult:
         with Horizontal():
-            yield PromptForm(self._values, self._models, self._find_loras, id="form")
+            yield PromptForm(
+                self._values, self.models, self._find_loras, lora_key=self._key_for("loras"), id="form"
+            ).data_bind(GenerateScreen.models)
             with Vertical(id="right"):
                 yield ProgressPanel(id="progress")
                 yield ImagePane(self._renderer, id="image")
-        yield Static("", id="status", markup=False)
+        yield Static(self.status, id="status", markup=False)
         yield Footer()
 
     @property
@@ -65,21 +76,22 @@ class GenerateScreen(Screen):
     def progress(self) -> ProgressPanel:
         return self.query_one(ProgressPanel)
 
-    def set_status(self, text: str) -> None:
-        self.query_one("#status", Static).update(text)
+    def watch_status(self, status: str) -> None:
+        if self.is_mounted:
+            self.query_one("#status", Static).update(status)
 
     def action_random_seed(self) -> None:
-        self.form.set_seed(random.randint(0, MAX_SEED))
+        self.form.set_seed(random.randint(0, MAX_RANDOM_SEED))
 
     def _find_loras(self) -> list[LoraFile]:
-        return scan_loras(self._model_roots())
+        return scan_loras(self.model_roots)
 
     def action_loras(self) -> None:
         """The LoRA panel: turn LoRAs on or off and set their strengths (kept for the session)."""
         form = self.form
         files = self._find_loras()
         self.app.push_screen(
-            LoraScreen(files, form.lora_choices, lora_folders(self._model_roots()), form.refresh_loras),
+            LoraScreen(files, form.lora_choices, lora_folders(self.model_roots), form.refresh_loras),
             lambda _: form.refresh_loras(),
         )
 
@@ -90,25 +102,65 @@ class GenerateScreen(Screen):
             markup=False,
         )
 
-    # -- called by the app -----------------------------------------------------------------------------
-    def job_started(self, job: Job) -> None:
-        self.progress.start(job.summary)
+    # -- asked by the app ------------------------------------------------------------------------------
+    def submit(self) -> FormValues | None:
+        """The form's values for a press of generate (None after saying what is wrong); a +1 seed moves on
+        past the images asked for."""
+        try:
+            values = self.form.values()
+        except FormError as error:
+            self.notify(str(error), severity="error", markup=False)
+            return None
+        if not values.prompt:
+            self.notify("Write a prompt first.", severity="warning", markup=False)
+            return None
+        if values.seed_mode is SeedMode.INCREMENT:
+            self.form.set_seed(values.seed + values.batch)
+        return values
 
-    def job_event(self, job: Job, data: dict, tui_mb: float) -> None:
-        kind = data.get("type")
-        if kind == "stage":
-            self.progress.stage(data.get("stage", ""), data.get("detail", ""))
-        elif kind == "step":
-            self.progress.step(data["step"], data["total"], data.get("seconds_per_it", 0.0))
-        elif kind == "stats":
-            self.progress.memory(data.get("rss_mb"), data.get("vram_mb"), data.get("vram_total_mb"), tui_mb)
-        elif kind == "preview":
-            image = preview_image(data["width"], data["height"], bytes.fromhex(data["rgb"]))
-            self.query_one(ImagePane).show(image, f"preview · step {data.get('step')}")
-        elif kind == "message":
-            self.notify(data.get("text", ""), markup=False)
+    def use_params(self, params: ImageParams, refine_from: str | None, denoise: float) -> None:
+        """Fill the form from an image's parameters; `refine_from`: img2img from that image at `denoise`."""
+        try:
+            values = self.form.values()
+        except FormError:
+            values = FormValues()
+        values = values.with_params(params)
+        if refine_from:
+            values.init_image, values.denoise = refine_from, denoise
+            values.hunt = False
+        missing = self.form.set_values(values)
+        what = f"Refining {Path(refine_from).name}" if refine_from else "Parameters loaded"
+        self.notify(f"{what}: press {self._key_for('generate')} to generate.", markup=False)
+        if missing:
+            self.notify(
+                f"LoRA(s) not found in the models folders, left off: {', '.join(missing)}.",
+                severity="warning",
+                timeout=10,
+                markup=False,
+            )
 
-    def job_finished(self, job: Job) -> None:
+    # -- what the app reports about jobs ---------------------------------------------------------------
+    @on(JobStarted)
+    def _job_started(self, message: JobStarted) -> None:
+        self.progress.start(message.job.summary)
+
+    @on(JobProgress)
+    def _job_progress(self, message: JobProgress) -> None:
+        match message.event:
+            case events.Stage(stage=stage, detail=detail):
+                self.progress.stage(stage, detail)
+            case events.Step(step=step, total=total, seconds_per_it=seconds, cached=cached):
+                self.progress.step(step, total, seconds, cached)
+            case events.Stats(rss_mb=rss, vram_mb=vram, vram_total_mb=vram_total):
+                self.progress.memory(rss, vram, vram_total, process_rss_mb())
+            case events.Preview(width=width, height=height, rgb=rgb, step=step):
+                self.query_one(ImagePane).show(preview_image(width, height, rgb), f"preview · step {step}")
+            case events.Note(text=text):
+                self.notify(text, markup=False)
+
+    @on(JobFinished)
+    def _job_finished(self, message: JobFinished) -> None:
+        job = message.job
         if job.paths:
             self.query_one(ImagePane).show(job.paths[-1], job.paths[-1])
             seconds = f" in {job.seconds:.1f} s" if job.seconds is not None else ""

@@ -27,9 +27,6 @@ class LoadPngScreen(ModalScreen[ImageParams | None]):
             yield Input(placeholder="/path/to/image.png", id="path")
             yield Label("", id="error", markup=False)
 
-    def on_mount(self) -> None:
-        self.query_one(Input).cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
-
     @on(Input.Submitted)
     def _submitted(self, event: Input.Submitted) -> None:
         path = Path(event.value.strip().strip('"')).expanduser()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from textual import on
 from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import Footer, RichLog, Static
+
+from launcher.messages import LogLine
 
 
 class LogScreen(Screen):
@@ -28,5 +31,6 @@ class LogScreen(Screen):
         for line in list(self._lines):
             log.write(line)
 
-    def add(self, line: str) -> None:
-        self.query_one(RichLog).write(line)
+    @on(LogLine)
+    def _add(self, message: LogLine) -> None:
+        self.query_one(RichLog).write(message.line)

@@ -109,8 +109,6 @@ class LoraScreen(ModalScreen[None]):
         yield Footer()
 
     def on_mount(self) -> None:
-        for field in self.query(Input):
-            field.cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
         if self.rows:
             self.query_one("#on-0", Checkbox).focus()
 

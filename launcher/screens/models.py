@@ -10,10 +10,12 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
+from textual.reactive import var
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, RichLog, Static
 
 from launcher.keymap import KEYS
+from launcher.messages import ModelsChanged
 from launcher.models import ModelFile, defaults_for, human_size, scan_models
 
 _PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s?%")
@@ -51,9 +53,11 @@ class ModelsScreen(Screen):
     ModelsScreen RichLog { height: 1fr; }
     """
 
+    roots: var[list[Path]] = var(list, init=False)  # the model folders (bound to the app's settings)
+
     def __init__(self, roots: list[Path], bootstrap_command: list[str], **kwargs) -> None:
         super().__init__(**kwargs)
-        self.roots = roots
+        self.set_reactive(ModelsScreen.roots, roots)
         self._bootstrap = bootstrap_command
         self.files: list[ModelFile] = []
         self.running: subprocess.Popen | None = None
@@ -71,7 +75,6 @@ class ModelsScreen(Screen):
 
     def on_mount(self) -> None:
         self.query_one(DataTable).add_columns("Folder", "File", "Size", "Kind")
-        self.query_one(Input).cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
         self.action_rescan()
 
     def on_screen_resume(self) -> None:
@@ -88,7 +91,7 @@ class ModelsScreen(Screen):
             )
         where = ", ".join(str(r) for r in self.roots)
         self.query_one("#title", Static).update(f"Models: {len(self.files)} file(s) in {where}")
-        self.app.models_changed(self.files)  # type: ignore[attr-defined]
+        self.post_message(ModelsChanged(self.files))
 
     def _models_dir_args(self) -> list[str]:
         return ["--models-dir", str(self.roots[0])]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from rich.text import Text
+from textual import on
 from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
 from launcher.jobs import Job, JobQueue
 from launcher.keymap import KEYS
+from launcher.messages import JobCancelRequested, JobFinished, JobProgress, JobsChanged, JobStarted
 
 
 class QueueScreen(Screen):
@@ -33,6 +35,14 @@ class QueueScreen(Screen):
 
     def on_screen_resume(self) -> None:
         self.refresh_jobs()
+
+    @on(JobsChanged)
+    @on(JobStarted)
+    @on(JobProgress)
+    @on(JobFinished)
+    def _jobs_changed(self) -> None:
+        if self.is_current:  # shown again: on_screen_resume reads the queue
+            self.refresh_jobs()
 
     def refresh_jobs(self) -> None:
         table = self.query_one(DataTable)
@@ -70,4 +80,4 @@ class QueueScreen(Screen):
     def action_cancel_selected(self) -> None:
         job_id = self.selected_job()
         if job_id:
-            self.app.cancel_job(job_id)  # type: ignore[attr-defined]
+            self.post_message(JobCancelRequested(job_id))

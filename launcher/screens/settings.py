@@ -10,6 +10,7 @@ from textual.widgets import Footer, Input, Label, Select, Static, Switch
 from launcher.config import DEVICES, DTYPES, Settings
 from launcher.form import FormError, parse_number
 from launcher.keymap import KEYS
+from launcher.messages import SettingsSaved
 
 
 class SettingsScreen(Screen):
@@ -48,10 +49,6 @@ class SettingsScreen(Screen):
             yield Switch(s.live_preview, id="live_preview")
         yield Footer()
 
-    def on_mount(self) -> None:
-        for field in self.query(Input):
-            field.cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
-
     def read(self) -> Settings:
         text = {field.id: field.value.strip() for field in self.query(Input) if field.id}
         budget = (
@@ -77,4 +74,4 @@ class SettingsScreen(Screen):
         except FormError as error:
             self.notify(str(error), severity="error", markup=False)
             return
-        self.app.save_settings(settings)  # type: ignore[attr-defined]
+        self.post_message(SettingsSaved(settings))

@@ -15,6 +15,16 @@ STAGE_NAMES = {
 }
 
 
+def process_rss_mb() -> float:
+    """This process's resident memory (the TUI's own, shown next to the engine's)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except Exception:
+        return 0.0
+
+
 def format_eta(seconds: float) -> str:
     seconds = int(round(seconds))
     minutes, seconds = divmod(seconds, 60)
@@ -59,13 +69,13 @@ class ProgressPanel(Vertical):
         text = STAGE_NAMES.get(stage, stage.capitalize())
         self.query_one("#stage", Static).update(f"{text}: {detail}" if detail else f"{text}…")
 
-    def step(self, step: int, total: int, seconds_per_it: float) -> None:
+    def step(self, step: int, total: int, seconds_per_it: float, cached: bool = False) -> None:
         self._step_times.append(seconds_per_it)
         mean = sum(self._step_times) / len(self._step_times)
         self.query_one("#bar", ProgressBar).update(total=total, progress=step)
         eta = format_eta(mean * (total - step))
         self.query_one("#speed", Static).update(
-            f"step {step}/{total} · {seconds_per_it:.2f} s/it · ETA {eta}"
+            f"step {step}/{total} · {seconds_per_it:.2f} s/it{' (cached)' if cached else ''} · ETA {eta}"
         )
 
     def memory(

@@ -8,6 +8,7 @@ from pathlib import Path
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
+from textual.reactive import var
 from textual.widgets import Checkbox, Input, Label, Select, Static, TextArea
 
 from launcher.form import AUTO_MODEL, FormError, FormValues, parse_number
@@ -35,18 +36,22 @@ class PromptForm(VerticalScroll):
     PromptForm .row > #loras { width: 1fr; }
     """
 
+    models: var[list[ModelFile]] = var(list, init=False)  # the model files the model choice offers
+
     def __init__(
         self,
         values: FormValues,
         models: list[ModelFile],
         find_loras: Callable[[], list[LoraFile]] = list,
+        lora_key: str = KEYS.loras,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self._initial = values
-        self._models = models
+        self.set_reactive(PromptForm.models, models)
         self._model = self._model_value(values.model)
         self.find_loras = find_loras
+        self._lora_key = lora_key  # the key that opens the LoRA panel, for the hint
         # path -> on/off and strength, for every LoRA seen this session (the LoRA panel edits it in place)
         self.lora_choices: dict[str, LoraChoice] = {}
         choose(self.lora_choices, values.loras)
@@ -112,25 +117,21 @@ class PromptForm(VerticalScroll):
             yield Label("LoRAs")
             yield Static(self._lora_summary(), id="loras", markup=False)
 
-    def on_mount(self) -> None:
-        self.query_one("#prompt", TextArea).cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
-        for field in self.query(Input):
-            field.cursor_blink = self.app.cursor_blink  # type: ignore[attr-defined]
-
     # -- models ---------------------------------------------------------------------------------------
     def _model_options(self) -> list[tuple[str, str]]:
         options = [("auto: the model in the models folder", AUTO_MODEL)]
-        options += [(f"{m.path.name} ({m.folder})", str(m.path)) for m in self._models if m.is_model]
+        options += [(f"{m.path.name} ({m.folder})", str(m.path)) for m in self.models if m.is_model]
         return options
 
     def _model_value(self, model: str) -> str:
         known = {value for _, value in self._model_options()}
         return model if model in known else AUTO_MODEL
 
-    def set_models(self, models: list[ModelFile]) -> None:
-        current = self.query_one("#model", Select).value
-        self._models = models
+    def watch_models(self) -> None:
+        if not self.is_mounted:
+            return
         select = self.query_one("#model", Select)
+        current = select.value
         with self.prevent(Select.Changed):
             select.set_options(self._model_options())
             self._model = self._model_value(str(current))
@@ -138,11 +139,7 @@ class PromptForm(VerticalScroll):
 
     # -- LoRAs ----------------------------------------------------------------------------------------
     def _lora_summary(self) -> str:
-        try:
-            key = self.app.key_for("loras")  # type: ignore[attr-defined]
-        except Exception:  # no app (a test of the widget alone): the default key
-            key = KEYS.loras
-        return f"{summary(self.lora_choices)} · {key}: choose"
+        return f"{summary(self.lora_choices)} · {self._lora_key}: choose"
 
     def refresh_loras(self) -> None:
         """Show the LoRA choices (after the LoRA panel changed them)."""
