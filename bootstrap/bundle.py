@@ -14,6 +14,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package
 
 from bootstrap.environment import EMBEDDED_DIR, patch_pth
 from bootstrap.errors import BootstrapError
+from bootstrap.untrusted import printable, relative_parts
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CODE_DIRS = ("bootstrap", "engine", "launcher", "docs")
@@ -29,9 +30,28 @@ TOP_FILES = (
     "requirements.txt",
     "pyproject.toml",
 )
-SKIP_DIRS = {"__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".git", "site-packages", "Scripts"}
-SKIP_SUFFIXES = (".pyc", ".pyo", ".part", ".tmp", ".7z")
+SKIP_DIRS = {
+    "__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".mypy_cache",
+    ".git",
+    "site-packages",
+    "Scripts",
+    # an environment, a cache or user data left inside a code folder
+    ".venv",
+    "venv",
+    "cache",
+    ".cache",
+    "models",
+    "outputs",
+    "dist",
+    "node_modules",
+}
+SKIP_SUFFIXES = (".pyc", ".pyo", ".part", ".tmp", ".7z", ".pem", ".key")
 SKIP_NAMES = {"config.toml", ".fluxdeck-verified.json", "fluxdeck-env.json", ".DS_Store", "get-pip.py"}
+# secrets: never shipped, wherever they are
+SECRET_NAMES = {".env", "hf_token", "token", ".netrc", ".pypirc", ".git-credentials", "id_rsa", "id_ed25519"}
 
 
 @dataclass
@@ -51,21 +71,51 @@ def project_name(root: Path) -> str:
 
 
 def _wanted(relative: PurePosixPath) -> bool:
+    name = relative.name.lower()
     return not (
-        any(part in SKIP_DIRS for part in relative.parts[:-1])
+        any(part.lower() in SKIP_DIRS for part in relative.parts[:-1])
         or relative.name in SKIP_NAMES
-        or relative.name.endswith(SKIP_SUFFIXES)
+        or name in SECRET_NAMES
+        or name.startswith(".env.")
+        or name.endswith(SKIP_SUFFIXES)
     )
 
 
+def member_name(relative: str, where: object) -> str:
+    """A name inside the archive that unpacks inside its folder on Windows too: no '..', no absolute path, drive
+    or backslash (a zip written on Windows may carry those), no device name."""
+    try:
+        relative_parts(relative, f"A member of {printable(where)}:")
+    except BootstrapError as exc:
+        raise BootstrapError(f"{exc} The bundle is not written.") from None
+    return relative
+
+
+def regular_files(folder: Path, root: Path) -> list[tuple[Path, PurePosixPath]]:
+    """(file, path relative to root) under folder, sorted. A symlink to a file is followed and stored as that
+    file's bytes (a link unpacks badly on Windows), but only when it leads to a file inside root: a link out
+    of the project could carry a private file into the bundle, so it stops the bundle."""
+    found = []
+    top = root.resolve()
+    for path in sorted(folder.rglob("*")):
+        relative = PurePosixPath(path.relative_to(root).as_posix())
+        if not path.is_file() or not _wanted(relative):
+            continue
+        if path.is_symlink() and not path.resolve().is_relative_to(top):
+            raise BootstrapError(
+                f"{path} is a link to {path.resolve()}, outside {root}: replace it with the file itself or "
+                "remove it, then build the bundle again."
+            )
+        found.append((path, relative))
+    return found
+
+
 def code_files(root: Path) -> list[tuple[Path, str]]:
-    """(file, path in the bundle) for the code and top-level files, sorted, caches left out."""
+    """(file, path in the bundle) for the code and top-level files, sorted, caches and secrets left out."""
     found = [(root / name, name) for name in TOP_FILES if (root / name).is_file()]
     for folder in CODE_DIRS:
-        for path in sorted((root / folder).rglob("*")):
-            relative = PurePosixPath(path.relative_to(root).as_posix())
-            if path.is_file() and _wanted(relative):
-                found.append((path, str(relative)))
+        for path, relative in regular_files(root / folder, root):
+            found.append((path, member_name(str(relative), root)))
     return found
 
 
@@ -76,12 +126,10 @@ def embed_files(source: Path) -> list[tuple[str, bytes]]:
         with zipfile.ZipFile(source) as archive:
             for info in archive.infolist():
                 if not info.is_dir() and _wanted(PurePosixPath(info.filename)):
-                    items.append((info.filename, archive.read(info)))
+                    items.append((member_name(info.filename, source), archive.read(info)))
     elif source.is_dir():
-        for path in sorted(source.rglob("*")):
-            relative = PurePosixPath(path.relative_to(source).as_posix())
-            if path.is_file() and _wanted(relative):
-                items.append((str(relative), path.read_bytes()))
+        for path, relative in regular_files(source, source):
+            items.append((member_name(str(relative), source), path.read_bytes()))
     else:
         raise BootstrapError(f"--python-embed {source} is neither the embeddable Python's .zip nor a folder.")
     if not any(name == "python.exe" for name, _ in items):
@@ -112,7 +160,7 @@ def build_bundle(options: BundleOptions) -> Path:
     partial = target.with_name(target.name + ".tmp")
     with py7zr.SevenZipFile(partial, "w") as archive:
         for path, arcname in files:
-            archive.write(path, str(top / arcname))
+            archive.write(path.resolve(), str(top / arcname))  # a symlink is stored as the file it leads to
         for arcname, data in embedded:
             archive.writestr(data, str(top / arcname))
     partial.replace(target)

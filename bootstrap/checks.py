@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from bootstrap.disk import usable_folder
 from bootstrap.manifest import ModelFile
 from bootstrap.progress import ProgressSink, QuietProgress
 from bootstrap.verified import VerifiedState, hash_file
@@ -26,7 +27,7 @@ def verify_files(
 ) -> list[CheckResult]:
     """Every byte is read again (this is the explicit check); a file that passes is recorded as verified."""
     progress = progress or QuietProgress()
-    state = VerifiedState.load(models_dir)
+    state = VerifiedState.load(usable_folder(models_dir))
     results: list[CheckResult] = []
     for f in files:
         target = f.target(models_dir)

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         with console_modes():  # Windows: progress redraws, a click does not freeze pip or a download
             return COMMANDS[args.command](args)
     except BootstrapError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_printable(exc)}", file=sys.stderr)
         return 1
     except PermissionError as exc:  # a folder the user cannot write to (Program Files, a read-only share)
         where = exc.filename or "a file"
@@ -87,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stopped: run the same command again to continue where it left off.", file=sys.stderr)
         return 130
+
+
+def _printable(text: object) -> str:
+    """What a manifest, a server or a file system said, with control characters escaped (no terminal codes)."""
+    from bootstrap.untrusted import printable
+
+    return printable(text)
 
 
 def _models_dir(given: Path | None) -> Path:
@@ -125,14 +132,14 @@ def cmd_download(args: argparse.Namespace) -> int:
     files = manifest.select(args.names, args.preset)
     models_dir = _models_dir(args.models_dir)
     downloader = Downloader(
-        models_dir, progress=TerminalProgress(), say=lambda text: print(text, file=sys.stderr)
+        models_dir, progress=TerminalProgress(), say=lambda text: print(_printable(text), file=sys.stderr)
     )
     outcomes, errors = downloader.ensure(files)
     for outcome in outcomes:
         word = "already verified" if outcome.status == "present" else "downloaded and verified"
-        print(f"{outcome.file.name}: {word}: {outcome.path}")
+        print(_printable(f"{outcome.file.name}: {word}: {outcome.path}"))
     for error in errors:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_printable(error)}", file=sys.stderr)
     return 1 if errors else 0
 
 
@@ -146,7 +153,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     files = manifest.select(args.names, args.preset) if explicit else list(manifest.files.values())
     results = verify_files(_models_dir(args.models_dir), files, explicit, TerminalProgress())
     for result in results:
-        print(result.line())
+        print(_printable(result.line()))
     if not results:
         print("no manifest file is present in the models folder.")
     return 0 if all(r.ok for r in results) else 1
@@ -160,15 +167,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("presets:")
     for preset in manifest.presets.values():
         print(
-            f"  {preset.name:<16} {preset.title} ({preset.disk_gb:g} GB; {preset.vram_gb:g} GB VRAM, {preset.ram_gb:g} GB RAM)"
+            _printable(
+                f"  {preset.name:<16} {preset.title} ({preset.disk_gb:g} GB; {preset.vram_gb:g} GB VRAM, {preset.ram_gb:g} GB RAM)"
+            )
         )
     print("files:")
     for f in manifest.files.values():
         size = human_bytes(f.size) if f.size else "size from the hub"
         flags = " gated" if f.gated else ""
-        print(f"  {f.name:<30} {f.relpath:<52} {size}{flags}")
+        print(_printable(f"  {f.name:<30} {f.relpath:<52} {size}{flags}"))
     for group, names in manifest.groups.items():
-        print(f"  @{group}: {', '.join(names)}")
+        print(_printable(f"  @{group}: {', '.join(names)}"))
     return 0
 
 

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Protocol
 
 from bootstrap.config_file import PROJECT_ROOT, ProjectConfig
+from bootstrap.disk import usable_folder
 from bootstrap.errors import BootstrapError
 from bootstrap.hardware import Platform, SystemInfo, detect_system
 from bootstrap.hub import TOKEN_SETTINGS_PAGE, endpoint, find_token, repo_page, token_file
 from bootstrap.manifest import Manifest, ModelFile, Preset, load_manifest
 from bootstrap.reuse import ExistingFolder, candidate_places, classify, find_existing
+from bootstrap.untrusted import printable, write_private
 
 RAM_SLACK = 0.9  # a "16 GB" machine reports about 15.6 GiB
 CPU_MAX_STEPS = 8  # on the CPU a step takes minutes: only few-step models are recommended
@@ -147,7 +149,7 @@ class WizardIO(Protocol):
 
 class TerminalIO:
     def say(self, text: str) -> None:
-        print(text)
+        print(printable(text))
 
     def ask(self, question: str, default: str = "") -> str:
         answer = input(f"{question} " + (f"[{default}] " if default else "")).strip()
@@ -216,9 +218,19 @@ def _get_token(io: WizardIO, selection: Selection, assume_yes: bool) -> str | No
         raise BootstrapError("No token was given: set HF_TOKEN or choose a preset that needs no account.")
     path = token_file(os.environ, Path.home())
     if _yes(io.ask(f"Save the token in {path} for next time? (y/n)", "n")):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(token + "\n", encoding="utf-8")
+        save_token(path, token)
+        io.say(f"Saved; only your account can read {path}.")
     return token
+
+
+def save_token(path: Path, token: str) -> None:
+    """The token file as huggingface_hub reads it, whole and readable by the owner only (write_private)."""
+    try:
+        write_private(path, (token + "\n").encode("utf-8"))
+    except OSError as exc:
+        raise BootstrapError(
+            f"Could not save the token in {path} ({exc.strerror or exc}): set HF_TOKEN instead."
+        ) from None
 
 
 def run_wizard(
@@ -235,7 +247,7 @@ def run_wizard(
 
     config = ProjectConfig.load(config_path)
     root = config.path.parent
-    models_dir = models_dir or config.models_dir
+    models_dir = usable_folder(models_dir or config.models_dir)
     manifest = load_manifest(manifest_path)
     system = detect(models_dir)
     io.say(describe_system(system))
@@ -268,7 +280,7 @@ def run_wizard(
         return 0
     options = DownloadOptions(token=token)
     downloader = Downloader(
-        models_dir, options, TerminalProgress(), say=lambda text: print(text, file=sys.stderr)
+        models_dir, options, TerminalProgress(), say=lambda text: print(printable(text), file=sys.stderr)
     )
     outcomes, errors = downloader.ensure(selection.to_download)
     for error in errors:

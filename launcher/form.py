@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,8 @@ def parse_number(
     except ValueError:
         kind_name = "a whole number" if kind is int else "a number"
         raise FormError(f"{field_name} must be {kind_name}, not {text.strip()!r}.") from None
+    if not math.isfinite(value):
+        raise FormError(f"{field_name} must be a finite number, not {text.strip()!r}.")
     if value < low or (high is not None and value > high):
         upper = f" to {high}" if high is not None else " or more"
         raise FormError(f"{field_name} {value} is out of range: use {low}{upper}.")

@@ -6,8 +6,9 @@ keeps a `LoraChoice` per file for the whole session, and the enabled ones become
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 # <models>/loras is ComfyUI's folder; A1111/Forge installs (often given as extra model paths) use `Lora`.
 # The same folders and suffixes as the engine's `<lora:name>` tags search (engine/pipeline.py, engine/lora.py;
@@ -80,37 +81,52 @@ def request_loras(loras: list[tuple[str, float]]) -> list[dict]:
 
 
 def loras_in_request(request: dict | None) -> list[tuple[str, float]]:
-    """(path, strength) of each LoRA in a request read back from one of our PNGs; malformed entries skipped."""
+    """(path, strength) of each LoRA in a request read back from one of our PNGs; entries that are malformed
+    (a path that is not text, a strength that is not a finite number in STRENGTH_RANGE) are skipped."""
+    items = request.get("loras") if isinstance(request, dict) else None
     result: list[tuple[str, float]] = []
-    for item in (request or {}).get("loras") or []:
-        if not isinstance(item, dict) or not item.get("path"):
+    low, high = STRENGTH_RANGE
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or not isinstance(item.get("path"), str) or not item["path"]:
             continue
-        try:
-            strength = float(item.get("strength", 1.0))
-        except (TypeError, ValueError):
+        strength = item.get("strength", 1.0)
+        if isinstance(strength, bool) or not isinstance(strength, int | float):
             continue
-        result.append((str(item["path"]), strength))
+        if not (math.isfinite(strength) and low <= strength <= high):
+            continue
+        result.append((item["path"], float(strength)))
     return result
 
 
 def match_loras(
     wanted: list[tuple[str, float]], available: list[LoraFile]
 ) -> tuple[list[tuple[str, float]], list[str]]:
-    """The wanted LoRAs that exist here: the same path, else a listed file of the same name (the models folder
-    moved, or the image came from another machine). Returns (found, names of the missing ones)."""
+    """The wanted LoRAs that are listed here: the same file, else a listed file of the same name (the models
+    folder moved, or the image came from another machine). Paths come from images, so only files in the LoRA
+    folders are taken: a path elsewhere is matched by its name only. Returns (found, names of the missing)."""
     by_name: dict[str, Path] = {}
+    listed: set[Path] = set()
     for lora in available:
         by_name.setdefault(lora.path.name.lower(), lora.path)
+        listed.add(lora.path.resolve())
     found: list[tuple[str, float]] = []
     missing: list[str] = []
     for path, strength in wanted:
-        if Path(path).is_file():
+        name = PureWindowsPath(path).name  # the last part, whether the image was made on Windows or not
+        if _resolved(path) in listed:
             found.append((path, strength))
-        elif (match := by_name.get(Path(path).name.lower())) is not None:
+        elif (match := by_name.get(name.lower())) is not None:
             found.append((str(match), strength))
         else:
-            missing.append(lora_label(path))
+            missing.append("".join(ch for ch in lora_label(name) if ch.isprintable()))  # no terminal codes
     return found, missing
+
+
+def _resolved(path: str) -> Path | None:
+    try:
+        return Path(path).resolve()
+    except (OSError, ValueError, RuntimeError):  # a NUL byte, a symlink loop
+        return None
 
 
 def choose(choices: dict[str, LoraChoice], loras: list[tuple[str, float]]) -> None:

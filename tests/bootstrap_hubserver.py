@@ -37,6 +37,11 @@ class HubFile:
     drops: int = 0  # ... this many times
     stall_after: int | None = None  # the CDN sends up to this offset, then waits for `release`
     release: threading.Event = field(default_factory=threading.Event)
+    refuse_ranges: bool = False  # the CDN answers every Range request with 416
+    location: str | None = None  # the hub's 302 points here instead of at the CDN
+    # served by the hub itself with no ETag and no Content-Length: only the closing connection ends it
+    bare: bool = False
+    trickle_s: float = 0.0  # the CDN sends 100 bytes, then waits this long, and so on
 
     @property
     def sha256(self) -> str:
@@ -56,8 +61,9 @@ class Seen:
 
 
 class FakeHub:
-    def __init__(self, token: str = "hf_good_token") -> None:
+    def __init__(self, token: str = "hf_good_token", error_message: str | None = None) -> None:
         self.token = token
+        self.error_message = error_message  # X-Error-Message of 4xx answers (default: one naming the path)
         self.files: list[HubFile] = []
         self.log: list[Seen] = []
         self.lock = threading.Lock()
@@ -133,9 +139,8 @@ class FakeHub:
                 found = hub._find(repo, revision, file_path) if sep else False
                 if not isinstance(found, HubFile):
                     code = ("EntryNotFound", 404) if found else ("RepoNotFound", 401)
-                    return self._answer(
-                        code[1], {"X-Error-Code": code[0], "X-Error-Message": f"{code[0]} for {path}"}
-                    )
+                    message = hub.error_message or f"{code[0]} for {path}"
+                    return self._answer(code[1], {"X-Error-Code": code[0], "X-Error-Message": message})
                 if found.fail_5xx > 0:
                     found.fail_5xx -= 1
                     return self._answer(503, {}, b"<html>busy</html>")
@@ -158,11 +163,14 @@ class FakeHub:
                                 "X-Error-Message": f"Access to model {found.repo} is restricted and you are not in the authorized list.",
                             },
                         )
+                if found.bare:
+                    return self._send_bare(found)
                 if found.lfs:
                     return self._answer(
                         302,
                         {
-                            "Location": f"{hub.cdn_base}/blobs/{found.sha256}?name={found.path}",
+                            "Location": found.location
+                            or f"{hub.cdn_base}/blobs/{found.sha256}?name={found.path}",
                             "X-Linked-Etag": f'"{found.sha256}"',
                             "X-Linked-Size": str(len(found.data)),
                             "X-Repo-Commit": COMMIT,
@@ -184,7 +192,7 @@ class FakeHub:
                 range_header = self.headers.get("Range")
                 if range_header and range_header.startswith("bytes="):
                     start = int(range_header[6:].partition("-")[0])
-                    if start >= len(body):
+                    if start >= len(body) or found.refuse_ranges:
                         return self._answer(416, {"Content-Range": f"bytes */{len(body)}"})
                 status = 206 if start else 200
                 self._record(status)
@@ -202,11 +210,26 @@ class FakeHub:
                     self.wfile.flush()
                     found.release.wait(30)
                     return self._cut()
+                if found.trickle_s:
+                    for offset in range(start, end, 100):
+                        self.wfile.write(body[offset : offset + 100])
+                        self.wfile.flush()
+                        if found.release.wait(found.trickle_s):
+                            return self._cut()
+                    return None
                 if found.drops > 0 and found.drop_after is not None and start < found.drop_after:
                     found.drops -= 1
                     self.wfile.write(body[start : found.drop_after])
                     return self._cut()
                 self.wfile.write(body[start:end])
+
+            def _send_bare(self, found: HubFile) -> None:
+                """No size and no hash in the answer; the body ends where the connection closes."""
+                self._record(200)
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(found.body[: found.drop_after])
+                self._cut()
 
             def _cut(self) -> None:
                 self.wfile.flush()

@@ -131,3 +131,68 @@ def test_bundle_unpacks_and_generates_an_image(tmp_path, capsys):
     )
     assert done.returncode == 0, done.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- nothing bad gets through (issue 10) ----
+
+
+def test_secrets_and_environments_inside_code_folders_are_not_packed(tmp_path):
+    root = fake_project(tmp_path / "project")
+    for secret in (
+        "engine/.env",
+        "launcher/hf_token",
+        "docs/.env.local",
+        "bootstrap/token",
+        "engine/.venv/bin/python",
+        "launcher/venv/lib/x.py",
+        "engine/cache/embeddings.bin",
+        "bootstrap/.cache/huggingface/token",
+        "engine/models/vae/ae.safetensors",
+    ):
+        write(root / secret, "hf_secret")
+    write(root / "launcher" / "screens" / "gallery.py")  # code in subfolders stays
+    archive = build_bundle(BundleOptions(root=root, out_dir=tmp_path / "out"))
+    with py7zr.SevenZipFile(archive) as z:
+        names = set(z.getnames())
+    assert "fluxdeck/launcher/screens/gallery.py" in names
+    leaked = [n for n in names if any(s in n for s in (".env", "token", "venv", "cache", "models"))]
+    assert leaked == []
+
+
+def test_a_symlinked_file_is_stored_as_the_file_and_a_link_out_is_refused(tmp_path):
+    root = fake_project(tmp_path / "project")
+    write(root / "engine" / "real.py", "print('real')\n")
+    (root / "launcher" / "linked.py").symlink_to(root / "engine" / "real.py")
+    archive = build_bundle(BundleOptions(root=root, out_dir=tmp_path / "out"))
+    with py7zr.SevenZipFile(archive) as z:
+        z.extractall(tmp_path / "unpacked")
+    linked = tmp_path / "unpacked" / "fluxdeck" / "launcher" / "linked.py"
+    assert not linked.is_symlink() and linked.read_text() == "print('real')\n"
+    write(tmp_path / "private" / "id.txt", "secret")
+    (root / "engine" / "out.py").symlink_to(tmp_path / "private" / "id.txt")
+    with pytest.raises(BootstrapError, match="is a link to .* outside"):
+        build_bundle(BundleOptions(root=root, out_dir=tmp_path / "out2"))
+    assert not (tmp_path / "out2" / "fluxdeck-windows-portable.7z").exists()
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        "../evil.exe",
+        "Lib/../../evil.exe",
+        "/etc/evil",
+        "..\\evil.exe",
+        "C:\\Windows\\evil.dll",
+        "C:evil",
+        "nul.txt",
+    ],
+)
+def test_zip_members_that_would_unpack_elsewhere_are_refused(tmp_path, member):
+    root = fake_project(tmp_path / "project")
+    embed = official_embed_zip(tmp_path / "python-embed.zip")
+    with zipfile.ZipFile(embed, "a") as archive:
+        archive.writestr(zipfile.ZipInfo(member), b"MZ")
+    with pytest.raises(BootstrapError, match="not a safe relative path.*The bundle is not written") as err:
+        build_bundle(BundleOptions(root=root, out_dir=tmp_path / "out", python_embed=embed))
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out" / "fluxdeck-windows-portable.7z").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -205,3 +207,44 @@ def test_a_reused_forge_folder_is_a_model_path_for_the_engine_and_the_tui(tmp_pa
     values = wizard.config_values(tmp_path / "models", reuse, machine(8, 32), preset, tmp_path)
     assert values["extra_model_paths"] == [str(reuse.path)]
     assert values["extra_model_folders"]["vae"] == [str((forge / "VAE").resolve())]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX modes; on Windows the file takes its folder's access list")
+def test_the_saved_token_is_private_and_written_whole(tmp_path, fake_hub):
+    manifest = small_manifest(tmp_path, fake_hub)
+    token_path = tmp_path / "hf" / "token"
+    old_umask = os.umask(0o022)
+    try:
+        io = ScriptedIO(["", "dev", "y", "y"], token=fake_hub.token)  # no reuse, dev (gated), save, download
+        rc = wizard.run_wizard(
+            io,
+            tmp_path / "models",
+            manifest,
+            tmp_path / "config.toml",
+            detect=lambda p: machine(12, 32),
+            places=[],
+        )
+    finally:
+        os.umask(old_umask)
+    assert rc == 0, io.lines
+    assert token_path.read_text() == f"{fake_hub.token}\n"
+    assert stat.S_IMODE(token_path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in token_path.parent.iterdir()) == ["token"]  # no temporary file left
+    token_path.chmod(0o644)  # a world-readable file from before is replaced by a private one
+    wizard.save_token(token_path, "hf_other")
+    assert stat.S_IMODE(token_path.stat().st_mode) == 0o600 and token_path.read_text() == "hf_other\n"
+
+
+def test_a_token_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    token_path = tmp_path / "hf" / "token"
+    token_path.parent.mkdir()
+    token_path.write_text("hf_old\n")
+
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(BootstrapError, match="Could not save the token .*No space left.*set HF_TOKEN"):
+        wizard.save_token(token_path, "hf_new")
+    assert token_path.read_text() == "hf_old\n"
+    assert [p.name for p in token_path.parent.iterdir()] == ["token"]

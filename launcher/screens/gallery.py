@@ -17,18 +17,29 @@ from textual.widgets import DataTable, Footer, Static
 
 from launcher.keymap import KEYS
 from launcher.messages import JobFinished, UseParams
-from launcher.metadata import ImageParams, read_png_params
+from launcher.metadata import ImageParams, load_picture, plain_text, read_png_params
 from launcher.widgets.image_pane import ImagePane
 
 IMAGE_SUFFIXES = (".png",)
 
 
 def list_images(folder: Path) -> list[Path]:
-    """PNG files in the folder (and its subfolders), newest first."""
+    """PNG files in the folder (and its subfolders), newest first; a file that vanishes meanwhile is left out."""
     if not folder.is_dir():
         return []
-    files = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
-    return sorted(files, key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    found: list[tuple[float, str, Path]] = []
+    try:
+        for path in folder.rglob("*"):
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            try:
+                if path.is_file():
+                    found.append((path.stat().st_mtime, path.name, path))
+            except OSError:
+                continue
+    except OSError:  # the folder itself went away or became unreadable while listing
+        pass
+    return [path for _, _, path in sorted(found, reverse=True)]
 
 
 def open_in_viewer(path: Path) -> None:
@@ -60,6 +71,7 @@ class GalleryScreen(Screen):
         self.set_reactive(GalleryScreen.folder, folder)
         self._renderer = renderer
         self._params: dict[str, ImageParams | None] = {}
+        self._problems: dict[str, str] = {}  # why an image's metadata could not be read
         self._shown: str | None = None
 
     def compose(self) -> ComposeResult:
@@ -91,21 +103,28 @@ class GalleryScreen(Screen):
         for path in images:
             key = str(path)
             if key not in self._params:
-                try:
-                    self._params[key] = read_png_params(path, full=False)
-                except (OSError, ValueError):
-                    self._params[key] = None
+                self._params[key] = self._read(path)
             p = self._params[key]
             prompt = " ".join((p.prompt if p else "").split())[:60]
             size = f"{p.width}x{p.height}" if p and p.width else ""
             seed = str(p.seed) if p and p.seed is not None else ""
             steps = str(p.steps) if p and p.steps is not None else ""
-            table.add_row(*(Text(cell) for cell in (path.name, seed, size, steps, prompt)), key=key)
+            name = plain_text(path.name, 120)
+            table.add_row(*(Text(cell) for cell in (name, seed, size, steps, prompt)), key=key)
         if table.row_count:
             table.move_cursor(row=0)
             self._show(str(images[0]))
         else:
             self.query_one("#params", Static).update("No images yet: generate one with ctrl+g.")
+
+    def _read(self, path: Path) -> ImageParams | None:
+        """An image's parameters; any file in the folder may be hostile, so nothing raised here leaves the
+        screen: the reason is kept and shown when the image is selected."""
+        try:
+            return read_png_params(path, full=False)
+        except Exception as exc:  # noqa: BLE001 - UnreadableImage, or anything a future reader lets through
+            self._problems[str(path)] = plain_text(str(exc), 300) or type(exc).__name__
+            return None
 
     def selected(self) -> str | None:
         table = self.query_one(DataTable)
@@ -126,14 +145,17 @@ class GalleryScreen(Screen):
         if key == self._shown:
             return
         self._shown = key
+        name = plain_text(Path(key).name, 120)
+        problems = [self._problems[key]] if key in self._problems else []
         try:
-            self.query_one(ImagePane).show(key, Path(key).name)
-        except OSError as error:
-            self.notify(f"Cannot read {key}: {error}", severity="error", markup=False)
+            picture = load_picture(Path(key))
+        except Exception as error:  # noqa: BLE001 - see _read
+            picture = None
+            problems.append(plain_text(str(error), 300))
+        self.query_one(ImagePane).show(picture, name)
         params = self._params.get(key)
-        self.query_one("#params", Static).update(
-            params.describe() if params else "No parameters in this image."
-        )
+        text = params.describe() if params else "No parameters in this image."
+        self.query_one("#params", Static).update("\n".join([text, *problems]))
 
     def _selected_params(self) -> tuple[str, ImageParams] | None:
         key = self.selected()

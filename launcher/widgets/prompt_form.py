@@ -13,9 +13,10 @@ from textual.widgets import Checkbox, Input, Label, Select, Static, TextArea
 
 from launcher.form import AUTO_MODEL, FormError, FormValues, parse_number
 from launcher.keymap import KEYS
+from launcher.limits import RANGES
 from launcher.loras import STRENGTH_RANGE, LoraChoice, LoraFile, choose, lora_label, match_loras, summary
 from launcher.models import ModelFile, defaults_for_file
-from launcher.seeds import MAX_SEED, SeedMode
+from launcher.seeds import SeedMode
 from launcher.sizes import ASPECTS, MEGAPIXELS, aspect_label, parse_aspect, size_for
 
 CUSTOM = "custom"
@@ -169,8 +170,12 @@ class PromptForm(VerticalScroll):
     def values(self) -> FormValues:
         """The form as FormValues; FormError names the first field that does not parse."""
         text = {field.id: field.value for field in self.query(Input) if field.id}
-        width = int(parse_number(text["width"], int, "Width", 64, 4096))
-        height = int(parse_number(text["height"], int, "Height", 64, 4096))
+
+        def number(name: str, label: str) -> float:
+            kind, low, high = RANGES[name]
+            return parse_number(text[name], kind, label, low, high)
+
+        width, height = int(number("width", "Width")), int(number("height", "Height"))
         for name, value in (("Width", width), ("Height", height)):
             if value % 16:
                 raise FormError(f"{name} {value} is not a multiple of 16: try {round(value / 16) * 16}.")
@@ -184,15 +189,15 @@ class PromptForm(VerticalScroll):
             model=str(self.query_one("#model", Select).value),
             width=width,
             height=height,
-            steps=int(parse_number(text["steps"], int, "Steps", 1, 1000)),
-            guidance=float(parse_number(text["guidance"], float, "Guidance", 0, 100)),
-            cfg=float(parse_number(text["cfg"], float, "CFG", 1, 30)),
-            seed=int(parse_number(text["seed"], int, "Seed", 0, MAX_SEED)),
+            steps=int(number("steps", "Steps")),
+            guidance=float(number("guidance", "Guidance")),
+            cfg=float(number("cfg", "CFG")),
+            seed=int(number("seed", "Seed")),
             seed_mode=SeedMode(self.query_one("#seed_mode", Select).value),
-            batch=int(parse_number(text["batch"], int, "Images per press", 1, 1000)),
+            batch=int(number("batch", "Images per press")),
             hunt=self.query_one("#hunt", Checkbox).value,
             init_image=str(Path(init_image).expanduser()) if init_image else "",
-            denoise=float(parse_number(text["denoise"], float, "Denoise", 0.01, 1)),
+            denoise=float(number("denoise", "Denoise")),
             loras=self.lora_values(),
         )
 
