@@ -27,8 +27,8 @@ from engine.lora import apply_loras, clip_lora_key, lora_name, prompt_loras
 from engine.memory import GB, MemoryManager, auto_budget, tune_host_allocator
 from engine.model_files import ResolvedFiles, resolve
 from engine.png_output import check_writable, parameters_text, save_png
-from engine.request import GenerateRequest
-from engine.step_cache import FirstBlockCache, parse_cache
+from engine.request import GenerateRequest, parse_cache
+from engine.step_cache import FirstBlockCache
 from engine.text_encoders import (
     CLIP_LENGTH,
     encode_clip,

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.step_cache import parse_cache
 
 # Limits on what a request may ask for (docs/engine.md says why each is where it is).
 MAX_STEPS = 1000  # a schedule of 1000 steps is already far past where FLUX's images stop changing
@@ -18,6 +17,7 @@ MAX_GUIDANCE = 100.0
 MAX_SHIFT = 10.0  # the shift's mu: e^10 pushes every time to within 0.01 % of 1 already
 MAX_LORA_STRENGTH = 10.0
 MAX_VRAM_GB = 1024.0
+DEFAULT_CACHE_THRESHOLD = 0.12  # nunchaku's FLUX default: the top of the range where the loss stays minor
 MAX_INIT_PIXELS = 8192 * 8192  # an init image is resized to at most 4096² anyway
 
 
@@ -210,3 +210,17 @@ class GenerateRequest:
                 "The request is malformed (a field is missing or of the wrong kind): send it as "
                 "GenerateRequest.to_dict writes it."
             ) from None
+
+
+def parse_cache(text: str) -> float | None:
+    """Step caching (engine.step_cache): `none` → None; `first-block` → the default threshold;
+    `first-block:T` → T. Raises ValueError."""
+    method, _, threshold = text.partition(":")
+    if method == "none" and not threshold:
+        return None
+    if method != "first-block":
+        raise ValueError(text)
+    value = DEFAULT_CACHE_THRESHOLD if not threshold else float(threshold)
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise ValueError(text)
+    return value

@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-DEFAULT_THRESHOLD = 0.12  # nunchaku's FLUX default: the top of the range where the loss stays minor
-
 
 @dataclass
 class _Group:
@@ -77,16 +75,3 @@ class FirstBlockCache:
     def skipped_steps(self) -> list[int]:
         """1-based steps on which every group reused the cache."""
         return [i + 1 for i, computed in enumerate(self.decisions) if not any(computed)]
-
-
-def parse_cache(text: str) -> float | None:
-    """`none` → None; `first-block` → the default threshold; `first-block:T` → T. Raises ValueError."""
-    method, _, threshold = text.partition(":")
-    if method == "none" and not threshold:
-        return None
-    if method != "first-block":
-        raise ValueError(text)
-    value = DEFAULT_THRESHOLD if not threshold else float(threshold)
-    if not 0.0 <= value <= 1.0:  # also refuses nan
-        raise ValueError(text)
-    return value

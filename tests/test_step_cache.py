@@ -14,9 +14,9 @@ from engine.fixtures import TinySpec, flux_state
 from engine.flux_model import Flux, FluxParams
 from engine.ops import load_into
 from engine.pipeline import Engine
-from engine.request import GenerateRequest, ModelFiles
+from engine.request import GenerateRequest, ModelFiles, parse_cache
 from engine.sampling import image_ids, schedule
-from engine.step_cache import FirstBlockCache, parse_cache
+from engine.step_cache import FirstBlockCache
 from tests.oracle import diffusers_transformer, transformer_to_diffusers
 
 STEPS = 12
