@@ -171,7 +171,8 @@ class Engine:
             prompt, tagged = prompt_loras(request.prompt, loras_dir)
             request = dataclasses.replace(request, prompt=prompt, loras=[*request.loras, *tagged])
         out = check_writable(request.out)
-        device, dtype = pick_device(request.device, request.dtype)
+        device, precision = pick_device(request.device, request.dtype)
+        dtype, support = precision.transformer, precision.encoders  # support: text encoders and autoencoder
         files = resolve(request.files)
         memory = self._memory(device, request.vram_budget)
         memory.reset_stats()
@@ -179,8 +180,8 @@ class Engine:
         steps = request.steps or (4 if schnell else 28)
         t5_length = request.t5_max_length or (256 if schnell else 512)
 
-        on_event(Stage("encoding", f"{device.type} {str(dtype).removeprefix('torch.')}"))
-        conds = self._encode(request, files, t5_length, device, dtype, on_event)
+        on_event(Stage("encoding", f"{device.type} {precision}"))
+        conds = self._encode(request, files, t5_length, device, support, on_event)
         self._release_after_stage(("clip", "t5"))
 
         on_event(Stage("loading", "transformer"))
@@ -192,8 +193,8 @@ class Engine:
         noise = sampling.make_noise(request.seed, batch, height, width)
         times = sampling.schedule(steps, _mu(request.shift, schnell, (height // 16) * (width // 16)))
         if request.init_image:
-            vae = self._model(files.components["vae"], dtype, device)
-            x0 = _encode_image(vae, request.init_image, width, height, device, dtype, on_event)
+            vae = self._model(files.components["vae"], support, device)
+            x0 = _encode_image(vae, request.init_image, width, height, device, support, on_event)
             x0 = x0.expand(batch, -1, -1, -1)
             start, times = sampling.img2img_start(noise, x0.float().cpu(), times, request.denoise)
             memory.activate(transformer)
@@ -217,7 +218,8 @@ class Engine:
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             if cancel.is_set():
                 raise Cancelled("cancelled")
-            timesteps = torch.full((rows,), t, device=device, dtype=dtype)
+            # t in fp32 whatever the compute dtype (bf16 would make 0.7 0.69921875), as ComfyUI passes it
+            timesteps = torch.full((rows,), t, device=device, dtype=torch.float32)
             xin = x.to(dtype).repeat(passes, 1, 1)
             v = transformer(xin, img_ids, txt, txt_ids, timesteps, y, guidance, pe).float()
             if passes == 1:
@@ -228,7 +230,7 @@ class Engine:
         on_event(Stage("denoising", f"{len(times) - 1} steps"))
         step_seconds: list[float] = []
 
-        projection = self._preview_projection(files, dtype, device) if self.options.previews else None
+        projection = self._preview_projection(files, support, device) if self.options.previews else None
         if projection is not None:
             memory.activate(transformer)
 
@@ -246,9 +248,9 @@ class Engine:
         def note(text: str) -> None:
             on_event(Message(text))
 
-        vae = self._model(files.components["vae"], dtype, device)
+        vae = self._model(files.components["vae"], support, device)
         with torch.inference_mode():
-            latents = sampling.unpack(x, height, width).to(dtype)
+            latents = sampling.unpack(x, height, width).to(support)
             pixels = torch.cat(
                 [
                     vae_tiling.decode(vae, latents[i : i + 1], on_message=note).float().cpu()

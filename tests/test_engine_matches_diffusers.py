@@ -17,11 +17,15 @@ from engine.sampling import img2img_skip, make_noise
 from tests.oracle import build_pipeline, img2img_pipeline, psnr, run_img2img, run_pipeline
 
 MIN_PSNR = 45.0
+FP32 = (
+    "--dtype",
+    "fp32",
+)  # the oracle computes in fp32; on a CPU with bf16 the engine's default would be bf16
 
 
 def cli_image(tmp_path: Path, *args: str) -> np.ndarray:
     out = tmp_path / "out.png"
-    assert main(["generate", *args, "--out", str(out)]) == 0
+    assert main(["generate", *args, *FP32, "--out", str(out)]) == 0
     return np.asarray(Image.open(out).convert("RGB"))
 
 
@@ -137,7 +141,7 @@ def img2img_pair(tiny, tmp_path: Path, steps: int, denoise: float, ours_denoise:
     args = ("--models-dir", str(tiny.models_dir), "--prompt", "a red house", "--width", "64", "--height", "64",
             "--steps", str(steps), "--seed", "5", "--guidance", "3.5", "--init-image", str(init),
             "--denoise", str(ours_denoise if ours_denoise is not None else denoise), "--out", str(out))  # fmt: skip
-    assert main(["generate", *args]) == 0
+    assert main(["generate", *args, *FP32]) == 0
     ours = np.asarray(Image.open(out).convert("RGB"))
     pipe = img2img_pipeline(build_pipeline(tiny.stored_as_float(), tiny.clip_tokenizer, tiny.t5_tokenizer))
     theirs = run_img2img(
