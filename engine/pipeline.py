@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from engine import sampling, vae_tiling
+from engine import ops, sampling, vae_tiling
 from engine.autoencoder import AutoEncoder
 from engine.build import build_model
 from engine.devices import pick_device
@@ -114,12 +114,31 @@ class Engine:
         else:
             self._drop(component.role)
             self._make_room_for(component)
-            model = self.memory.manage(build_model(component, dtype))
-            self._sizes[component.role] = component.nbytes
+            model = build_model(component, dtype)
+            size = component.nbytes
+            if self._expands(component, model, dtype, device):
+                size = ops.expand(model, dtype)
+            model = self.memory.manage(model)
+            self._sizes[component.role] = size
             self._models[component.role] = (key, model)
             self.loads.append(component.role)
         self.memory.activate(model)
         return model
+
+    def _expands(
+        self, component: Component, model: nn.Module, dtype: torch.dtype, device: torch.device
+    ) -> bool:
+        """fp32 compute on the CPU from a narrower file (bf16, fp8, GGUF): expand the transformer's weights once
+        instead of at every layer call of every step, while RAM holds the fp32 copy beside the other loaded
+        models (the keep_models policy's share); with keep_models="never", or RAM short, it stays per call."""
+        if component.role != "transformer" or device.type != "cpu" or dtype != torch.float32:
+            return False
+        if self.options.keep_models == "never":
+            return False
+        if not ops.needs_expanding(model, dtype):
+            return False  # an fp32 file
+        loaded = sum(self._sizes[r] for r in self._models if r != component.role)
+        return loaded + ops.expanded_bytes(model, dtype) <= RAM_SHARE * _total_ram()
 
     def _drop(self, role: str) -> None:
         cached = self._models.pop(role, None)

@@ -109,3 +109,46 @@ def test_the_timestep_reaches_the_transformer_in_fp32(dev_set, tmp_path, monkeyp
     run(dev_set, tmp_path / "t.png", dtype="bf16", shift="none")
     assert [t.dtype for t in seen] == [torch.float32] * 3
     assert [float(t[0]) for t in seen] == pytest.approx([1.0, 2 / 3, 1 / 3], abs=1e-7)
+
+
+@pytest.mark.parametrize("keep_models", ["auto", "never"])
+def test_fp32_on_a_narrower_file_expands_once_when_ram_allows(dev_set, tmp_path, monkeypatch, keep_models):
+    """Scaled fp8 computed in fp32 on the CPU: with RAM to spare the transformer's weights are expanded once
+    (scale folded in), else (RAM short, or keep_models="never") per layer call as before; the same pixels."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import engine.pipeline as pipeline
+    from engine import fixtures
+    from engine.pipeline import EngineOptions
+
+    models = tmp_path / "models"
+    shutil.copytree(dev_set.models_dir, models)
+    save_file(
+        fixtures.to_fp8(dev_set.states.transformer, scaled=True),
+        str(models / "diffusion_models" / "flux-tiny.safetensors"),
+    )
+    request = GenerateRequest(
+        prompt="a photo of a cat", width=64, height=64, steps=3, seed=3, device="cpu", dtype="fp32",
+        files=ModelFiles(models_dir=str(models)), out=str(tmp_path / "x.png"),
+    )  # fmt: skip
+
+    build = pipeline.build_model
+
+    def generate(ram: int):
+        built = []
+        monkeypatch.setattr(pipeline, "_total_ram", lambda: ram)
+        monkeypatch.setattr(pipeline, "build_model", lambda c, d: built.append(build(c, d)) or built[-1])
+        image = np.asarray(Image.open(Engine(EngineOptions(keep_models=keep_models)).generate(request)[0]))
+        transformer = next(m for m in built if hasattr(m, "double_blocks"))
+        return image, transformer.double_blocks[0].img_attn.qkv
+
+    roomy, qkv = generate(64 * 2**30)
+    short, kept = generate(2**20)
+    assert np.array_equal(roomy, short)
+    assert kept.weight.dtype == torch.float8_e4m3fn and kept.scale_weight is not None
+    if keep_models == "never":
+        assert qkv.weight.dtype == torch.float8_e4m3fn  # RAM is short by the user's word: per call
+    else:
+        assert (qkv.weight.dtype, qkv.scale_weight) == (torch.float32, None)
