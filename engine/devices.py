@@ -72,7 +72,7 @@ NATIVE_BF16 = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def cpu_compute_dtype(features: Iterable[str]) -> torch.dtype:
-    """bf16 on a CPU that computes it natively (about 2.5× fp32's speed at FLUX's width, ~1 % relative error,
+    """bf16 on a CPU that computes it natively (1.5–2.5× fp32's speed at FLUX's width, <1 % relative error,
     docs/benchmarks.md), fp32 elsewhere: without those instructions bf16 is emulated and slower than fp32."""
     return torch.bfloat16 if NATIVE_BF16 & {f.lower() for f in features} else torch.float32
 
