@@ -10,7 +10,7 @@ from engine.autoencoder import AutoEncoder, AutoEncoderParams
 from engine.errors import UserError
 from engine.flux_model import Flux, FluxParams
 from engine.text_encoders import build_clip, build_t5
-from engine.weights import Component, split_scaled_fp8
+from engine.weights import Component, quantized_layers, split_quantized
 
 _BUILDERS = {
     "transformer": lambda state, scales, dtype: _build_own(Flux, FluxParams, state, scales, dtype),
@@ -29,7 +29,7 @@ def _build_own(model_class, params_class, state, scales, dtype) -> nn.Module:
 
 def build_model(component: Component, dtype: torch.dtype) -> nn.Module:
     """A role's model from its file, weights kept in the stored dtype."""
-    state, scales = split_scaled_fp8(component.load())
+    state, scales = split_quantized(component.load(), quantized_layers(component), str(component.file.path))
     try:
         return _BUILDERS[component.role](state, scales, dtype)
     except (KeyError, ValueError, IndexError) as e:

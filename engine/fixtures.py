@@ -156,6 +156,44 @@ def to_fp8(
     return out
 
 
+COMFY_FORMAT_NAMES = {torch.float8_e4m3fn: "float8_e4m3fn", torch.float8_e5m2: "float8_e5m2"}
+
+
+def to_comfy_quant(
+    state: dict[str, torch.Tensor],
+    dtype=torch.float8_e4m3fn,
+    in_header: bool = False,
+    uint8_container: bool = False,
+    prefix: str = "",
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a file in ComfyUI's current quantized layout, holding exactly the scaled-fp8
+    values `to_fp8(state, dtype, scaled=True)` holds: per layer `.weight` (fp8, or its bytes as uint8),
+    `.weight_scale` (fp32 scalar), `.input_scale` (fp32 scalar, for fp8 activations) and the layer's config
+    {"format": ...} as a uint8 `.comfy_quant` tensor or, `in_header`, in `_quantization_metadata`. `prefix` is
+    put before every name (an all-in-one checkpoint's), the header's layer names included."""
+    tensors: dict[str, torch.Tensor] = {}
+    layers: dict[str, dict] = {}
+    for name, tensor in to_fp8(state, dtype, scaled=True).items():
+        if name == "scaled_fp8":
+            continue
+        if name.endswith(".scale_weight"):
+            layer = name[: -len(".scale_weight")]
+            tensors[prefix + layer + ".weight_scale"] = tensor.reshape(()).float()
+            tensors[prefix + layer + ".input_scale"] = torch.tensor(0.0123, dtype=torch.float32)
+            layers[prefix + layer] = {"format": COMFY_FORMAT_NAMES[dtype]}
+        elif uint8_container and tensor.dtype == dtype:
+            tensors[prefix + name] = tensor.view(torch.uint8)
+        else:
+            tensors[prefix + name] = tensor
+    if in_header:
+        return tensors, {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    for layer, conf in layers.items():
+        tensors[layer + ".comfy_quant"] = torch.tensor(
+            list(json.dumps(conf).encode("utf-8")), dtype=torch.uint8
+        )
+    return tensors, {}
+
+
 def dequantized(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """What an fp8 (or scaled-fp8) state means in float32: the oracle's weights."""
     out = {}

@@ -15,6 +15,7 @@ from engine.weights import (
     describe,
     find_components,
     open_weights,
+    uncomputable_format,
 )
 
 # ComfyUI's folders, in the order they are searched (later folders are the older names), then Forge's.
@@ -61,9 +62,18 @@ def scan_models_dir(models_dir: Path, notes: list[str] | None = None) -> dict[st
 
 
 def _prefer_single_role(candidates: list[Component]) -> Component:
-    """A file of its own for the role beats the same role inside an all-in-one checkpoint."""
-    standalone = [c for c in candidates if c.prefix == "" or len(find_components(c.file)) == 1]
-    return (standalone or candidates)[0]
+    """A file of its own for the role beats the same role inside an all-in-one checkpoint, and a file the engine
+    computes beats one in a quantization it does not (which, alone, is still taken: loading it says why not)."""
+    computable = [c for c in candidates if _computable(c)] or candidates
+    standalone = [c for c in computable if c.prefix == "" or len(find_components(c.file)) == 1]
+    return (standalone or computable)[0]
+
+
+def _computable(component: Component) -> bool:
+    try:
+        return uncomputable_format(component) is None
+    except UserError:  # its quantization config is unreadable
+        return False
 
 
 def resolve(files: ModelFiles) -> ResolvedFiles:

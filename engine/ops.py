@@ -9,6 +9,7 @@ patches compose in `fetch`, not in model code.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -142,6 +143,41 @@ def set_compute_dtype(model: nn.Module, dtype: torch.dtype) -> None:
         for name, param in list(module.named_parameters(recurse=False)):
             if param.is_floating_point() and param.dtype != dtype:
                 setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+
+
+def expanded_bytes(model: nn.Module, dtype: torch.dtype) -> int:
+    """What the model's layer weights take once expanded to `dtype` (`expand`)."""
+    layers = [m for m in model.modules() if is_cast_layer(m)]
+    return sum(math.prod(getattr(m.source, "shape", None) or m.weight.shape) * dtype.itemsize for m in layers)
+
+
+def needs_expanding(model: nn.Module, dtype: torch.dtype) -> bool:
+    """Whether any layer's stored weight must be cast, dequantized or scaled to compute in `dtype`."""
+    return any(
+        m.source is not None or m.scale_weight is not None or m.weight.dtype != dtype
+        for m in model.modules()
+        if is_cast_layer(m)
+    )
+
+
+def expand(model: nn.Module, dtype: torch.dtype) -> int:
+    """Every layer's weight made once in `dtype` (cast, GGUF dequantized, fp8 scale folded in) and kept: `fetch`
+    then only moves and patches it. For a model that runs many times (the transformer, every step) on a device
+    where its stored dtype is not the compute dtype, when memory holds the larger copy. Returns the layers' bytes."""
+    for layer in model.modules():
+        if not is_cast_layer(layer):
+            continue
+        stored = layer.weight
+        if layer.source is None and layer.scale_weight is None and stored.dtype == dtype:
+            continue
+        weight = (layer.source or _PLAIN).materialize(stored, dtype, stored.device)
+        if layer.scale_weight is not None:
+            weight = weight * layer.scale_weight.to(device=weight.device, dtype=dtype)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.source, layer.scale_weight = None, None
+        if layer.bias is not None and layer.bias.dtype != dtype:
+            layer.bias = nn.Parameter(layer.bias.to(dtype), requires_grad=False)
+    return expanded_bytes(model, dtype)
 
 
 def load_into(

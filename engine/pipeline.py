@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from engine import sampling, vae_tiling
+from engine import ops, sampling, vae_tiling
 from engine.autoencoder import AutoEncoder
 from engine.build import build_model
 from engine.devices import pick_device
@@ -116,12 +116,31 @@ class Engine:
         else:
             self._drop(component.role)
             self._make_room_for(component)
-            model = self.memory.manage(build_model(component, dtype))
-            self._sizes[component.role] = component.nbytes
+            model = build_model(component, dtype)
+            size = component.nbytes
+            if self._expands(component, model, dtype, device):
+                size = ops.expand(model, dtype)
+            model = self.memory.manage(model)
+            self._sizes[component.role] = size
             self._models[component.role] = (key, model)
             self.loads.append(component.role)
         self.memory.activate(model)
         return model
+
+    def _expands(
+        self, component: Component, model: nn.Module, dtype: torch.dtype, device: torch.device
+    ) -> bool:
+        """fp32 compute on the CPU from a narrower file (bf16, fp8, GGUF): expand the transformer's weights once
+        instead of at every layer call of every step, while RAM holds the fp32 copy beside the other loaded
+        models (the keep_models policy's share); with keep_models="never", or RAM short, it stays per call."""
+        if component.role != "transformer" or device.type != "cpu" or dtype != torch.float32:
+            return False
+        if self.options.keep_models == "never":
+            return False
+        if not ops.needs_expanding(model, dtype):
+            return False  # an fp32 file
+        loaded = sum(self._sizes[r] for r in self._models if r != component.role)
+        return loaded + ops.expanded_bytes(model, dtype) <= RAM_SHARE * _total_ram()
 
     def _drop(self, role: str) -> None:
         cached = self._models.pop(role, None)
@@ -174,7 +193,8 @@ class Engine:
             request = dataclasses.replace(request, prompt=prompt, loras=[*request.loras, *tagged])
             request.validate()  # the tags' strengths are numbers from outside too
         out = check_writable(request.out)
-        device, dtype = pick_device(request.device, request.dtype)
+        device, precision = pick_device(request.device, request.dtype)
+        dtype, support = precision.transformer, precision.encoders  # support: text encoders and autoencoder
         files = resolve(request.files)
         for skipped in files.notes:
             on_event(Message(skipped))
@@ -184,8 +204,8 @@ class Engine:
         steps = request.steps or (4 if schnell else 28)
         t5_length = request.t5_max_length or (256 if schnell else 512)
 
-        on_event(Stage("encoding", f"{device.type} {str(dtype).removeprefix('torch.')}"))
-        conds = self._encode(request, files, t5_length, device, dtype, on_event)
+        on_event(Stage("encoding", f"{device.type} {precision}"))
+        conds = self._encode(request, files, t5_length, device, support, on_event)
         self._release_after_stage(("clip", "t5"))
 
         on_event(Stage("loading", "transformer"))
@@ -197,8 +217,8 @@ class Engine:
         noise = sampling.make_noise(request.seed, batch, height, width)
         times = sampling.schedule(steps, _mu(request.shift, schnell, (height // 16) * (width // 16)))
         if request.init_image:
-            vae = self._model(files.components["vae"], dtype, device)
-            x0 = _encode_image(vae, request.init_image, width, height, device, dtype, on_event)
+            vae = self._model(files.components["vae"], support, device)
+            x0 = _encode_image(vae, request.init_image, width, height, device, support, on_event)
             x0 = x0.expand(batch, -1, -1, -1)
             start, times = sampling.img2img_start(noise, x0.float().cpu(), times, request.denoise)
             memory.activate(transformer)
@@ -225,7 +245,8 @@ class Engine:
         def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
             if cancel.is_set():
                 raise Cancelled("cancelled")
-            timesteps = torch.full((rows,), t, device=device, dtype=dtype)
+            # t in fp32 whatever the compute dtype (bf16 would make 0.7 0.69921875), as ComfyUI passes it
+            timesteps = torch.full((rows,), t, device=device, dtype=torch.float32)
             xin = x.to(dtype).repeat(passes, 1, 1)
             v = transformer(xin, img_ids, txt, txt_ids, timesteps, y, guidance, pe, cache=step_cache).float()
             if passes == 1:
@@ -236,7 +257,7 @@ class Engine:
         on_event(Stage("denoising", f"{len(times) - 1} steps"))
         step_seconds: list[float] = []
 
-        projection = self._preview_projection(files, dtype, device) if self.options.previews else None
+        projection = self._preview_projection(files, support, device) if self.options.previews else None
         if projection is not None:
             memory.activate(transformer)
 
@@ -261,10 +282,10 @@ class Engine:
         def note(text: str) -> None:
             on_event(Message(text))
 
-        vae = self._model(files.components["vae"], dtype, device)
+        vae = self._model(files.components["vae"], support, device)
         images = []
         with torch.inference_mode():
-            latents = sampling.unpack(x, height, width).to(dtype)
+            latents = sampling.unpack(x, height, width).to(support)
             for i in range(batch):  # one image at a time, kept as 8-bit: a batch never holds float pixels
                 pixels = vae_tiling.decode(vae, latents[i : i + 1], on_message=note).float().cpu()
                 if not _finite(pixels):

@@ -17,10 +17,8 @@ from engine.request import GenerateRequest, ModelFiles
 
 
 def run_selftest(device: str = "auto") -> int:
-    dev, dtype = pick_device(device, "auto")
-    print(
-        f"torch {torch.__version__}, device {dev}, dtype {str(dtype).removeprefix('torch.')}", file=sys.stderr
-    )
+    dev, precision = pick_device(device, "auto")
+    print(f"torch {torch.__version__}, device {dev}, dtype {precision}", file=sys.stderr)
     if dev.type == "cuda":
         print(f"GPU: {torch.cuda.get_device_name(dev)}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="fluxdeck-selftest-") as tmp:

@@ -297,17 +297,103 @@ def component_from(path: str | Path, role: str, flag: str) -> Component:
     return found[role]
 
 
-def split_scaled_fp8(
-    state: dict[str, torch.Tensor],
+# ComfyUI's quantized layers. Older "scaled fp8" files: a `scaled_fp8` marker tensor and, per layer,
+# `<layer>.scale_weight` (and `<layer>.scale_input`). Current ones (ComfyUI converts the older kind to this on load
+# and writes it when it saves): `<layer>.weight` stored quantized, `<layer>.weight_scale` (fp32, weight = q × scale),
+# `<layer>.input_scale` (for fp8 activations, which the engine does not use: it computes in bf16/fp16/fp32) and
+# `<layer>.comfy_quant`, uint8 bytes of the layer's JSON config such as {"format": "float8_e4m3fn"}; or, instead of
+# the uint8 tensors, the configs in the header: `_quantization_metadata` = {"format_version", "layers": {layer:
+# config}}. The engine computes the fp8 formats (kept fp8 in memory, scaled when a layer runs) and names the rest.
+COMFY_FP8_FORMATS = {"float8_e4m3fn": torch.float8_e4m3fn, "float8_e5m2": torch.float8_e5m2}
+_QUANT_EXTRAS = (".scale_input", ".input_scale", ".comfy_quant")
+
+
+def quantized_layers(component: Component) -> dict[str, dict]:
+    """{layer name relative to the component's prefix: its ComfyUI quantization config} from `.comfy_quant`
+    tensors and the header's `_quantization_metadata` (layer names there may or may not carry the prefix)."""
+    file, prefix = component.file, component.prefix
+    configs: dict[str, dict] = {}
+    raw = file.metadata.get("_quantization_metadata") if isinstance(file, SafetensorsFile) else None
+    if raw:
+        try:
+            layers = json.loads(raw)["layers"]
+            layers = {name: _layer_config(conf) for name, conf in layers.items()}
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(
+                f"{file.path} has an unreadable _quantization_metadata in its header: the file is damaged; "
+                "download it again."
+            ) from None
+        for name, conf in layers.items():
+            if prefix and name.startswith(prefix) and name + ".weight" in file.tensors:
+                configs[name[len(prefix) :]] = conf
+            elif prefix + name + ".weight" in file.tensors:
+                configs[name] = conf
+    marked = [n for n in file.tensors if n.startswith(prefix) and n.endswith(".comfy_quant")]
+    for name, tensor in file.load(marked).items():
+        try:
+            conf = _layer_config(json.loads(tensor.numpy().tobytes()))
+        except (ValueError, TypeError, AttributeError):
+            raise UserError(
+                f"{file.path}: {name} is not readable quantization JSON: the file is damaged."
+            ) from None
+        configs[name[len(prefix) : -len(".comfy_quant")]] = conf
+    return configs
+
+
+def _layer_config(conf) -> dict:
+    if not isinstance(conf, dict) or not isinstance(conf.get("format"), str):
+        raise ValueError("a layer's quantization config has no format")
+    return conf
+
+
+def uncomputable_format(component: Component) -> str | None:
+    """The name of a ComfyUI quantization the component uses that the engine does not compute (None: all fine)."""
+    formats = {conf["format"] for conf in quantized_layers(component).values()}
+    return next(iter(sorted(formats - set(COMFY_FP8_FORMATS))), None)
+
+
+def split_quantized(
+    state: dict[str, torch.Tensor], configs: dict[str, dict] | None = None, source: str = "the file"
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Take ComfyUI scaled-fp8 extras out of a state dict: (weights, {layer name: scale_weight})."""
-    scales = {}
-    weights = {}
+    """Take ComfyUI's quantization extras out of a state dict: (weights, {layer name: scale}).
+
+    Both the legacy scaled-fp8 names and the current comfy_quant layout (`configs`: `quantized_layers`) give a
+    layer's scale, which `ops.fetch` applies to the stored fp8 weight; fp8 bytes in a uint8 container are viewed as
+    the fp8 type their config names. Formats the engine does not compute are refused by name."""
+    configs, state = configs or {}, dict(state)
+    for layer, conf in configs.items():
+        dtype = COMFY_FP8_FORMATS.get(conf["format"])
+        if dtype is None:
+            raise UserError(
+                f"{source} stores {layer} in ComfyUI's {conf['format']!r} quantization, which FluxDeck does not "
+                "compute: use a bf16, fp8 (float8_e4m3fn/e5m2) or GGUF file of the model instead."
+            )
+        weight = state.get(layer + ".weight")
+        if weight is None or layer + ".weight_scale" not in state:
+            raise UserError(
+                f"{source} marks {layer} as {conf['format']} but lacks its weight or weight_scale: "
+                "the file is damaged; download it again."
+            )
+        if weight.dtype == torch.uint8:
+            state[layer + ".weight"] = weight.view(dtype)
+    scales, weights = {}, {}
     for name, tensor in state.items():
-        if name == "scaled_fp8" or name.endswith(".scale_input"):
+        if name == "scaled_fp8" or name.endswith(_QUANT_EXTRAS):
             continue
-        if name.endswith(".scale_weight"):
-            scales[name[: -len(".scale_weight")]] = tensor
+        for suffix in (".scale_weight", ".weight_scale"):
+            if name.endswith(suffix):
+                scales[name[: -len(suffix)]] = tensor
+                break
         else:
             weights[name] = tensor
+    packed = [
+        n
+        for n, t in weights.items()
+        if isinstance(t, torch.Tensor) and n.endswith(".weight") and t.dtype == torch.uint8
+    ]
+    if packed:
+        raise UserError(
+            f"{source} stores {packed[0]} as packed bytes (a 4-bit quantization such as nvfp4), which FluxDeck "
+            "does not compute: use a bf16, fp8 or GGUF file of the model instead."
+        )
     return weights, scales

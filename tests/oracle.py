@@ -11,7 +11,13 @@ import re
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
 from engine.autoencoder import SCALE_FACTOR, SHIFT_FACTOR, AutoEncoderParams
@@ -182,4 +188,28 @@ def run_pipeline(pipe, noise: torch.Tensor, **kwargs) -> np.ndarray:
     with torch.inference_mode():
         result = pipe(latents=pack(noise), output_type="np", **kwargs).images
     assert result.shape[1:3] == (height, width)
+    return (result * 255).round().astype(np.uint8)
+
+
+def img2img_pipeline(pipe: FluxPipeline) -> FluxImg2ImgPipeline:
+    """diffusers' img2img on the same components, encoding the init image to the posterior mean as the engine
+    does (diffusers samples the posterior by default, which no seed convention of ours could reproduce)."""
+    img2img = FluxImg2ImgPipeline(**{k: v for k, v in pipe.components.items()})
+    vae = img2img.vae
+
+    def encode_mean(image: torch.Tensor, generator=None) -> torch.Tensor:
+        mean = vae.encode(image).latent_dist.mode()
+        return (mean - vae.config.shift_factor) * vae.config.scaling_factor
+
+    img2img._encode_vae_image = encode_mean
+    img2img.set_progress_bar_config(disable=True)
+    return img2img
+
+
+def run_img2img(pipe: FluxImg2ImgPipeline, seed: int, **kwargs) -> np.ndarray:
+    """img2img with the seed convention's noise: diffusers draws (B, 16, H/8, W/8) float32 from the CPU
+    generator it is given, as `make_noise` does. (B, H, W, 3) uint8."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.inference_mode():
+        result = pipe(generator=generator, output_type="np", **kwargs).images
     return (result * 255).round().astype(np.uint8)

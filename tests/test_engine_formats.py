@@ -133,9 +133,13 @@ def test_img2img_schedule_skips_the_first_steps():
     times = schedule(10, mu=None)
     noise, x0 = torch.ones(1, 4), torch.zeros(1, 4)
     start, kept = img2img_start(noise, x0, times, denoise=0.3)
-    assert len(kept) - 1 == 3  # int(10 * 0.7) = 7 steps skipped
+    assert len(kept) - 1 == 3  # int(10 − min(10·0.3, 10)) = 7 steps skipped
     assert kept[0] == times[7]
     assert torch.allclose(start, torch.full((1, 4), times[7]))
+    _, kept = img2img_start(noise, x0, schedule(20, mu=None), denoise=0.8)
+    assert len(kept) - 1 == 16  # 4 skipped, as diffusers (int(20·(1−0.8)) would skip 3)
+    _, kept = img2img_start(noise, x0, times, denoise=0.01)
+    assert kept == times[-2:]  # a denoise too small for a whole step still runs one
 
 
 def test_png_metadata_round_trips(dev_set, tmp_path):

@@ -20,7 +20,20 @@ from engine.request import GenerateRequest, ModelFiles
 from engine.sampling import make_noise
 from tests.oracle import build_pipeline, psnr, run_pipeline
 
-ARGS = ["--prompt", "glass robot", "--width", "64", "--height", "64", "--steps", "2", "--seed", "4"]
+ARGS = [
+    "--prompt",
+    "glass robot",
+    "--width",
+    "64",
+    "--height",
+    "64",
+    "--steps",
+    "2",
+    "--seed",
+    "4",
+    "--dtype",
+    "fp32",
+]
 
 
 def quantize_state(state: dict[str, torch.Tensor], qtypes: list[QType]) -> tuple[dict, dict]:

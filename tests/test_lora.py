@@ -26,7 +26,18 @@ from tests.oracle import build_pipeline, psnr, run_pipeline, transformer_to_diff
 
 MIN_PSNR = 45.0
 PROMPT, SEED, SIZE, STEPS = "a photo of a cat", 7, 64, 2
-IMAGE_ARGS = ["--prompt", PROMPT, "--width", str(SIZE), "--height", str(SIZE), "--steps", str(STEPS)]
+IMAGE_ARGS = [
+    "--prompt",
+    PROMPT,
+    "--width",
+    str(SIZE),
+    "--height",
+    str(SIZE),
+    "--steps",
+    str(STEPS),
+    "--dtype",
+    "fp32",
+]
 IMAGE_ARGS += ["--seed", str(SEED)]
 
 

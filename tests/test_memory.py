@@ -124,7 +124,7 @@ def test_fp16_compute_saturates_instead_of_overflowing():
 
 
 def test_fp16_generation_is_finite_and_close_to_fp32(dev_set, tmp_path):
-    fp32 = Engine().generate(request(dev_set, tmp_path / "32.png"))[0]
+    fp32 = Engine().generate(request(dev_set, tmp_path / "32.png", dtype="fp32"))[0]
     fp16 = Engine().generate(request(dev_set, tmp_path / "16.png", dtype="fp16"))[0]
     from tests.metrics import psnr
 
