@@ -461,7 +461,7 @@ class FluxDeckApp(App):
         """Stop the engine so that it lets go of the model files it has memory-mapped (Windows cannot replace a
         mapped file) before a download or repair writes over them; the next job starts it again. Returns why
         not, when a generation is running."""
-        if self.engine_busy is not None:
+        if self.jobs.running() is not None:
             return "A generation is running: let it finish or cancel it (escape) before downloading."
         if self.engine.alive:
             self.engine.stop(timeout=10.0)

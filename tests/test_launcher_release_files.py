@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from textual.widgets import RichLog
 
+from launcher.jobs import JobState
 from tests.launcher_helpers import FAKE_ENGINE, SIZE, make_app, wait_for
 
 
@@ -12,10 +13,11 @@ async def test_a_download_stops_the_engine_first_and_a_running_job_blocks_it(tmp
     app = make_app(tmp_path, engine=FAKE_ENGINE, start_engine=True)
     async with app.run_test(size=SIZE) as pilot:
         await wait_for(pilot, lambda: app.engine.alive, 30)
-        app.engine_busy = "job-1"  # a generation is running
+        job = app.jobs.add({"prompt": "a cat"})
+        job.state = JobState.RUNNING  # a generation is running
         assert "A generation is running" in (app.release_model_files() or "")
         assert app.engine.alive
-        app.engine_busy = None
+        job.state = JobState.DONE
 
         await pilot.press("f5")
         screen = app.screen
