@@ -391,3 +391,55 @@ def test_a_wrong_layer_choice_is_caught(qwen3):
     )  # the last state normalised, as a full model's last hidden state would be
     wrong = encode_qwen3(normed, tokenizer, PROMPTS, torch.device("cpu"), max_length=32)
     assert _rel_err(wrong, expected) > 1000 * TOLERANCE
+
+
+# ---- the seams the engine relies on ----
+
+
+def test_streaming_and_step_cache_leave_the_transformer_unchanged():
+    """Every block streamed (budget 0) gives the resident result; a first-block cache that computes gives it
+    too, and reuses the tail when the first block's residual has not changed."""
+    from engine.memory import MemoryManager, blocks_of
+    from engine.step_cache import FirstBlockCache
+
+    spec = Flux2Spec(depth=2, depth_single=2, seed=9)
+    state = flux2_state(spec)
+    p = Flux2Params.from_shapes(_shapes(state))
+    plain, streamed = _ours(Flux2, p, state), _ours(Flux2, p, state)
+    assert blocks_of(streamed) == [*streamed.double_blocks, *streamed.single_blocks]
+    memory = MemoryManager(torch.device("cpu"), 0)
+    memory.manage(streamed)
+    memory.activate(streamed)
+
+    g = torch.Generator().manual_seed(4)
+    img = torch.randn(1, 12, p.in_channels, generator=g)
+    txt = torch.randn(1, 5, p.context_in_dim, generator=g)
+    args = (img, image_ids(1, 3, 4), txt, text_ids(1, 5), torch.tensor([0.5]))
+    cache = FirstBlockCache(threshold=0.05)
+    with torch.inference_mode():
+        expected = plain(*args)
+        assert torch.equal(streamed(*args), expected)
+        assert torch.equal(plain(*args, cache=cache), expected)
+        assert _rel_err(plain(*args, cache=cache), expected) < TOLERANCE
+    assert cache.decisions == [(True,), (False,)]
+
+
+def test_qwen3_streams_its_layers_and_loads_bf16(qwen3):
+    from engine.memory import MemoryManager, blocks_of
+
+    state, reference, tokenizer = qwen3
+    model = build_qwen3(state, {}, torch.float32)
+    assert blocks_of(model) == list(model.layers)
+    memory = MemoryManager(torch.device("cpu"), 0)
+    memory.manage(model)
+    memory.activate(model)
+    expected = _pipeline_embeds(reference, tokenizer, 32)
+    assert (
+        _rel_err(encode_qwen3(model, tokenizer, PROMPTS, torch.device("cpu"), max_length=32), expected)
+        < TOLERANCE
+    )
+    stored = {k: v.to(torch.bfloat16) for k, v in state.items()}  # as qwen_3_4b.safetensors stores it
+    bf16 = encode_qwen3(
+        build_qwen3(stored, {}, torch.float32), tokenizer, PROMPTS, torch.device("cpu"), max_length=32
+    )
+    assert _rel_err(bf16, expected) < 2e-2

@@ -65,12 +65,19 @@ def qwen3_config(shapes: dict[str, tuple[int, ...]], num_layers: int | None = No
     )
 
 
+class KleinQwen3(Qwen3Model):
+    """Qwen3Model that tells the memory manager to stream its decoder layers (like T5's blocks)."""
+
+    def streamable_blocks(self) -> list[nn.Module]:
+        return list(self.layers)
+
+
 def build_qwen3(
     state: dict[str, torch.Tensor],
     scales: dict[str, torch.Tensor],
     dtype: torch.dtype,
     layers: tuple[int, ...] = KLEIN_LAYERS,
-) -> Qwen3Model:
+) -> KleinQwen3:
     """Qwen3's first max(layers) decoder layers, weights as stored (through ops.fetch), no final norm: its last
     hidden state is the output of layer max(layers), unnormalised, like the pipeline's hidden_states[k]."""
     state, scales = _model_names(state), _model_names(scales)
@@ -94,7 +101,7 @@ def build_qwen3(
     config = qwen3_config(shapes, depth)
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
-        model = Qwen3Model(config)
+        model = KleinQwen3(config)
     model.norm = nn.Identity()
     ops.adopt(model)
     ops.load_into(model, state, scales, dtype)
@@ -132,7 +139,7 @@ def chat_text(tokenizer, prompt: str) -> str:
 
 @torch.inference_mode()
 def encode_qwen3(
-    model: Qwen3Model,
+    model: KleinQwen3,
     tokenizer,
     prompts: list[str],
     device: torch.device,
