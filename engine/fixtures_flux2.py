@@ -60,7 +60,7 @@ class Flux2Spec:
             num_hidden_layers=self.qwen_layers,
             num_attention_heads=self.qwen_heads,
             num_key_value_heads=self.qwen_kv_heads,
-            head_dim=self.qwen_hidden // self.qwen_heads,
+            head_dim=2 * self.qwen_hidden // self.qwen_heads,  # as in Qwen3-4B, heads × head_dim ≠ width
             max_position_embeddings=MAX_POSITIONS,
             rms_norm_eps=RMS_NORM_EPS,
             rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},

@@ -360,6 +360,18 @@ def test_qwen3_embeddings_match_the_pipeline(qwen3):
     assert _rel_err(short, _pipeline_embeds(reference, tokenizer, 24)) < TOLERANCE
 
 
+def test_qwen3_dimensions_are_read_off_the_weights(qwen3):
+    from engine.models.qwen3_encoder import qwen3_config
+
+    state, reference, _ = qwen3
+    shapes = {k.removeprefix("model."): tuple(v.shape) for k, v in state.items()}
+    config, expected = qwen3_config(shapes), reference.config
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "rms_norm_eps", "attention_bias"):  # fmt: skip
+        assert getattr(config, field) == getattr(expected, field), field
+    assert config.rope_parameters["rope_theta"] == expected.rope_parameters["rope_theta"]
+
+
 def test_qwen3_template_without_a_tokenizer_template(qwen3, tmp_path):
     """A tokenizer folder without a chat template (ComfyUI's bundled one) gets Qwen3's text for the same prompt."""
     state, reference, tokenizer = qwen3
