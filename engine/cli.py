@@ -9,9 +9,9 @@ import sys
 import threading
 import traceback
 
-from engine.errors import UserError
-from engine.events import Done, Event, Message, Stage, Step
-from engine.request import GenerateRequest, LoraSpec, ModelFiles
+from engine.contract.errors import UserError
+from engine.contract.events import Done, Event, Message, Stage, Step
+from engine.contract.request import GenerateRequest, LoraSpec, ModelFiles
 
 
 def parse_lora(text: str) -> LoraSpec:
@@ -178,7 +178,7 @@ def main(argv: list[str]) -> int:
             from engine.selftest import run_selftest
 
             return run_selftest(args.device)
-        from engine.pipeline import Engine, EngineOptions, default_cache_dir
+        from engine.generation.pipeline import Engine, EngineOptions, default_cache_dir
 
         request = request_from_args(args)
         engine = Engine(EngineOptions(cache_dir=str(default_cache_dir())))

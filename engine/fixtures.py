@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-from engine.autoencoder import AutoEncoder, AutoEncoderParams
-from engine.flux_model import Flux, FluxParams
+from engine.models.autoencoder import AutoEncoder, AutoEncoderParams
+from engine.models.flux1 import Flux, FluxParams
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from engine.autoencoder import AutoEncoderParams
 from engine.fixtures import _byte_alphabet, _seeded
+from engine.models.autoencoder import AutoEncoderParams
 from engine.models.flux2 import ROPE_AXES, Flux2, Flux2Params
 from engine.models.flux2_autoencoder import PATCH, Flux2AutoEncoder
 from engine.models.qwen3_encoder import KLEIN_LAYERS, MAX_POSITIONS, RMS_NORM_EPS, ROPE_THETA

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from engine.errors import UserError
+from engine.contract.errors import UserError
 
 _PARTS = re.compile(r"[\\/]+")
 

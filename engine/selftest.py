@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 
 from engine.cli import StderrProgress
-from engine.devices import pick_device
+from engine.contract.request import GenerateRequest, ModelFiles
 from engine.fixtures import write_tiny_model_set
-from engine.pipeline import Engine
-from engine.request import GenerateRequest, ModelFiles
+from engine.generation.pipeline import Engine
+from engine.runtime.devices import pick_device
 
 
 def run_selftest(device: str = "auto") -> int:

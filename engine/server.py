@@ -7,7 +7,7 @@ In (one object a line):
 Out (one object a line; every job line carries its "id"):
     {"type": "ready", "pid": 123}           once, at start
     {"type": "started", "id": ...}          a job left the queue and runs now
-    event_to_dict(event) + "id"             stage, step, preview, done, message (engine/events.py)
+    event_to_dict(event) + "id"             stage, step, preview, done, message (engine/contract/events.py)
     {"type": "stats", "id": ..., "rss_mb": .., "vram_mb": .., "vram_total_mb": ..}   after each step and at the end
     {"type": "cancelled", "id": ...}
     {"type": "unknown-job", "id": ..., "message": ...}        a cancel for an id that is neither queued nor running
@@ -35,9 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from engine.errors import Cancelled, UserError
-from engine.events import Done, Event, Step, event_to_dict
-from engine.request import GenerateRequest
+from engine.contract.errors import Cancelled, UserError
+from engine.contract.events import Done, Event, Step, event_to_dict
+from engine.contract.request import GenerateRequest
 
 EngineFactory = Callable[[], Any]  # returns an object with .generate(request, on_event, cancel)
 
@@ -240,7 +240,7 @@ def _plain_sentence(error: Exception) -> str:
 
 
 def _default_engine() -> Any:
-    from engine.pipeline import Engine, EngineOptions, default_cache_dir
+    from engine.generation.pipeline import Engine, EngineOptions, default_cache_dir
 
     return Engine(EngineOptions(cache_dir=str(default_cache_dir()), previews=True))
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
 # <models>/loras is ComfyUI's folder; A1111/Forge installs (often given as extra model paths) use `Lora`.
-# The same folders and suffixes as the engine's `<lora:name>` tags search (engine/pipeline.py, engine/lora.py;
+# The same folders and suffixes as the engine's `<lora:name>` tags search (engine/generation/pipeline.py, engine/formats/lora.py;
 # tests/test_launcher_loras.py holds the two lists together until both read them from one contract module).
 LORA_FOLDERS = ("loras", "Lora")
 LORA_SUFFIXES = (".safetensors", ".sft")

@@ -15,10 +15,10 @@ import argparse
 
 import torch
 
-from engine.flux_model import Flux, position_embedding
-from engine.memory import MemoryManager
-from engine.ops import load_into
-from engine.step_cache import FirstBlockCache
+from engine.generation.step_cache import FirstBlockCache
+from engine.models.flux1 import Flux, position_embedding
+from engine.runtime.memory import MemoryManager
+from engine.runtime.ops import load_into
 from tests.bench_offload import SHAPES, inputs, random_state, sync, timed
 
 

@@ -23,14 +23,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine import fixtures, ops
-from engine.build import build_model
-from engine.devices import cpu_features, pick_device
-from engine.flux_model import position_embedding
-from engine.gguf_file import write_gguf
-from engine.gguf_quants import QType
-from engine.sampling import image_ids
-from engine.weights import component_from
+from engine import fixtures
+from engine.formats.gguf_file import write_gguf
+from engine.formats.gguf_quants import QType
+from engine.formats.weights import component_from
+from engine.generation.sampling import image_ids
+from engine.models.build import build_model
+from engine.models.flux1 import position_embedding
+from engine.runtime import ops
+from engine.runtime.devices import cpu_features, pick_device
 
 REAL = replace(
     fixtures.TinySpec(), hidden=3072, heads=24, depth=1, depth_single=1, t5_dim=4096, clip_hidden=768

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine import ops
-from engine.gguf_file import GGUFSource
-from engine.gguf_quants import QType
+from engine.formats.gguf_file import GGUFSource
+from engine.formats.gguf_quants import QType
+from engine.runtime import ops
 from tests.test_gguf import random_raw
 
 HIDDEN, MLP = 3072, 12288

@@ -23,10 +23,10 @@ import psutil
 import torch
 
 from engine import fixtures
-from engine.flux_model import Flux, FluxParams, position_embedding
-from engine.memory import GB, MemoryManager
-from engine.ops import load_into
-from engine.sampling import image_ids
+from engine.generation.sampling import image_ids
+from engine.models.flux1 import Flux, FluxParams, position_embedding
+from engine.runtime.memory import GB, MemoryManager
+from engine.runtime.ops import load_into
 
 SHAPES = {
     # the real FLUX.1 transformer: 3072 wide, 19 double and 38 single blocks, T5-XXL and CLIP-L inputs

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from engine import fixtures
-from engine.pipeline import Engine
-from engine.request import GenerateRequest, ModelFiles
-from engine.sampling import make_noise
+from engine.contract.request import GenerateRequest, ModelFiles
+from engine.generation.pipeline import Engine
+from engine.generation.sampling import make_noise
 from tests.oracle import build_pipeline
 
 
@@ -63,7 +63,7 @@ def main() -> None:
                 return kwargs
 
             noise = make_noise(1, 1, args.size, args.size)
-            from engine.sampling import pack
+            from engine.generation.sampling import pack
 
             with torch.inference_mode():
                 pipe("a photo of a cat", latents=pack(noise), width=args.size, height=args.size,
@@ -90,7 +90,7 @@ def main() -> None:
 
 
 def _load(path):
-    from engine.weights import SafetensorsFile
+    from engine.formats.weights import SafetensorsFile
 
     file = SafetensorsFile(path)
     return file.load(file.names())

@@ -22,7 +22,7 @@ class TinySet:
 
     def stored_as_float(self) -> dict[str, dict[str, torch.Tensor]]:
         """The weights as the files store them, read back in float32: what the oracle must get."""
-        from engine.weights import SafetensorsFile
+        from engine.formats.weights import SafetensorsFile
 
         out = {}
         for role, path in self.paths.items():

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.errors import Cancelled, UserError  # noqa: E402
-from engine.events import Done, Preview, Stage, Step  # noqa: E402
+from engine.contract.errors import Cancelled, UserError  # noqa: E402
+from engine.contract.events import Done, Preview, Stage, Step  # noqa: E402
 from engine.server import main  # noqa: E402
 
 
@@ -68,5 +68,5 @@ class FakeEngine:
 if __name__ == "__main__":
     import engine.server as server
 
-    server._default_engine = FakeEngine  # the fake stands in for engine.pipeline.Engine
+    server._default_engine = FakeEngine  # the fake stands in for engine.generation.pipeline.Engine
     sys.exit(main(sys.argv[1:]))

@@ -1,5 +1,5 @@
 """Tiny LoRAs written in the layouts people share, and the oracle's merge of each (written here from the layouts'
-names, independently of engine/lora.py): W += strength · alpha/rank · up @ down on the right rows."""
+names, independently of engine/formats/lora.py): W += strength · alpha/rank · up @ down on the right rows."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.flux_model import FluxParams
+from engine.models.flux1 import FluxParams
 
 
 @dataclass

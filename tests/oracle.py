@@ -20,9 +20,9 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
 
-from engine.autoencoder import SCALE_FACTOR, SHIFT_FACTOR, AutoEncoderParams
-from engine.flux_model import FluxParams
-from engine.text_encoders import clip_config, t5_config
+from engine.models.autoencoder import SCALE_FACTOR, SHIFT_FACTOR, AutoEncoderParams
+from engine.models.flux1 import FluxParams
+from engine.models.text_encoders import clip_config, t5_config
 from tests.metrics import psnr  # noqa: F401  (the oracle's comparisons, re-exported for the tests)
 
 
@@ -182,7 +182,7 @@ def build_pipeline(
 
 def run_pipeline(pipe, noise: torch.Tensor, **kwargs) -> np.ndarray:
     """Run with our noise (the seed convention, packed as the pipeline packs it); (B, H, W, 3) uint8."""
-    from engine.sampling import pack
+    from engine.generation.sampling import pack
 
     height, width = kwargs["height"], kwargs["width"]
     with torch.inference_mode():

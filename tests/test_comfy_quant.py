@@ -13,12 +13,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from engine import fixtures
-from engine.build import build_model
 from engine.cli import main
-from engine.model_files import resolve
-from engine.ops import fetch
-from engine.request import ModelFiles
-from engine.weights import SafetensorsFile, component_from
+from engine.contract.request import ModelFiles
+from engine.formats.model_files import resolve
+from engine.formats.weights import SafetensorsFile, component_from
+from engine.models.build import build_model
+from engine.runtime.ops import fetch
 from tests.test_engine_matches_diffusers import assert_close, both
 
 BASE = ["--prompt", "glass robot", "--width", "64", "--height", "64", "--steps", "2", "--seed", "4"]

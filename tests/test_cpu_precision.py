@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import devices
-from engine.devices import Precision, cpu_compute_dtype, features_in_cpuinfo, pick_device
-from engine.pipeline import Engine
-from engine.request import GenerateRequest, ModelFiles
+from engine.contract.request import GenerateRequest, ModelFiles
+from engine.generation.pipeline import Engine
+from engine.runtime import devices
+from engine.runtime.devices import Precision, cpu_compute_dtype, features_in_cpuinfo, pick_device
 from tests.metrics import psnr
 
 # Feature lists as these CPUs report them (abridged).
@@ -94,7 +94,7 @@ def test_the_engine_computes_as_the_cpu_allows(dev_set, tmp_path, monkeypatch, f
 
 def test_the_timestep_reaches_the_transformer_in_fp32(dev_set, tmp_path, monkeypatch):
     """bf16 would turn t = 0.7 into 0.69921875 before the sinusoidal embedding; ComfyUI passes fp32 too."""
-    import engine.pipeline as pipeline
+    import engine.generation.pipeline as pipeline
 
     seen: list[torch.Tensor] = []
     build = pipeline.build_model
@@ -119,9 +119,9 @@ def test_fp32_on_a_narrower_file_expands_once_when_ram_allows(dev_set, tmp_path,
 
     from safetensors.torch import save_file
 
-    import engine.pipeline as pipeline
+    import engine.generation.pipeline as pipeline
     from engine import fixtures
-    from engine.pipeline import EngineOptions
+    from engine.generation.pipeline import EngineOptions
 
     models = tmp_path / "models"
     shutil.copytree(dev_set.models_dir, models)

@@ -151,7 +151,7 @@ def test_real_process_exit_code_and_stderr(dev_set, tmp_path):
 def test_compute_dtype_by_gpu_generation():
     import torch
 
-    from engine.devices import compute_dtype_for
+    from engine.runtime.devices import compute_dtype_for
 
     assert compute_dtype_for((6, 1)) == torch.float32  # GTX 1070: no bf16, fp16 at 1/64 rate
     assert compute_dtype_for((7, 5)) == torch.float16  # RTX 20xx
@@ -170,7 +170,7 @@ def test_bad_flags_are_one_sentence_too(capsys):
 
 def test_lora_flag_strengths_and_windows_paths():
     from engine.cli import parse_lora
-    from engine.request import LoraSpec
+    from engine.contract.request import LoraSpec
 
     assert parse_lora("style.safetensors") == LoraSpec("style.safetensors", 1.0)
     assert parse_lora("style.safetensors:0.7") == LoraSpec("style.safetensors", 0.7)

@@ -11,9 +11,9 @@ from transformers import CLIPTokenizer, T5Tokenizer
 
 from engine import fixtures
 from engine.cli import main
-from engine.png_output import read_request
-from engine.request import GenerateRequest
-from engine.weights import SafetensorsFile
+from engine.contract.request import GenerateRequest
+from engine.formats.weights import SafetensorsFile
+from engine.generation.png_output import read_request
 
 BASE = ["--prompt", "a photo of a cat", "--width", "64", "--height", "64", "--steps", "2", "--seed", "9"]
 
@@ -64,8 +64,8 @@ def test_fp8_checkpoint_stays_fp8_in_memory(dev_set, tmp_path):
     """An fp8 file's matrices are kept as fp8 in RAM (cast per layer at compute time), not blown up."""
     import torch
 
-    from engine.build import build_model
-    from engine.weights import component_from
+    from engine.formats.weights import component_from
+    from engine.models.build import build_model
 
     path = tmp_path / "fp8.safetensors"
     save_file(fixtures.to_fp8(dev_set.states.transformer, scaled=True), str(path))
@@ -128,7 +128,7 @@ def test_img2img_starts_from_the_init_image(dev_set, tmp_path):
 def test_img2img_schedule_skips_the_first_steps():
     import torch
 
-    from engine.sampling import img2img_start, schedule
+    from engine.generation.sampling import img2img_start, schedule
 
     times = schedule(10, mu=None)
     noise, x0 = torch.ones(1, 4), torch.zeros(1, 4)
@@ -159,7 +159,7 @@ def test_png_metadata_round_trips(dev_set, tmp_path):
     # and the stored request reproduces the image exactly
     again = tmp_path / "again.png"
     request.out = str(again)
-    from engine.pipeline import Engine
+    from engine.generation.pipeline import Engine
 
     Engine().generate(request)
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 
 from engine import fixtures
-from engine.errors import UserError
-from engine.request import GenerateRequest, LoraSpec
+from engine.contract.errors import UserError
+from engine.contract.request import GenerateRequest, LoraSpec
 from tests.test_engine_bad_input import ROOT, SIZE, run_cli, split
 
 # ---- numbers: finite, in range, checked where the request is validated (items 6 and 8) ----
@@ -50,13 +50,13 @@ from tests.test_engine_bad_input import ROOT, SIZE, run_cli, split
 def test_odd_numbers_are_refused_before_anything_loads(
     dev_set, tmp_path, capsys, monkeypatch, flags, expected
 ):
-    import engine.pipeline
+    import engine.generation.pipeline
 
     def no_loading(*args, **kwargs):
         raise AssertionError("validation must refuse this before any model file is read")
 
-    monkeypatch.setattr(engine.pipeline, "resolve", no_loading)
-    monkeypatch.setattr(engine.pipeline.sampling, "make_noise", no_loading)
+    monkeypatch.setattr(engine.generation.pipeline, "resolve", no_loading)
+    monkeypatch.setattr(engine.generation.pipeline.sampling, "make_noise", no_loading)
     line = run_cli(
         capsys, "--models-dir", str(dev_set.models_dir), *SIZE, *flags, "--out", str(tmp_path / "o.png")
     )
@@ -146,7 +146,7 @@ def test_an_exploding_lora_stops_the_job_and_is_named(dev_set, tmp_path, capsys)
 
 
 def test_the_euler_loop_stops_on_nan():
-    from engine import sampling
+    from engine.generation import sampling
 
     steps = []
     with pytest.raises(sampling.NonFiniteLatents) as info:
@@ -190,7 +190,7 @@ HEADERS = {
 
 @pytest.mark.parametrize("case", list(HEADERS))
 def test_malformed_headers_are_one_sentence(tmp_path, case):
-    from engine.weights import SafetensorsFile
+    from engine.formats.weights import SafetensorsFile
 
     path = _raw_safetensors(tmp_path / "bad.safetensors", HEADERS[case], b"\0" * 200_064)
     with pytest.raises(UserError) as info:
@@ -205,7 +205,7 @@ def test_a_malformed_header_through_the_cli(dev_set, tmp_path, capsys):
 
 
 def test_a_good_header_still_reads(tmp_path):
-    from engine.weights import SafetensorsFile
+    from engine.formats.weights import SafetensorsFile
 
     path = tmp_path / "good.safetensors"
     save_file(
@@ -222,8 +222,8 @@ def test_a_good_header_still_reads(tmp_path):
 def test_one_bad_file_does_not_stop_the_models_scan(dev_set, tmp_path):
     import shutil
 
-    from engine.model_files import resolve
-    from engine.request import ModelFiles
+    from engine.contract.request import ModelFiles
+    from engine.formats.model_files import resolve
 
     models = tmp_path / "models"
     shutil.copytree(dev_set.models_dir, models)
@@ -239,8 +239,8 @@ def test_one_bad_file_does_not_stop_the_models_scan(dev_set, tmp_path):
 
 
 def _gguf_with(tmp_path: Path, qtype, metadata=None) -> Path:
-    from engine.gguf_file import write_gguf
-    from engine.gguf_quants import QType, block_layout
+    from engine.formats.gguf_file import write_gguf
+    from engine.formats.gguf_quants import QType, block_layout
 
     block, size = block_layout(QType[qtype])
     path = tmp_path / f"{qtype}.gguf"
@@ -252,7 +252,7 @@ def _gguf_with(tmp_path: Path, qtype, metadata=None) -> Path:
 
 @pytest.mark.parametrize("qtype", ["F64", "IQ4_NL"])
 def test_unsupported_gguf_types_are_refused_at_load(tmp_path, qtype):
-    from engine.weights import GGUFFile
+    from engine.formats.weights import GGUFFile
 
     with pytest.raises(UserError, match=f"GGUF type {qtype} .*which FluxDeck cannot read"):
         GGUFFile(_gguf_with(tmp_path, qtype))
@@ -260,7 +260,7 @@ def test_unsupported_gguf_types_are_refused_at_load(tmp_path, qtype):
 
 @pytest.mark.parametrize("shape", [[3, 5], [-4, -64], [2, 2, 2]])
 def test_a_bad_orig_shape_is_refused_at_load(tmp_path, shape):
-    from engine.weights import GGUFFile
+    from engine.formats.weights import GGUFFile
 
     meta = {"comfy.gguf.orig_shape.double_blocks.0.img_attn.qkv.weight": shape}
     with pytest.raises(UserError, match="does not fit the tensor's 256 values"):
@@ -296,7 +296,7 @@ DOWN, UP = torch.ones(4, 64), torch.ones(192, 4)
     ],
 )  # fmt: skip
 def test_broken_lora_fields_are_one_sentence(tmp_path, tensors, metadata, expected):
-    from engine.lora import load_lora
+    from engine.formats.lora import load_lora
 
     path = _lora(tmp_path / "bad.safetensors", tensors, metadata)
     with pytest.raises(UserError, match=expected):
@@ -344,14 +344,18 @@ def test_a_broken_init_image_is_refused(dev_set, tmp_path, capsys):
 def test_the_embedding_cache_keys_on_the_tokenizer(dev_set, tmp_path, monkeypatch):
     import shutil
 
-    import engine.pipeline
-    from engine.pipeline import Engine, EngineOptions
-    from engine.request import ModelFiles
+    import engine.generation.pipeline
+    from engine.contract.request import ModelFiles
+    from engine.generation.pipeline import Engine, EngineOptions
 
     encoded = []
-    real_clip, real_t5 = engine.pipeline.encode_clip, engine.pipeline.encode_t5
-    monkeypatch.setattr(engine.pipeline, "encode_clip", lambda *a: encoded.append("clip") or real_clip(*a))
-    monkeypatch.setattr(engine.pipeline, "encode_t5", lambda *a: encoded.append("t5") or real_t5(*a))
+    real_clip, real_t5 = engine.generation.pipeline.encode_clip, engine.generation.pipeline.encode_t5
+    monkeypatch.setattr(
+        engine.generation.pipeline, "encode_clip", lambda *a: encoded.append("clip") or real_clip(*a)
+    )
+    monkeypatch.setattr(
+        engine.generation.pipeline, "encode_t5", lambda *a: encoded.append("t5") or real_t5(*a)
+    )
     other = tmp_path / "other-t5"
     shutil.copytree(dev_set.t5_tokenizer, other)
     (other / "added_tokens.json").write_text("{}")  # another tokenizer folder, with other contents
@@ -443,7 +447,7 @@ def loras_dir(tmp_path) -> Path:
     ["../../x", "../y", "sub/../../y", "..\\..\\x", "/etc/passwd", "\\\\server\\share\\x", "PLACEHOLDER_ABSOLUTE"],
 )  # fmt: skip
 def test_prompt_tags_cannot_leave_the_loras_folder(loras_dir, tmp_path, name):
-    from engine.lora import prompt_loras
+    from engine.formats.lora import prompt_loras
 
     name = str(tmp_path / "x") if name == "PLACEHOLDER_ABSOLUTE" else name
     with pytest.raises(UserError, match="in the prompt names"):
@@ -459,7 +463,7 @@ def test_the_confinement_helper_refuses_drives_and_roots(tmp_path, name):
 
 
 def test_a_link_out_of_the_loras_folder_is_refused(loras_dir, tmp_path):
-    from engine.lora import prompt_loras
+    from engine.formats.lora import prompt_loras
 
     os.symlink(tmp_path / "x.safetensors", loras_dir / "outside.safetensors")
     with pytest.raises(UserError, match="leads outside"):
@@ -467,7 +471,7 @@ def test_a_link_out_of_the_loras_folder_is_refused(loras_dir, tmp_path):
 
 
 def test_tags_inside_the_folder_still_work(loras_dir):
-    from engine.lora import prompt_loras
+    from engine.formats.lora import prompt_loras
 
     prompt, specs = prompt_loras(
         "a cat <lora:style:0.5>, <LORA:deep> and <lora:sub/deep:2:ignored> end", loras_dir
@@ -491,7 +495,7 @@ def test_tags_inside_the_folder_still_work(loras_dir):
     ids=["unclosed", "unclosed-with-strengths", "text-between", "empty-names"],
 )
 def test_tags_parse_in_linear_time(prompt):
-    from engine.lora import prompt_loras
+    from engine.formats.lora import prompt_loras
 
     start = time.perf_counter()
     assert prompt_loras(prompt, None) == (prompt, [])
@@ -514,7 +518,7 @@ class _InterruptedImage:
 
 
 def test_an_interrupted_png_leaves_nothing(tmp_path):
-    from engine.png_output import save_png
+    from engine.generation.png_output import save_png
 
     final = tmp_path / "out.png"
     with pytest.raises(KeyboardInterrupt):

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 
 from engine import fixtures
 from engine.cli import main
-from engine.png_output import read_request
-from engine.sampling import img2img_skip, make_noise
+from engine.generation.png_output import read_request
+from engine.generation.sampling import img2img_skip, make_noise
 from tests.oracle import build_pipeline, img2img_pipeline, psnr, run_img2img, run_pipeline
 
 MIN_PSNR = 45.0

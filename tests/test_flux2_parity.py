@@ -19,7 +19,6 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-from engine.autoencoder import AutoEncoderParams
 from engine.fixtures_flux2 import (
     Flux2Spec,
     flux2_ae_state,
@@ -27,10 +26,11 @@ from engine.fixtures_flux2 import (
     qwen3_state,
     write_qwen3_tokenizer,
 )
+from engine.models.autoencoder import AutoEncoderParams
 from engine.models.flux2 import Flux2, Flux2Params, image_ids, pack, reference_ids, text_ids
 from engine.models.flux2_autoencoder import Flux2AutoEncoder, canonical_names, patch, unpatch
 from engine.models.qwen3_encoder import KLEIN_LAYERS, build_qwen3, encode_qwen3
-from engine.ops import load_into
+from engine.runtime.ops import load_into
 from tests.oracle import vae_to_diffusers
 
 TOLERANCE = 2e-5  # relative to the output's scale, as tests/test_model_parity.py
@@ -411,8 +411,8 @@ def test_a_wrong_layer_choice_is_caught(qwen3):
 def test_streaming_and_step_cache_leave_the_transformer_unchanged():
     """Every block streamed (budget 0) gives the resident result; a first-block cache that computes gives it
     too, and reuses the tail when the first block's residual has not changed."""
-    from engine.memory import MemoryManager, blocks_of
-    from engine.step_cache import FirstBlockCache
+    from engine.generation.step_cache import FirstBlockCache
+    from engine.runtime.memory import MemoryManager, blocks_of
 
     spec = Flux2Spec(depth=2, depth_single=2, seed=9)
     state = flux2_state(spec)
@@ -437,7 +437,7 @@ def test_streaming_and_step_cache_leave_the_transformer_unchanged():
 
 
 def test_qwen3_streams_its_layers_and_loads_bf16(qwen3):
-    from engine.memory import MemoryManager, blocks_of
+    from engine.runtime.memory import MemoryManager, blocks_of
 
     state, reference, tokenizer = qwen3
     model = build_qwen3(state, {}, torch.float32)

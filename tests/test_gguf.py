@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine.gguf_file import GGUFWeight, architecture, read_gguf, t5_gguf_to_hf_names, write_gguf
-from engine.gguf_quants import SUPPORTED_TYPES, block_layout, dequantize, raw_nbytes
+from engine.formats.gguf_file import GGUFWeight, architecture, read_gguf, t5_gguf_to_hf_names, write_gguf
+from engine.formats.gguf_quants import SUPPORTED_TYPES, block_layout, dequantize, raw_nbytes
 
 T = gguf.GGMLQuantizationType
 QUANT_TYPES = [T.Q8_0, T.Q5_0, T.Q5_1, T.Q4_0, T.Q4_1, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]

@@ -13,11 +13,11 @@ import torch
 from PIL import Image
 
 from engine.cli import main
-from engine.gguf_file import read_gguf, t5_gguf_to_hf_names, write_gguf
-from engine.gguf_quants import QType
-from engine.pipeline import Engine
-from engine.request import GenerateRequest, ModelFiles
-from engine.sampling import make_noise
+from engine.contract.request import GenerateRequest, ModelFiles
+from engine.formats.gguf_file import read_gguf, t5_gguf_to_hf_names, write_gguf
+from engine.formats.gguf_quants import QType
+from engine.generation.pipeline import Engine
+from engine.generation.sampling import make_noise
 from tests.oracle import build_pipeline, psnr, run_pipeline
 
 ARGS = [
@@ -141,6 +141,8 @@ def test_gguf_weights_stay_quantized_and_stream_as_quantized_bytes(dev_set, gguf
     blocks = ("double_blocks.", "single_blocks.")
     # what crosses the bus: the blocks' layer tensors (the tiny QK-norm scales live on the device for good)
     block_bytes = sum(w.nbytes for name, w in raw.items() if name.startswith(blocks) and "_norm." not in name)
-    assert engine.memory.stats_of(transformer).bytes_streamed == 2 * block_bytes  # two steps, quantized bytes
+    assert (
+        engine.runtime.memory.stats_of(transformer).bytes_streamed == 2 * block_bytes
+    )  # two steps, quantized bytes
     request.vram_budget, request.out = None, str(tmp_path / "r.png")
     assert np.array_equal(streamed, png(Engine().generate(request)[0]))

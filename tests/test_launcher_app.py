@@ -27,9 +27,9 @@ from tests.launcher_helpers import (
 )
 
 needs_engine = pytest.mark.skipif(
-    importlib.util.find_spec("engine.pipeline") is None
+    importlib.util.find_spec("engine.generation.pipeline") is None
     or importlib.util.find_spec("engine.fixtures") is None,
-    reason="engine.pipeline / engine.fixtures are not written yet: the TUI needs the real engine for these tests",
+    reason="engine.generation.pipeline / engine.fixtures are not written yet: the TUI needs the real engine for these tests",
 )
 ENGINE_TIMEOUT = 90  # the first job imports torch and loads the tiny models
 

@@ -59,8 +59,8 @@ def test_scan_loras_lists_safetensors_in_lora_folders_and_subfolders(tmp_path):
 
 def test_the_panel_lists_the_folders_and_suffixes_the_engines_tags_search(tmp_path):
     """A LoRA the panel lists must be one a `<lora:name>` tag finds too (until both read one contract)."""
-    from engine.lora import LORA_SUFFIXES as ENGINE_SUFFIXES
-    from engine.pipeline import _loras_folder
+    from engine.formats.lora import LORA_SUFFIXES as ENGINE_SUFFIXES
+    from engine.generation.pipeline import _loras_folder
 
     assert LORA_SUFFIXES == ENGINE_SUFFIXES
     for name in LORA_FOLDERS:
@@ -84,7 +84,7 @@ def test_request_with_two_loras_at_strengths(tmp_path):
     requests = build_requests(values, Settings(), tmp_path / "out", tmp_path / "models", random.Random(0))
     expected = [{"path": a, "strength": 0.8}, {"path": b, "strength": -1.5}]
     assert [r["loras"] for r in requests] == [expected, expected]
-    from engine.request import GenerateRequest, LoraSpec  # the engine accepts what the form builds
+    from engine.contract.request import GenerateRequest, LoraSpec  # the engine accepts what the form builds
 
     request = GenerateRequest.from_dict(requests[0])
     request.validate()

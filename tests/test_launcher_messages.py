@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from textual.widgets import Input, ProgressBar, Select
 
-from engine import events as engine_events
+from engine.contract import events as engine_events
 from launcher import events
 from launcher.config import ConfigFile
 from launcher.engine_client import decode, encode
@@ -151,7 +151,7 @@ async def test_a_comfyui_64_bit_seed_loads_and_regenerates(tmp_path):
         values = app.get_screen("generate").form.values()  # FormError before: the seed was capped at 2^32-1
         assert values.seed == seed
         request = build_requests(values, app.settings, app.output_dir, Path(tmp_path), app.rng)[0]
-        from engine.request import GenerateRequest  # the engine takes it as it is
+        from engine.contract.request import GenerateRequest  # the engine takes it as it is
 
         assert GenerateRequest.from_dict(request).seed == seed
         GenerateRequest.from_dict(request).validate()

@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
 @pytest.mark.skipif(
-    importlib.util.find_spec("engine.pipeline") is None, reason="engine.pipeline is not written yet"
+    importlib.util.find_spec("engine.generation.pipeline") is None,
+    reason="engine.generation.pipeline is not written yet",
 )
 def test_launch_generate_and_quit_in_tmux(tmp_path):
     from engine.fixtures import write_tiny_model_set

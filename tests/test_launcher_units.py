@@ -47,8 +47,8 @@ def test_seed_modes():
 
 
 def test_the_seed_range_is_the_engines():
-    from engine.errors import UserError
-    from engine.request import GenerateRequest
+    from engine.contract.errors import UserError
+    from engine.contract.request import GenerateRequest
 
     for seed in (0, MAX_SEED):
         GenerateRequest(prompt="p", out="o.png", seed=seed).validate()
@@ -168,7 +168,7 @@ def test_build_requests_batch_and_models(tmp_path):
     assert [r["seed"] for r in requests] == [10, 11, 12]
     assert len({r["out"] for r in requests}) == 3
     assert all(r["negative"] is None and r["device"] == "cpu" for r in requests)  # CFG 1: negative unused
-    from engine.request import GenerateRequest  # the engine accepts what the form builds
+    from engine.contract.request import GenerateRequest  # the engine accepts what the form builds
 
     request = GenerateRequest.from_dict(requests[0])
     request.validate()

@@ -13,14 +13,16 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from engine import fixtures, lora, ops
+from engine import fixtures
 from engine.cli import main
-from engine.errors import UserError
-from engine.flux_model import Flux, FluxParams
-from engine.pipeline import Engine
-from engine.png_output import parameters_text
-from engine.request import GenerateRequest, LoraSpec, ModelFiles
-from engine.sampling import make_noise
+from engine.contract.errors import UserError
+from engine.contract.request import GenerateRequest, LoraSpec, ModelFiles
+from engine.formats import lora
+from engine.generation.pipeline import Engine
+from engine.generation.png_output import parameters_text
+from engine.generation.sampling import make_noise
+from engine.models.flux1 import Flux, FluxParams
+from engine.runtime import ops
 from tests import lora_layouts as layouts
 from tests.oracle import build_pipeline, psnr, run_pipeline, transformer_to_diffusers
 
@@ -190,7 +192,7 @@ def test_kohya_names_of_diffusers_modules_and_old_diffusers_pairs(dev_set, tmp_p
 
 
 def test_clip_lora(dev_set, tmp_path):
-    from engine.text_encoders import build_clip
+    from engine.models.text_encoders import build_clip
 
     clip_state = dev_set.stored_as_float()["clip"]
     kohya_lora = layouts.clip_kohya(tmp_path / "te.safetensors", clip_state)
@@ -225,7 +227,7 @@ def test_clip_and_transformer_parts_in_two_calls(dev_set, tmp_path):
     applies its part, says nothing of the other's, and the CLIP-L part has a key for the embedding cache."""
     from safetensors.torch import load_file
 
-    from engine.text_encoders import build_clip
+    from engine.models.text_encoders import build_clip
 
     base, clip_state = transformer_float(dev_set), dev_set.stored_as_float()["clip"]
     unet = layouts.kohya(tmp_path / "unet.safetensors", base)
@@ -388,7 +390,7 @@ def test_lora_with_every_block_streamed_matches_diffusers(dev_set, peft_case, tm
     resident = engine.generate(request(dev_set, tmp_path / "resident.png", [spec]))[0]
     streamed = engine.generate(request(dev_set, tmp_path / "streamed.png", [spec], vram_budget=0))[0]
     transformer = engine._models["transformer"][1]
-    assert engine.memory.stats_of(transformer).bytes_streamed > 0
+    assert engine.runtime.memory.stats_of(transformer).bytes_streamed > 0
     assert np.array_equal(png(resident), png(streamed))
     assert_close(png(streamed), theirs)
 
@@ -540,8 +542,8 @@ def test_prompt_tags_name_loras_in_the_loras_folder(tmp_path):
 def test_clip_lora_changes_the_image_through_the_pipeline_and_the_cache_keeps_them_apart(dev_set, tmp_path):
     """A CLIP-only LoRA reaches CLIP before it encodes; the embedding cache keys on it, so the same prompt with
     and without the LoRA gives two images, and the same LoRA again gives the first one back."""
-    from engine.pipeline import EngineOptions
-    from engine.weights import SafetensorsFile
+    from engine.formats.weights import SafetensorsFile
+    from engine.generation.pipeline import EngineOptions
 
     clip_file = SafetensorsFile(dev_set.paths["clip"])
     clip_state = {k: v.float() for k, v in clip_file.load(clip_file.names()).items()}

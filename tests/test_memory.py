@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from engine.events import Message
-from engine.memory import LOOKAHEAD, make_plan, spread
-from engine.pipeline import Engine, EngineOptions
-from engine.request import GenerateRequest, ModelFiles
+from engine.contract.events import Message
+from engine.contract.request import GenerateRequest, ModelFiles
+from engine.generation.pipeline import Engine, EngineOptions
+from engine.runtime.memory import LOOKAHEAD, make_plan, spread
 
 
 def request(tiny, out, **kw) -> GenerateRequest:
@@ -51,14 +51,14 @@ def test_same_image_at_every_budget(deep_set, tmp_path, budget_blocks):
     engine = Engine()
     engine.generate(request(tiny, tmp_path / "warm.png"))  # loads the models; the budget comes next
     transformer = engine._models["transformer"][1]
-    managed = engine.memory._models[id(transformer)]
+    managed = engine.runtime.memory._models[id(transformer)]
     block = max(managed.block_bytes)
     budget = 0 if budget_blocks is None else managed.rest_bytes + (LOOKAHEAD + 1 + budget_blocks) * block
     streamed = engine.generate(request(tiny, tmp_path / "s.png", vram_budget=budget / 1024**3))[0]
     assert np.array_equal(image(reference), image(streamed))
     plan = make_plan(managed.block_bytes, managed.rest_bytes, budget)
     assert len(plan.resident) == (budget_blocks or 0)
-    stats = engine.memory.stats_of(transformer)
+    stats = engine.runtime.memory.stats_of(transformer)
     assert stats.passes == 2  # two steps, one pass each
     per_pass = sum(b for i, b in enumerate(managed.block_bytes) if i not in plan.resident)
     assert stats.bytes_streamed == 2 * per_pass > 0
@@ -98,14 +98,14 @@ def test_out_of_memory_in_a_step_lowers_the_budget_and_retries(dev_set, tmp_path
     out = engine.generate(request(dev_set, tmp_path / "oom.png", vram_budget=1.0), events.append)[0]
     assert failures == [1]
     assert np.array_equal(image(reference), image(out))
-    assert engine.memory.stats.budget_lowered == 1
+    assert engine.runtime.memory.stats.budget_lowered == 1
     assert any(isinstance(e, Message) and "out of GPU memory" in e.text for e in events)
 
 
 def test_fp16_compute_saturates_instead_of_overflowing():
     from engine.fixtures import TinySpec, flux_state
-    from engine.flux_model import Flux, FluxParams
-    from engine.ops import load_into
+    from engine.models.flux1 import Flux, FluxParams
+    from engine.runtime.ops import load_into
 
     state = flux_state(TinySpec())
     p = FluxParams.from_shapes({k: tuple(v.shape) for k, v in state.items()})
@@ -115,7 +115,7 @@ def test_fp16_compute_saturates_instead_of_overflowing():
     block = model.single_blocks[0]
     x = torch.full((1, 8, p.hidden_size), 60000.0, dtype=torch.float16)
     vec = torch.randn(1, p.hidden_size, dtype=torch.float16) * 50
-    from engine.flux_model import position_embedding
+    from engine.models.flux1 import position_embedding
 
     pe = position_embedding(torch.zeros(1, 8, 3), p.axes_dim, p.theta)
     with torch.inference_mode():
@@ -132,7 +132,7 @@ def test_fp16_generation_is_finite_and_close_to_fp32(dev_set, tmp_path):
 
 
 def test_previews_every_step(dev_set, tmp_path):
-    from engine.events import Preview
+    from engine.contract.events import Preview
 
     events = []
     engine = Engine(EngineOptions(previews=True))
@@ -145,9 +145,9 @@ def test_previews_every_step(dev_set, tmp_path):
 
 def test_out_of_memory_while_staging_resident_blocks_keeps_fewer(deep_set):
     """A budget that proves too hopeful when the resident copies are made halves the resident blocks."""
-    from engine.build import build_model
-    from engine.memory import MemoryManager
-    from engine.weights import component_from
+    from engine.formats.weights import component_from
+    from engine.models.build import build_model
+    from engine.runtime.memory import MemoryManager
 
     model = build_model(
         component_from(deep_set.paths["transformer"], "transformer", "--transformer"), torch.float32
@@ -171,25 +171,25 @@ def test_out_of_memory_while_staging_resident_blocks_keeps_fewer(deep_set):
 
 def test_the_automatic_budget_is_measured_once(dev_set, tmp_path, monkeypatch):
     """Free VRAM read after our own weights are on the card would shrink the budget job after job."""
-    import engine.pipeline as pipeline
+    import engine.generation.pipeline as pipeline
 
     readings = iter([3 * 1024**3, 1 * 1024**3, 0])
     monkeypatch.setattr(pipeline, "auto_budget", lambda device: next(readings))
     engine = Engine()
     for i in range(3):
         engine.generate(request(dev_set, tmp_path / f"{i}.png"))
-        assert engine.memory.budget == 3 * 1024**3
+        assert engine.runtime.memory.budget == 3 * 1024**3
     engine.generate(request(dev_set, tmp_path / "x.png", vram_budget=0.5))
-    assert engine.memory.budget == 1024**3 // 2
+    assert engine.runtime.memory.budget == 1024**3 // 2
     engine.generate(request(dev_set, tmp_path / "y.png"))
-    assert engine.memory.budget == 3 * 1024**3
+    assert engine.runtime.memory.budget == 3 * 1024**3
 
 
 def test_short_ram_lets_the_text_encoders_go_and_keeps_the_transformer(dev_set, tmp_path, monkeypatch):
     """RAM for the transformer and the autoencoder but not the text encoders too: loading the transformer lets
     the encoders go; the next job of a seed hunt (prompt from the cache) loads nothing at all."""
-    import engine.pipeline as pipeline
-    from engine.weights import find_components, open_weights
+    import engine.generation.pipeline as pipeline
+    from engine.formats.weights import find_components, open_weights
 
     size = {r: find_components(open_weights(p))[r].nbytes for r, p in dev_set.paths.items()}
     room = size["transformer"] + size["vae"] + min(size["clip"], size["t5"]) // 2
@@ -209,8 +209,8 @@ def test_true_cfg_streams_each_weight_once_per_step(deep_set, tmp_path):
     plain = request(deep_set, tmp_path / "a.png", vram_budget=0.0)
     engine.generate(plain)
     transformer = engine._models["transformer"][1]
-    without = engine.memory.stats_of(transformer).bytes_streamed
+    without = engine.runtime.memory.stats_of(transformer).bytes_streamed
     cfg = request(deep_set, tmp_path / "b.png", vram_budget=0.0, negative="blurry", cfg=2.0)
     engine.generate(cfg)
-    stats = engine.memory.stats_of(transformer)
+    stats = engine.runtime.memory.stats_of(transformer)
     assert stats.passes == 2 and stats.bytes_streamed == without > 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine import fixtures
-from engine.weights import SafetensorsFile, find_components
+from engine.formats.weights import SafetensorsFile, find_components
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmHWM")
 
@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 MEASURE = r"""
 import json, re, sys
 import psutil, torch
-from engine.pipeline import Engine, EngineOptions
-from engine.request import GenerateRequest, ModelFiles
+from engine.generation.pipeline import Engine, EngineOptions
+from engine.contract.request import GenerateRequest, ModelFiles
 torch.ones(64, 64) @ torch.ones(64, 64)  # the allocator and thread pools, before the baseline
 baseline = psutil.Process().memory_info().rss
 request = GenerateRequest(prompt="a photo of a cat", width=64, height=64, steps=2, seed=1,

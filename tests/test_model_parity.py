@@ -8,11 +8,11 @@ from __future__ import annotations
 import torch
 from diffusers import AutoencoderKL
 
-from engine.autoencoder import AutoEncoder, AutoEncoderParams
 from engine.fixtures import TinySpec, ae_state, flux_state
-from engine.flux_model import Flux, FluxParams
-from engine.ops import load_into
-from engine.sampling import image_ids
+from engine.generation.sampling import image_ids
+from engine.models.autoencoder import AutoEncoder, AutoEncoderParams
+from engine.models.flux1 import Flux, FluxParams
+from engine.runtime.ops import load_into
 from tests.oracle import diffusers_transformer, transformer_to_diffusers, vae_to_diffusers
 
 TOLERANCE = 2e-5  # relative to the output's scale

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 
 from engine.fixtures import TinySpec, flux_state
-from engine.flux_model import ControlResiduals, Flux, FluxParams
-from engine.memory import MemoryManager, blocks_of
-from engine.ops import load_into
-from engine.sampling import image_ids
+from engine.generation.sampling import image_ids
+from engine.models.flux1 import ControlResiduals, Flux, FluxParams
+from engine.runtime.memory import MemoryManager, blocks_of
+from engine.runtime.ops import load_into
 from tests.oracle import diffusers_transformer, transformer_to_diffusers
 
 TOLERANCE = 2e-5

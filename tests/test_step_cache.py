@@ -10,13 +10,13 @@ from diffusers import FirstBlockCacheConfig
 from diffusers.hooks import first_block_cache as fbc
 from PIL import Image
 
+from engine.contract.request import GenerateRequest, ModelFiles, parse_cache
 from engine.fixtures import TinySpec, flux_state
-from engine.flux_model import Flux, FluxParams
-from engine.ops import load_into
-from engine.pipeline import Engine
-from engine.request import GenerateRequest, ModelFiles, parse_cache
-from engine.sampling import image_ids, schedule
-from engine.step_cache import FirstBlockCache
+from engine.generation.pipeline import Engine
+from engine.generation.sampling import image_ids, schedule
+from engine.generation.step_cache import FirstBlockCache
+from engine.models.flux1 import Flux, FluxParams
+from engine.runtime.ops import load_into
 from tests.oracle import diffusers_transformer, transformer_to_diffusers
 
 STEPS = 12

@@ -20,10 +20,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import vae_tiling as vt
-from engine.autoencoder import AutoEncoder, AutoEncoderParams
 from engine.fixtures import TinySpec, ae_state
-from engine.ops import load_into
+from engine.generation import vae_tiling as vt
+from engine.models.autoencoder import AutoEncoder, AutoEncoderParams
+from engine.runtime.ops import load_into
 
 DECODE_MAX, DECODE_MEAN = 0.12, 0.11
 ENCODE_MAX, ENCODE_MEAN = 0.15, 0.13

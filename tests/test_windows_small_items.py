@@ -64,7 +64,7 @@ def test_token_advice_works_for_a_double_clicked_bat():
 def test_vae_tiling_reads_available_ram_through_psutil(monkeypatch):
     import psutil
 
-    from engine import vae_tiling
+    from engine.generation import vae_tiling
 
     class Memory:
         available = 123_456_789

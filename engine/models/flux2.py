@@ -1,7 +1,7 @@
 """The FLUX.2 transformer (BFL tensor names, as BFL's single files and ComfyUI's split files have them), every
 dimension read off the weights, so klein 4B and 9B (base and distilled) and FLUX.2 [dev] load through one class.
 
-What differs from FLUX.1 (engine/flux_model.py): no biases anywhere; one modulation per stream shared by all
+What differs from FLUX.1 (engine/models/flux1.py): no biases anywhere; one modulation per stream shared by all
 blocks (`double_stream_modulation_img/_txt`, `single_stream_modulation`) instead of one per block; a fused
 SwiGLU MLP (`img_mlp.0` yields gate and value halves, silu(gate)·value); no pooled text vector (`vector_in`);
 klein has no guidance embedding; 128 input channels (32 latent channels × a 2×2 patch, patched by the
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import ops
-from engine.flux_model import (
+from engine.formats.weights import count_indexed
+from engine.models.flux1 import (
     ModulationOut,
     QKNorm,
     StepCache,
@@ -30,7 +30,7 @@ from engine.flux_model import (
     split_heads,
     timestep_embedding,
 )
-from engine.weights import count_indexed
+from engine.runtime import ops
 
 THETA = 2000  # not in the weights: BFL's Flux2Params and diffusers' rope_theta
 ROPE_AXES = 4  # (t, h, w, l), head_dim split evenly: (32, 32, 32, 32) for head_dim 128

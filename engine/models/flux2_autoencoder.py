@@ -1,6 +1,6 @@
 """The FLUX.2 autoencoder (BFL names), every dimension read off the weights.
 
-FLUX.1's encoder and decoder (engine/autoencoder.py) with 32 latent channels and two 1×1 convolutions
+FLUX.1's encoder and decoder (engine/models/autoencoder.py) with 32 latent channels and two 1×1 convolutions
 (`encoder.quant_conv` after the encoder, `decoder.post_quant_conv` before the decoder). The transformer sees
 the latent patched 2×2 into 128 channels (16× down-sampling in all) and normalised per channel by batch-norm
 statistics stored in the file (`bn.running_mean`, `bn.running_var`; no scale/shift constants as in FLUX.1):
@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine import ops
-from engine.autoencoder import AutoEncoderParams, Decoder, Encoder
+from engine.models.autoencoder import AutoEncoderParams, Decoder, Encoder
+from engine.runtime import ops
 
 BN_EPS = 1e-4  # not in the file: BFL's bn_eps and diffusers' batch_norm_eps
 PATCH = 2

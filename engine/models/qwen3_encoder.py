@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
-from engine import ops
-from engine.errors import UserError
-from engine.weights import count_indexed
+from engine.contract.errors import UserError
+from engine.formats.weights import count_indexed
+from engine.runtime import ops
 
 KLEIN_LAYERS = (9, 18, 27)
 MAX_LENGTH = 512

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine import ops
+from engine.runtime import ops
 
 GB = 1024**3
 LOOKAHEAD = 2  # streamed blocks copied ahead of the one that runs

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from engine.atomic_write import write_atomic
-from engine.weights import Component
+from engine.formats.weights import Component
 
 DEFAULT_LIMIT = 1024**3  # bytes on disk; the least recently used entries go first
 

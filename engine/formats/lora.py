@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine import ops
-from engine.errors import UserError
+from engine.contract.errors import UserError
+from engine.contract.request import LoraSpec
 from engine.paths import confined
-from engine.request import LoraSpec
+from engine.runtime import ops
 
 LORA_SUFFIXES = (".safetensors", ".sft")
 
@@ -141,7 +141,7 @@ def load_lora(path: str | Path) -> LoraFile:
 
 
 def _read(path: Path, mtime_ns: int, size: int) -> LoraFile:
-    from engine.weights import SafetensorsFile, describe
+    from engine.formats.weights import SafetensorsFile, describe
 
     file = SafetensorsFile(path)
     names = file.names()

@@ -8,8 +8,8 @@ from pathlib import Path
 from PIL import Image, PngImagePlugin
 
 from engine.atomic_write import partial_name, write_atomic
-from engine.errors import UserError
-from engine.request import GenerateRequest
+from engine.contract.errors import UserError
+from engine.contract.request import GenerateRequest
 
 JSON_KEY = "fluxdeck"
 VERSION = "FluxDeck 0.1.0"
@@ -54,7 +54,7 @@ def _num(x: float) -> str:
 
 def _prompt_line(request: GenerateRequest) -> str:
     """The prompt with an A1111 `<lora:name:strength>` tag for each LoRA it does not already carry."""
-    from engine.lora import lora_name
+    from engine.formats.lora import lora_name
 
     prompt = request.prompt
     tags = []
@@ -68,7 +68,7 @@ def _prompt_line(request: GenerateRequest) -> str:
 def _lora_hashes(request: GenerateRequest) -> str:
     """A1111's `Lora hashes: "name: hash10, ..."` (hash10: the first 10 hex digits of the file's SHA-256,
     Civitai's AutoV2); a file that cannot be read is listed without a hash."""
-    from engine.lora import file_sha256, lora_name
+    from engine.formats.lora import file_sha256, lora_name
 
     entries = []
     for spec in request.loras:

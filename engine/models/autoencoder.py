@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import ops
-from engine.weights import count_indexed
+from engine.formats.weights import count_indexed
+from engine.runtime import ops
 
 # Not stored in the file: the published constants of FLUX.1's autoencoder.
 SCALE_FACTOR = 0.3611

@@ -1,7 +1,7 @@
 """GGUF files: city96's FLUX transformer and T5-XXL encoder quantizations (flux1-dev-Q8_0.gguf, ...).
 
 `read_gguf` memory-maps the file and hands out each tensor as raw bytes (no copy, nothing dequantized);
-a `GGUFWeight` is expanded on demand, on the device that computes with it (see engine.gguf_quants).
+a `GGUFWeight` is expanded on demand, on the device that computes with it (see engine.formats.gguf_quants).
 FLUX files keep the BFL tensor names (double_blocks.0.img_attn.qkv.weight, ...); T5 files use llama.cpp's
 names, which `t5_gguf_to_hf_names` maps to the HF T5EncoderModel names the engine loads.
 """
@@ -19,9 +19,9 @@ import gguf
 import numpy as np
 import torch
 
-from engine.errors import UserError
-from engine.gguf_quants import FLOAT_TYPES, SUPPORTED_TYPES, QType, block_layout, dequantize
-from engine.ops import WeightSource
+from engine.contract.errors import UserError
+from engine.formats.gguf_quants import FLOAT_TYPES, SUPPORTED_TYPES, QType, block_layout, dequantize
+from engine.runtime.ops import WeightSource
 
 FLUX_ARCHITECTURES = ("flux",)
 T5_ARCHITECTURES = ("t5encoder", "t5")
@@ -59,7 +59,7 @@ class GGUFWeight:
         return out
 
     def source(self) -> GGUFSource:
-        """How a layer that stores these bytes gets its compute weight (see engine.ops)."""
+        """How a layer that stores these bytes gets its compute weight (see engine.runtime.ops)."""
         return GGUFSource(self.qtype, self.shape)
 
 

@@ -10,9 +10,9 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 from transformers.models.t5 import modeling_t5
 
-from engine import ops
-from engine.errors import UserError
-from engine.weights import count_indexed
+from engine.contract.errors import UserError
+from engine.formats.weights import count_indexed
+from engine.runtime import ops
 
 CLIP_LENGTH = 77
 CLIP_HEAD_DIM = 64  # CLIP-L: 12 heads of 64; heads are not visible in the tensors

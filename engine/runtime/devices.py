@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
+from engine.contract.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine import ops
-from engine.autoencoder import AutoEncoder, AutoEncoderParams
-from engine.errors import UserError
-from engine.flux_model import Flux, FluxParams
-from engine.text_encoders import build_clip, build_t5
-from engine.weights import Component, quantized_layers, split_quantized
+from engine.contract.errors import UserError
+from engine.formats.weights import Component, quantized_layers, split_quantized
+from engine.models.autoencoder import AutoEncoder, AutoEncoderParams
+from engine.models.flux1 import Flux, FluxParams
+from engine.models.text_encoders import build_clip, build_t5
+from engine.runtime import ops
 
 _BUILDERS = {
     "transformer": lambda state, scales, dtype: _build_own(Flux, FluxParams, state, scales, dtype),

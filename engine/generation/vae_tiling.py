@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.autoencoder import AutoEncoder
+from engine.models.autoencoder import AutoEncoder
 
 # Images up to this many pixels go through untiled (bit-identical to a plain vae.decode), unless the memory
 # estimate says they will not fit. FLUX's usual 1024×1024 stays untiled on a GPU.

@@ -15,21 +15,20 @@ import torch
 from PIL import Image
 from torch import nn
 
-from engine import ops, sampling, vae_tiling
-from engine.autoencoder import AutoEncoder
-from engine.build import build_model
-from engine.devices import pick_device
-from engine.embedding_cache import EmbeddingCache
-from engine.errors import Cancelled, UserError
-from engine.events import Done, EventSink, Message, Preview, Stage, Step, ignore
-from engine.flux_model import position_embedding
-from engine.lora import apply_loras, clip_lora_key, lora_name, prompt_loras
-from engine.memory import GB, MemoryManager, auto_budget, tune_host_allocator
-from engine.model_files import ResolvedFiles, resolve
-from engine.png_output import check_writable, parameters_text, save_png
-from engine.request import GenerateRequest, parse_cache
-from engine.step_cache import FirstBlockCache
-from engine.text_encoders import (
+from engine.contract.errors import Cancelled, UserError
+from engine.contract.events import Done, EventSink, Message, Preview, Stage, Step, ignore
+from engine.contract.request import GenerateRequest, parse_cache
+from engine.formats.lora import apply_loras, clip_lora_key, lora_name, prompt_loras
+from engine.formats.model_files import ResolvedFiles, resolve
+from engine.formats.weights import Component
+from engine.generation import sampling, vae_tiling
+from engine.generation.embedding_cache import EmbeddingCache
+from engine.generation.png_output import check_writable, parameters_text, save_png
+from engine.generation.step_cache import FirstBlockCache
+from engine.models.autoencoder import AutoEncoder
+from engine.models.build import build_model
+from engine.models.flux1 import position_embedding
+from engine.models.text_encoders import (
     CLIP_LENGTH,
     encode_clip,
     encode_t5,
@@ -37,7 +36,9 @@ from engine.text_encoders import (
     load_t5_tokenizer,
     tokenizer_identity,
 )
-from engine.weights import Component
+from engine.runtime import ops
+from engine.runtime.devices import pick_device
+from engine.runtime.memory import GB, MemoryManager, auto_budget, tune_host_allocator
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class EngineOptions:
 
 def default_cache_dir() -> Path:
     return (
-        Path(os.environ.get("FLUXDECK_CACHE") or Path(__file__).resolve().parents[1] / "cache") / "embeddings"
+        Path(os.environ.get("FLUXDECK_CACHE") or Path(__file__).resolve().parents[2] / "cache") / "embeddings"
     )
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import UserError
-from engine.request import ModelFiles
-from engine.weights import (
+from engine.contract.errors import UserError
+from engine.contract.request import ModelFiles
+from engine.formats.weights import (
     ROLE_NAMES,
     ROLES,
     Component,
@@ -22,7 +22,7 @@ from engine.weights import (
 MODEL_FOLDERS = ("diffusion_models", "unet", "checkpoints", "text_encoders", "clip", "vae")
 FORGE_FOLDERS = ("Stable-diffusion", "text_encoder", "VAE")
 WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
-BUNDLE_MODELS = Path(__file__).resolve().parents[1] / "models"
+BUNDLE_MODELS = Path(__file__).resolve().parents[2] / "models"
 FLAGS = {"transformer": "--transformer", "clip": "--clip", "t5": "--t5", "vae": "--vae"}
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
+from engine.contract.errors import UserError
 
 ROLES = ("transformer", "clip", "t5", "vae")
 ROLE_NAMES = {
@@ -193,7 +193,7 @@ class GGUFFile:
     float tensors as views and quantized ones as GGUFWeight (raw bytes, dequantized per layer at compute time)."""
 
     def __init__(self, path: str | Path):
-        from engine.gguf_file import T5_ARCHITECTURES, architecture, read_gguf, t5_gguf_to_hf_names
+        from engine.formats.gguf_file import T5_ARCHITECTURES, architecture, read_gguf, t5_gguf_to_hf_names
 
         self.path = Path(path)
         if not self.path.is_file():

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import UserError
+from engine.contract.errors import UserError
 
 # Limits on what a request may ask for (docs/engine.md says why each is where it is).
 MAX_STEPS = 1000  # a schedule of 1000 steps is already far past where FLUX's images stop changing
@@ -121,7 +121,7 @@ class GenerateRequest:
     device: str = "auto"
     dtype: str = "auto"
     vram_budget: float | None = None  # GB of weights kept on the GPU; None: automatic
-    cache: str = "none"  # step caching: "none", "first-block" or "first-block:THRESHOLD" (engine.step_cache)
+    cache: str = "none"  # step caching: "none", "first-block" or "first-block:THRESHOLD" (engine.generation.step_cache)
 
     def validate(self) -> None:
         """Refuse what cannot be generated, in one sentence that says what to do. Every number is checked here
@@ -213,7 +213,7 @@ class GenerateRequest:
 
 
 def parse_cache(text: str) -> float | None:
-    """Step caching (engine.step_cache): `none` → None; `first-block` → the default threshold;
+    """Step caching (engine.generation.step_cache): `none` → None; `first-block` → the default threshold;
     `first-block:T` → T. Raises ValueError."""
     method, _, threshold = text.partition(":")
     if method == "none" and not threshold:

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import ops
-from engine.weights import count_indexed
+from engine.formats.weights import count_indexed
+from engine.runtime import ops
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class FluxParams:
 
 class StepCache(Protocol):
     """Decides, per step, whether the blocks after the first must run or an earlier step's result is reused
-    (engine.step_cache). `rest(rows, img, txt)` runs them for some batch rows; `head_residual` is what the first
+    (engine.generation.step_cache). `rest(rows, img, txt)` runs them for some batch rows; `head_residual` is what the first
     block added to the image stream."""
 
     def run(

@@ -1,0 +1,1 @@
+"""Weight files: safetensors and GGUF reading, what a file holds, quantized tensors, LoRA files."""
