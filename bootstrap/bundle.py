@@ -38,17 +38,28 @@ SKIP_DIRS = {
     ".git",
     "site-packages",
     "Scripts",
-    # an environment, a cache or user data left inside a code folder
+    # an environment or a cache left inside a code folder
     ".venv",
     "venv",
     "cache",
     ".cache",
-    "models",
-    "outputs",
-    "dist",
     "node_modules",
 }
-SKIP_SUFFIXES = (".pyc", ".pyo", ".part", ".tmp", ".7z", ".pem", ".key")
+# user data left inside a code folder, unless the folder is one of our packages (engine/models is code)
+DATA_DIRS = {"models", "outputs", "dist"}
+SKIP_SUFFIXES = (
+    ".pyc",
+    ".pyo",
+    ".part",
+    ".tmp",
+    ".7z",
+    ".pem",
+    ".key",
+    ".safetensors",
+    ".sft",
+    ".gguf",
+    ".ckpt",
+)
 SKIP_NAMES = {"config.toml", ".fluxdeck-verified.json", "fluxdeck-env.json", ".DS_Store", "get-pip.py"}
 # secrets: never shipped, wherever they are
 SECRET_NAMES = {".env", "hf_token", "token", ".netrc", ".pypirc", ".git-credentials", "id_rsa", "id_ed25519"}
@@ -70,10 +81,19 @@ def project_name(root: Path) -> str:
         return "fluxdeck"
 
 
-def _wanted(relative: PurePosixPath) -> bool:
+def _wanted(relative: PurePosixPath, root: Path | None = None) -> bool:
+    """Whether a file goes into the bundle; `root` (where `relative` lies) tells packages from data folders."""
     name = relative.name.lower()
+    folders = relative.parts[:-1]
+
+    def data(i: int) -> bool:
+        if folders[i].lower() not in DATA_DIRS:
+            return False
+        return root is None or not (root.joinpath(*folders[: i + 1]) / "__init__.py").is_file()
+
     return not (
-        any(part.lower() in SKIP_DIRS for part in relative.parts[:-1])
+        any(part.lower() in SKIP_DIRS for part in folders)
+        or any(data(i) for i in range(len(folders)))
         or relative.name in SKIP_NAMES
         or name in SECRET_NAMES
         or name.startswith(".env.")
@@ -99,7 +119,7 @@ def regular_files(folder: Path, root: Path) -> list[tuple[Path, PurePosixPath]]:
     top = root.resolve()
     for path in sorted(folder.rglob("*")):
         relative = PurePosixPath(path.relative_to(root).as_posix())
-        if not path.is_file() or not _wanted(relative):
+        if not path.is_file() or not _wanted(relative, root):
             continue
         if path.is_symlink() and not path.resolve().is_relative_to(top):
             raise BootstrapError(

@@ -151,10 +151,16 @@ def test_secrets_and_environments_inside_code_folders_are_not_packed(tmp_path):
     ):
         write(root / secret, "hf_secret")
     write(root / "launcher" / "screens" / "gallery.py")  # code in subfolders stays
+    write(root / "engine" / "generation" / "models" / "__init__.py")  # a package named like a data folder
+    write(root / "engine" / "generation" / "models" / "flux.py")
+    write(root / "engine" / "generation" / "models" / "stray.safetensors")  # weights never ship
     archive = build_bundle(BundleOptions(root=root, out_dir=tmp_path / "out"))
     with py7zr.SevenZipFile(archive) as z:
         names = set(z.getnames())
     assert "fluxdeck/launcher/screens/gallery.py" in names
+    assert "fluxdeck/engine/generation/models/flux.py" in names
+    names -= {"fluxdeck/engine/generation/models", "fluxdeck/engine/generation/models/__init__.py"}
+    names.discard("fluxdeck/engine/generation/models/flux.py")
     leaked = [n for n in names if any(s in n for s in (".env", "token", "venv", "cache", "models"))]
     assert leaked == []
 
