@@ -413,7 +413,6 @@ class ControlNet(nn.Module):
     """A FLUX.1 ControlNet: `forward` gives the base transformer's `ControlResiduals` for one step."""
 
     params: ControlNetParams
-    controlnet_mode_embedder: nn.Module | None = None
 
     # per layout: embeddings, the block lists and their projections
     def _embed(self, img, cond, timesteps, y, guidance, txt):  # -> img, txt, vec
@@ -455,13 +454,14 @@ class ControlNet(nn.Module):
         if p.guidance_embed and guidance is None:
             raise ValueError("this ControlNet has a guidance embedding: pass guidance")
         img, txt, vec = self._embed(img, cond.to(img.dtype), timesteps, y, guidance, txt)
-        if self.controlnet_mode_embedder is not None:
+        mode_embedder = getattr(self, "controlnet_mode_embedder", None)  # Union nets only
+        if mode_embedder is not None:
             if mode is None:
                 raise ValueError("a Union ControlNet needs a mode (canny, tile, depth, blur, pose, gray, lq)")
             if not 0 <= mode < p.num_modes:
                 raise ValueError(f"mode {mode} is outside this Union ControlNet's {p.num_modes} modes")
             ids = torch.full((txt.shape[0], 1), mode, dtype=torch.long, device=txt.device)
-            txt = torch.cat((self.controlnet_mode_embedder(ids).to(txt.dtype), txt), 1)
+            txt = torch.cat((mode_embedder(ids).to(txt.dtype), txt), 1)
             txt_ids = torch.cat((txt_ids[:, :1], txt_ids), 1)
         pe = position_embedding(torch.cat((txt_ids, img_ids), 1), p.axes_dim, p.theta)
         double, single = [], []
