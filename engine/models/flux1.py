@@ -222,17 +222,23 @@ class DoubleStreamBlock(nn.Module):
         self.txt_mod, self.txt_attn, self.txt_mlp = Modulation(p.hidden_size, True), SelfAttention(p), _mlp(p)
 
     def forward(self, img, txt, vec, pe):
-        img_attn_mod, img_mlp_mod = self.img_mod(vec)
-        txt_attn_mod, txt_mlp_mod = self.txt_mod(vec)
-        iq, ik, iv = self.img_attn.qkv_heads(img_attn_mod.modulate(img), self.num_heads)
-        tq, tk, tv = self.txt_attn.qkv_heads(txt_attn_mod.modulate(txt), self.num_heads)
-        attn = attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2), pe)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-        img = img_attn_mod.gated_add(img, self.img_attn.proj(img_attn))
-        img = img_mlp_mod.gated_add(img, self.img_mlp(img_mlp_mod.modulate(img)))
-        txt = txt_attn_mod.gated_add(txt, self.txt_attn.proj(txt_attn))
-        txt = txt_mlp_mod.gated_add(txt, self.txt_mlp(txt_mlp_mod.modulate(txt)))
-        return fp16_safe(img), fp16_safe(txt)
+        return double_stream(self, img, txt, self.img_mod(vec), self.txt_mod(vec), pe)
+
+
+def double_stream(block: nn.Module, img, txt, img_mods: Sequence[ModulationOut], txt_mods, pe):
+    """A double block's two streams (FLUX.1 and FLUX.2 alike): joint attention over text and image, then each
+    stream's MLP, each gated into its residual. `block` has img_/txt_attn (qkv_heads, proj), img_/txt_mlp and
+    num_heads; the mods are (attention, MLP) ModulationOut pairs."""
+    (img_attn_mod, img_mlp_mod), (txt_attn_mod, txt_mlp_mod) = img_mods, txt_mods
+    iq, ik, iv = block.img_attn.qkv_heads(img_attn_mod.modulate(img), block.num_heads)
+    tq, tk, tv = block.txt_attn.qkv_heads(txt_attn_mod.modulate(txt), block.num_heads)
+    attn = attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2), pe)
+    txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+    img = img_attn_mod.gated_add(img, block.img_attn.proj(img_attn))
+    img = img_mlp_mod.gated_add(img, block.img_mlp(img_mlp_mod.modulate(img)))
+    txt = txt_attn_mod.gated_add(txt, block.txt_attn.proj(txt_attn))
+    txt = txt_mlp_mod.gated_add(txt, block.txt_mlp(txt_mlp_mod.modulate(txt)))
+    return fp16_safe(img), fp16_safe(txt)
 
 
 class SingleStreamBlock(nn.Module):

@@ -188,16 +188,7 @@ class DoubleStreamBlock(nn.Module):
         self.txt_attn, self.txt_mlp = SelfAttention(p), SwiGLUMLP(p.hidden_size, p.mlp_hidden)
 
     def forward(self, img, txt, mods: Modulations, pe):
-        (img_attn_mod, img_mlp_mod), (txt_attn_mod, txt_mlp_mod) = mods.img, mods.txt
-        iq, ik, iv = self.img_attn.qkv_heads(img_attn_mod.modulate(img), self.num_heads)
-        tq, tk, tv = self.txt_attn.qkv_heads(txt_attn_mod.modulate(txt), self.num_heads)
-        attn = attention(torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2), pe)
-        txt_attn, img_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
-        img = img_attn_mod.gated_add(img, self.img_attn.proj(img_attn))
-        img = img_mlp_mod.gated_add(img, self.img_mlp(img_mlp_mod.modulate(img)))
-        txt = txt_attn_mod.gated_add(txt, self.txt_attn.proj(txt_attn))
-        txt = txt_mlp_mod.gated_add(txt, self.txt_mlp(txt_mlp_mod.modulate(txt)))
-        return fp16_safe(img), fp16_safe(txt)
+        return double_stream(self, img, txt, mods.img, mods.txt, pe)
 
 
 class SingleStreamBlock(nn.Module):
