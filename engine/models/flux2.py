@@ -24,6 +24,7 @@ from engine.models.flux1 import (
     StepCache,
     _layer_norm,
     attention,
+    double_stream,
     fp16_safe,
     modulate,
     position_embedding,
