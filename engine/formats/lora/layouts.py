@@ -49,7 +49,7 @@ class Layout:
     """One way LoRA files name the layers of one of our models."""
 
     title = ""  # for people: where such files come from
-    example = ""  # one tensor name of such a file
+    example = ""  # one tensor name of such a file (a pair's down half), as docs/lora.md shows it
 
     def names(self, layers: list[str], params: Any) -> Names:
         """Every name this layout gives our `layers` (`params`: the model's config, None if it has none)."""
@@ -65,7 +65,7 @@ def underscored(name: str) -> str:
 
 class Bfl(Layout):
     title = "BFL / ComfyUI"
-    example = "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight (or lora_A / lora_B)"
+    example = "diffusion_model.double_blocks.0.img_attn.qkv.lora_down.weight"  # or lora_A / lora_B
 
     def names(self, layers, params):
         return {name: [Target(name)] for name in layers}
@@ -73,7 +73,7 @@ class Bfl(Layout):
 
 class Kohya(Layout):
     title = "kohya / sd-scripts (A1111, Forge)"
-    example = "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight, .lora_up.weight, .alpha"
+    example = "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"  # .lora_up.weight, .alpha
 
     def names(self, layers, params):
         return {"lora_unet_" + underscored(name): [Target(name)] for name in layers}
@@ -83,7 +83,7 @@ class Diffusers(Layout):
     """diffusers' FluxTransformer2DModel module names (PEFT saves them as lora_A / lora_B)."""
 
     title = "diffusers / PEFT"
-    example = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight / lora_B"
+    example = "transformer.transformer_blocks.0.attn.to_q.lora_A.weight"  # and lora_B
 
     def names(self, layers, params):
         if params is None:
@@ -148,7 +148,7 @@ class XLabs(Layout):
     """XLabs' attention-processor LoRAs: lora1 on the image stream, lora2 on the text stream."""
 
     title = "XLabs"
-    example = "double_blocks.0.processor.qkv_lora1.down.weight / .up.weight"
+    example = "double_blocks.0.processor.qkv_lora1.down.weight"  # and .up.weight
 
     def names(self, layers, params):
         if params is None:
