@@ -222,9 +222,10 @@ def write_gguf(
 
 
 class GGUFFile:
-    """A GGUF file (city96's FLUX transformer or T5 encoder quantizations) with the same face as
-    SafetensorsFile: tensor names as the engine's models use them, logical shapes, and `load` handing out
-    float tensors as views and quantized ones as GGUFWeight (raw bytes, dequantized per layer at compute time)."""
+    """A GGUF file (city96's FLUX transformer or T5 encoder quantizations) with the `WeightFile` face
+    (engine/formats/weight_file.py): tensor names as the engine's models use them, logical shapes, and `load`
+    handing out float tensors as views and quantized ones as GGUFWeight (raw bytes, dequantized per layer at
+    compute time)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
