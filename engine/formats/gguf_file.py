@@ -21,6 +21,7 @@ import torch
 
 from engine.contract.errors import UserError
 from engine.formats.gguf_quants import FLOAT_TYPES, SUPPORTED_TYPES, QType, block_layout, dequantize
+from engine.formats.weight_file import TensorInfo
 from engine.runtime.ops import WeightSource
 
 FLUX_ARCHITECTURES = ("flux",)
@@ -218,3 +219,40 @@ def write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+class GGUFFile:
+    """A GGUF file (city96's FLUX transformer or T5 encoder quantizations) with the `WeightFile` face
+    (engine/formats/weight_file.py): tensor names as the engine's models use them, logical shapes, and `load`
+    handing out float tensors as views and quantized ones as GGUFWeight (raw bytes, dequantized per layer at
+    compute time)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise UserError(f"{path} does not exist: check the path.")
+        try:
+            weights, self.metadata = read_gguf(self.path)
+        except (ValueError, OSError, KeyError, IndexError) as e:
+            raise UserError(f"{path} is not a readable GGUF file ({e}): download it again.") from None
+        rename = t5_gguf_to_hf_names if architecture(self.metadata) in T5_ARCHITECTURES else (lambda n: n)
+        self._weights = {}
+        for name, weight in weights.items():
+            try:
+                self._weights[rename(name)] = weight
+            except KeyError:
+                continue  # e.g. a T5 conversion's decoder or lm_head: not the encoder's
+        self.tensors = {
+            name: TensorInfo(f"GGUF:{w.qtype.name}", tuple(w.shape), 0, w.nbytes)
+            for name, w in self._weights.items()
+        }
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def load(self, names: list[str]) -> dict:
+        out = {}
+        for name in names:
+            weight = self._weights[name]
+            out[name] = weight if weight.is_quantized else weight.dequantize()
+        return out

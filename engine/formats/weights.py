@@ -1,22 +1,27 @@
-"""Weight files: reading safetensors headers, telling what a file holds, and loading a component in its stored dtype.
+"""What a weight file holds: its components (roles) found by tensor names, loaded in the dtype stored, and
+ComfyUI's quantized layers.
 
 A file holds one or more components (an all-in-one checkpoint holds all four), each found by its tensor names
-under a known prefix. Tensors are loaded one at a time in the dtype the file stores (fp8 stays fp8).
+under a known prefix. Tensors are loaded one at a time in the dtype the file stores (fp8 stays fp8). Reading a
+file is its format's business (engine/formats/weight_file.py: the `WeightFile` face and the openers registry;
+safetensors_file.py, gguf_file.py).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import mmap
-import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engine.contract.errors import UserError
+
+# re-exported: the reading side, imported from here by much of the engine and the tests
+from engine.formats.safetensors_file import SafetensorsFile as SafetensorsFile
+from engine.formats.safetensors_file import check_header as check_header
+from engine.formats.weight_file import TensorInfo as TensorInfo
+from engine.formats.weight_file import WeightFile, open_weights
 
 ROLES = ("transformer", "clip", "t5", "vae")
 ROLE_NAMES = {
@@ -41,21 +46,6 @@ MARKERS = {
     "vae": "decoder.conv_in.weight",
 }
 
-_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 def count_indexed(names, prefix: str) -> int:
     """How many numbered parts (`<prefix>0.`, `<prefix>1.`, ...) the tensor names have: blocks, layers, levels."""
@@ -63,179 +53,12 @@ def count_indexed(names, prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    dtype: str  # safetensors' name: "BF16", "F8_E4M3", ... (GGUF: "GGUF:Q8_0", ...)
-    shape: tuple[int, ...]  # the logical shape, whatever the storage
-    start: int  # byte offsets into the data section
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-class SafetensorsFile:
-    """A safetensors file whose header has been read and checked against the file's size.
-
-    Tensors are views of a read-only memory map of the file: loading copies nothing, the pages are the OS's
-    file cache (shared, reclaimable), and dropping the tensors gives the memory back.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.tensors, self.metadata, self.data_offset = _read_header(self.path)
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, in the dtype stored, as views of the mapped file (never written to)."""
-        with self.path.open("rb") as f:
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.path.stat().st_size else None
-        out = {}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            for name in names:
-                info = self.tensors[name]
-                dtype = _DTYPES[info.dtype]
-                count = (info.end - info.start) // dtype.itemsize
-                if count == 0:
-                    out[name] = torch.empty(info.shape, dtype=dtype)
-                    continue
-                flat = torch.frombuffer(
-                    mapped, dtype=dtype, count=count, offset=self.data_offset + info.start
-                )
-                out[name] = flat.reshape(info.shape)
-        return out
-
-
-def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
-    if not path.exists():
-        raise UserError(f"{path} does not exist: check the path.")
-    if not path.is_file():
-        raise UserError(f"{path} is a folder, not a weights file: give the .safetensors file inside it.")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UserError(f"{path} is empty or truncated: download it again.")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > min(size - 8, 100_000_000):
-            raise UserError(
-                f"{path} is not a safetensors file (or its download is incomplete): download it again "
-                "or give the right file."
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            raise UserError(f"{path} is not a safetensors file: its header is unreadable.") from None
-    tensors, metadata = check_header(header, path)
-    data_size = size - 8 - header_len
-    end = max((info.end for info in tensors.values()), default=0)
-    if end > data_size:
-        raise UserError(
-            f"{path} is truncated ({end - data_size:,} bytes missing): its download did not finish; "
-            "download it again."
-        )
-    return tensors, metadata, 8 + header_len
-
-
-def _bad_header(path: Path, what: str) -> UserError:
-    return UserError(
-        f"{path} is not a valid safetensors file ({what}): download it again or give the right file."
-    )
-
-
-def check_header(header, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Every field of a safetensors header checked before any tensor is made from it: an object of entries,
-    each with a known dtype, a shape of non-negative whole numbers, and [start, end) byte offsets that are
-    whole numbers, in order, hold exactly shape × item size bytes and overlap no other tensor's."""
-    if not isinstance(header, dict):
-        raise _bad_header(path, "its header is not a JSON object")
-    metadata = header.get("__metadata__") or {}
-    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise _bad_header(path, "its __metadata__ is not an object of texts")
-    tensors: dict[str, TensorInfo] = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        shown = repr(name[:60])
-        if not isinstance(info, dict):
-            raise _bad_header(path, f"the entry for {shown} is not an object")
-        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-        if not isinstance(dtype, str) or dtype not in _DTYPES:
-            raise UserError(f"{path} holds a tensor of type {str(dtype)[:20]!r} that FluxDeck cannot read.")
-        if not isinstance(shape, list) or not all(_whole(d) for d in shape):
-            raise _bad_header(path, f"{shown} has no shape of non-negative whole numbers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_whole(o) for o in offsets)):
-            raise _bad_header(path, f"{shown} has no [start, end] byte offsets")
-        start, end = offsets
-        if end < start:
-            raise _bad_header(path, f"{shown} ends before it starts")
-        if math.prod(shape) * _DTYPES[dtype].itemsize != end - start:
-            raise _bad_header(path, f"{shown} is {shape} {dtype} but its bytes are {end - start:,} long")
-        tensors[name] = TensorInfo(dtype, tuple(shape), start, end)
-    ranges = sorted((info.start, info.end, name) for name, info in tensors.items())
-    for (_, end, first), (start, _, second) in zip(ranges, ranges[1:]):
-        if start < end:
-            raise _bad_header(path, f"the bytes of {first[:60]!r} and {second[:60]!r} overlap")
-    return tensors, metadata
-
-
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-class GGUFFile:
-    """A GGUF file (city96's FLUX transformer or T5 encoder quantizations) with the same face as
-    SafetensorsFile: tensor names as the engine's models use them, logical shapes, and `load` handing out
-    float tensors as views and quantized ones as GGUFWeight (raw bytes, dequantized per layer at compute time)."""
-
-    def __init__(self, path: str | Path):
-        from engine.formats.gguf_file import T5_ARCHITECTURES, architecture, read_gguf, t5_gguf_to_hf_names
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise UserError(f"{path} does not exist: check the path.")
-        try:
-            weights, self.metadata = read_gguf(self.path)
-        except (ValueError, OSError, KeyError, IndexError) as e:
-            raise UserError(f"{path} is not a readable GGUF file ({e}): download it again.") from None
-        rename = t5_gguf_to_hf_names if architecture(self.metadata) in T5_ARCHITECTURES else (lambda n: n)
-        self._weights = {}
-        for name, weight in weights.items():
-            try:
-                self._weights[rename(name)] = weight
-            except KeyError:
-                continue  # e.g. a T5 conversion's decoder or lm_head: not the encoder's
-        self.tensors = {
-            name: TensorInfo(f"GGUF:{w.qtype.name}", tuple(w.shape), 0, w.nbytes)
-            for name, w in self._weights.items()
-        }
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def load(self, names: list[str]) -> dict:
-        out = {}
-        for name in names:
-            weight = self._weights[name]
-            out[name] = weight if weight.is_quantized else weight.dequantize()
-        return out
-
-
-def open_weights(path: str | Path) -> SafetensorsFile | GGUFFile:
-    """The file behind a path, by its format (GGUF by its name, safetensors otherwise)."""
-    return GGUFFile(path) if str(path).lower().endswith(".gguf") else SafetensorsFile(path)
-
-
 @dataclass
 class Component:
     """One role's tensors inside a file: names are given relative to `prefix`."""
 
     role: str
-    file: SafetensorsFile | GGUFFile
+    file: WeightFile
     prefix: str
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
@@ -255,7 +78,7 @@ class Component:
         return sum(info.nbytes for name, info in self.file.tensors.items() if name.startswith(self.prefix))
 
 
-def find_components(file: SafetensorsFile | GGUFFile) -> dict[str, Component]:
+def find_components(file: WeightFile) -> dict[str, Component]:
     """Every role this file holds, found by its tensor names."""
     names = file.tensors
     found = {}
@@ -267,7 +90,7 @@ def find_components(file: SafetensorsFile | GGUFFile) -> dict[str, Component]:
     return found
 
 
-def describe(file: SafetensorsFile | GGUFFile) -> str:
+def describe(file: WeightFile) -> str:
     """What the file looks like, for error messages."""
     roles = find_components(file)
     if len(roles) > 1:
@@ -313,8 +136,8 @@ def quantized_layers(component: Component) -> dict[str, dict]:
     tensors and the header's `_quantization_metadata` (layer names there may or may not carry the prefix)."""
     file, prefix = component.file, component.prefix
     configs: dict[str, dict] = {}
-    raw = file.metadata.get("_quantization_metadata") if isinstance(file, SafetensorsFile) else None
-    if raw:
+    raw = file.metadata.get("_quantization_metadata")  # a text in safetensors headers; absent from GGUF files
+    if isinstance(raw, str) and raw:
         try:
             layers = json.loads(raw)["layers"]
             layers = {name: _layer_config(conf) for name, conf in layers.items()}
@@ -397,3 +220,12 @@ def split_quantized(
             "does not compute: use a bf16, fp8 or GGUF file of the model instead."
         )
     return weights, scales
+
+
+def __getattr__(name: str):
+    """`GGUFFile` is still importable from here, without importing the GGUF reader until someone asks for it."""
+    if name == "GGUFFile":
+        from engine.formats.gguf_file import GGUFFile
+
+        return GGUFFile
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
