@@ -86,12 +86,14 @@ def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
 
 
 def _mask_image(width: int, height: int, mode: str = "L", seed: int = 1) -> Image.Image:
-    """A mask with a white rectangle and grey levels around 128 (where binarisation decides)."""
+    """A mask with a white rectangle, a black band and levels around 128 (where binarisation decides); RGB
+    masks get different channels, so that taking the luminance before or after resizing shows."""
     g = np.random.default_rng(seed)
-    a = g.integers(100, 156, (height, width), dtype=np.uint8)
+    a = g.integers(100, 156, (height, width, 3), dtype=np.uint8)
     a[height // 4 : height // 2, width // 3 : width // 2] = 255
     a[: height // 8] = 0
-    return Image.fromarray(a).convert(mode)
+    image = Image.fromarray(a)
+    return image if mode == "RGB" else image.convert(mode)
 
 
 # ---- images and masks ----
@@ -199,7 +201,9 @@ def test_conditioned_transformer_matches_diffusers(vaes, posterior_mean, kind):
         p, ours_model, theirs_model = _model_pair(384)
         mask_image = _mask_image(W, H)
         with torch.inference_mode():
-            ours_cond = cond.fill_conditioning(vaes[0], cond.to_pixels(image, W, H), cond.load_mask(mask_image, W, H))
+            ours_cond = cond.fill_conditioning(
+                vaes[0], cond.to_pixels(image, W, H), cond.load_mask(mask_image, W, H)
+            )
         theirs_cond = _fill_theirs(_pipe(FluxFillPipeline, vaes[1]), image, mask_image, 1)
     else:
         p, ours_model, theirs_model = _model_pair(128)
@@ -226,7 +230,9 @@ def test_latent_mask_matches_diffusers(vaes):
     pipe = _pipe(FluxInpaintPipeline, vaes[1])
     mask = pipe.mask_processor.preprocess(_mask_image(W, H), height=H, width=W)
     latents = torch.zeros(1, 16, H // 8, W // 8)  # 16 channels: the helper takes them as latents, no encode
-    theirs, _ = pipe.prepare_mask_latents(mask, latents, 1, 16, 1, H, W, torch.float32, torch.device("cpu"), None)
+    theirs, _ = pipe.prepare_mask_latents(
+        mask, latents, 1, 16, 1, H, W, torch.float32, torch.device("cpu"), None
+    )
     ours = cond.latent_mask(mask)
     assert ours.shape == (1, (H // 16) * (W // 16), 64)
     assert torch.equal(ours, theirs)
@@ -296,7 +302,9 @@ def test_reference_tokens_match_diffusers_kontext(vaes):
     w, h = refs.output_size
     resized = pipe.image_processor.preprocess(pipe.image_processor.resize(image, h, w), h, w)
     with torch.inference_mode():
-        _, theirs, _, theirs_ids = pipe.prepare_latents(resized, 2, 16, H, W, torch.float32, torch.device("cpu"))
+        _, theirs, _, theirs_ids = pipe.prepare_latents(
+            resized, 2, 16, H, W, torch.float32, torch.device("cpu")
+        )
     assert refs.tokens.shape == theirs.shape == (2, (h // 16) * (w // 16), 64)
     assert _rel(refs.tokens, theirs) < TOL
     assert torch.equal(refs.ids[0], theirs_ids) and torch.equal(refs.ids[1], theirs_ids)
@@ -373,3 +381,64 @@ def test_canny_without_opencv_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 raises ImportError
     with pytest.raises(UserError, match="opencv-python-headless"):
         control_preprocess.canny(Image.new("RGB", (W, H)), W, H)
+
+
+# ---- whole pipelines: our conditioning, transformer and Euler loop against diffusers' __call__ ----
+
+
+def _euler(model, x, cond_kwargs, txt, y, steps, guidance):
+    tokens = x.shape[1]
+    times = schedule(steps, shift_mu(tokens))
+    ids, txt_ids = image_ids(1, H, W), torch.zeros(1, txt.shape[1], 3)
+    g = torch.tensor([guidance])
+    with torch.inference_mode():
+        for t, t_next in zip(times[:-1], times[1:]):
+            v = model(x, ids, txt, txt_ids, torch.tensor([t]), y, g, **cond_kwargs)
+            x = x + (t_next - t) * v
+    return x
+
+
+def _scheduler():
+    return FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                           base_image_seq_len=256, max_image_seq_len=4096)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["fill", "kontext"])
+def test_pipeline_end_to_end(vaes, posterior_mean, kind):
+    """FluxFillPipeline / FluxKontextPipeline run whole (given text embeddings and our noise, latents out)
+    against our conditioning fed to engine.models.flux1.Flux in the engine's Euler loop; the same run without
+    the conditioning lands far away, so the comparison would catch a missing one."""
+    steps, guidance = 3, 3.5
+    p, ours_model, theirs_model = _model_pair(384 if kind == "fill" else 64)
+    noise = pack(torch.randn(1, 16, H // 8, W // 8, generator=torch.Generator().manual_seed(7)))
+    g = torch.Generator().manual_seed(8)
+    txt, y = torch.randn(1, 4, p.context_in_dim, generator=g), torch.randn(1, p.vec_in_dim, generator=g)
+    image = _photo(W, H)
+    common = dict(prompt_embeds=txt, pooled_prompt_embeds=y, latents=noise, height=H, width=W,
+                  num_inference_steps=steps, guidance_scale=guidance, output_type="latent")  # fmt: skip
+    if kind == "fill":
+        mask_image = _mask_image(W, H)
+        pipe = FluxFillPipeline(scheduler=_scheduler(), vae=vaes[1], text_encoder=None, tokenizer=None,
+                                text_encoder_2=None, tokenizer_2=None, transformer=theirs_model)  # fmt: skip
+        with torch.inference_mode():
+            cond_kwargs = {"img_cond": cond.fill_conditioning(vaes[0], cond.to_pixels(image, W, H),
+                                                              cond.load_mask(mask_image, W, H))}  # fmt: skip
+        blank = {"img_cond": torch.zeros_like(cond_kwargs["img_cond"])}
+        call = dict(image=image, mask_image=mask_image)
+    else:
+        pipe = FluxKontextPipeline(scheduler=_scheduler(), vae=vaes[1], text_encoder=None, tokenizer=None,
+                                   text_encoder_2=None, tokenizer_2=None, transformer=theirs_model)  # fmt: skip
+        reference = _photo(64, 32, seed=4)
+        with torch.inference_mode():
+            refs = cond.reference_tokens(vaes[0], [reference], resolutions=((64, 32),))
+        cond_kwargs = {"ref_img": refs.tokens, "ref_ids": refs.ids}
+        blank = {}
+        call = dict(image=reference, _auto_resize=False, max_area=W * H)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.inference_mode():
+        theirs = pipe(**common, **call).images
+    ours = _euler(ours_model, noise, cond_kwargs, txt, y, steps, guidance)
+    without = _euler(ours_model, noise, blank, txt, y, steps, guidance)
+    assert ours.shape == theirs.shape == noise.shape
+    assert _rel(ours, theirs) < 1e-4
+    assert _rel(without, theirs) > 1e-2

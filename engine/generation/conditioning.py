@@ -41,7 +41,11 @@ def to_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
     image = image.convert("RGB")
     if image.size != (width, height):
         image = image.resize((width, height), Image.Resampling.LANCZOS)
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None].contiguous()
+    return (
+        torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0)
+        .permute(2, 0, 1)[None]
+        .contiguous()
+    )
 
 
 def load_mask(mask: Image.Image, width: int, height: int) -> torch.Tensor:

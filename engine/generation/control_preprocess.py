@@ -28,7 +28,9 @@ def _cv2():
     return cv2
 
 
-def canny(image: Image.Image, width: int, height: int, low: int = CANNY_LOW, high: int = CANNY_HIGH) -> Image.Image:
+def canny(
+    image: Image.Image, width: int, height: int, low: int = CANNY_LOW, high: int = CANNY_HIGH
+) -> Image.Image:
     """The image resized (Lanczos) to width × height, its Canny edges as an RGB image (255 on edges, else 0),
     as BFL's `prepare_control` makes it: resize, then `cv2.Canny` on the 8-bit RGB array."""
     cv2 = _cv2()
