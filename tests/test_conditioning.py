@@ -118,6 +118,15 @@ def test_pixels_as_diffusers(vaes):
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
 
 
+def test_edit_size_floors_to_16_as_diffusers(vaes):
+    pipe = _pipe(FluxFillPipeline, vaes[1])
+    for size in [(48, 32), (50, 47), (1000, 667), (17, 31)]:
+        image = Image.new("RGB", size)
+        height, width = pipe.image_processor.get_default_height_width(image)
+        assert cond.edit_size(image) == (width, height)
+    assert cond.edit_size(Image.new("RGB", (10, 40))) == (16, 32)  # never below one 16-pixel patch
+
+
 # ---- FLUX.1 Fill ----
 
 

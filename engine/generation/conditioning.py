@@ -48,6 +48,14 @@ def to_pixels(image: Image.Image, width: int, height: int) -> torch.Tensor:
     )
 
 
+def edit_size(image: Image.Image) -> tuple[int, int]:
+    """An edit's (width, height) without --width/--height: the init (or control) image's size floored to 16,
+    as diffusers' image processor floors it (`get_default_height_width`, vae_scale_factor × 2); the image and
+    its mask are then resized to it. (Kontext takes `References.output_size` instead.)"""
+    width, height = image.size
+    return max(16, width // 16 * 16), max(16, height // 16 * 16)
+
+
 def load_mask(mask: Image.Image, width: int, height: int) -> torch.Tensor:
     """A mask image → (1, 1, H, W) of 0 (keep) and 1 (repaint), as diffusers' Fill/Inpaint `mask_processor`:
     resized to width × height (Lanczos) before its luminance is taken, scaled to [0, 1] and binarised at 0.5
@@ -173,7 +181,8 @@ def kontext_size(
 ) -> tuple[int, int]:
     """The preferred Kontext resolution (width, height) nearest the image's aspect ratio; on a tie the
     narrower (BFL's `prepare_kontext`: min over (|ratio − w/h|, w, h)). The ratio is the image's own, as BFL;
-    diffusers floors the size to 16 first, which can only matter within a hair of a midpoint."""
+    diffusers floors the size to 16 first, which can only matter within a hair of a midpoint. `resolutions`:
+    the table (the tests pass a small one)."""
     ratio = width / height
     _, w, h = min((abs(ratio - w / h), w, h) for w, h in resolutions)
     return w // 16 * 16, h // 16 * 16
