@@ -237,12 +237,13 @@ def test_conditioned_transformer_matches_diffusers(vaes, posterior_mean, kind):
 
 def test_latent_mask_matches_diffusers(vaes):
     pipe = _pipe(FluxInpaintPipeline, vaes[1])
-    mask = pipe.mask_processor.preprocess(_mask_image(W, H), height=H, width=W)
+    mask_image = _mask_image(40, 24, "RGB")
+    mask = pipe.mask_processor.preprocess(mask_image, height=H, width=W)
     latents = torch.zeros(1, 16, H // 8, W // 8)  # 16 channels: the helper takes them as latents, no encode
     theirs, _ = pipe.prepare_mask_latents(
         mask, latents, 1, 16, 1, H, W, torch.float32, torch.device("cpu"), None
     )
-    ours = cond.latent_mask(mask)
+    ours = cond.latent_mask(cond.load_mask(mask_image, W, H))
     assert ours.shape == (1, (H // 16) * (W // 16), 64)
     assert torch.equal(ours, theirs)
     assert 0 < float(ours.mean()) < 1
