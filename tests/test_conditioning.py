@@ -452,3 +452,26 @@ def test_pipeline_end_to_end(vaes, posterior_mean, kind):
     assert ours.shape == theirs.shape == noise.shape
     assert _rel(ours, theirs) < 1e-4
     assert _rel(without, theirs) > 1e-2
+
+
+def test_canny_hands_opencv_the_resized_rgb_image(monkeypatch):
+    """Without OpenCV installed, the plumbing around it: the image resized (Lanczos) to the output size, as
+    8-bit RGB, BFL's thresholds, the edge map back as three equal channels."""
+    seen = {}
+
+    class FakeCv2:
+        @staticmethod
+        def Canny(array, low, high):  # noqa: N802  (OpenCV's name)
+            seen.update(array=array.copy(), low=low, high=high)
+            return np.where(array[..., 0] > 127, 255, 0).astype(np.uint8)
+
+    monkeypatch.setitem(sys.modules, "cv2", FakeCv2)
+    image = _photo(40, 24)
+    edges = control_preprocess.canny(image, W, H)
+    resized = np.asarray(image.resize((W, H), Image.Resampling.LANCZOS))
+    assert seen["array"].dtype == np.uint8 and np.array_equal(seen["array"], resized)
+    assert (seen["low"], seen["high"]) == (50, 200)
+    e = np.asarray(edges)
+    assert edges.mode == "RGB" and edges.size == (W, H)
+    assert np.array_equal(e[..., 0], np.where(resized[..., 0] > 127, 255, 0))
+    assert (e[..., 0] == e[..., 1]).all() and (e[..., 0] == e[..., 2]).all()
