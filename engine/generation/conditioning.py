@@ -13,6 +13,7 @@ and the autoencoder; tests/test_conditioning.py checks each against diffusers' o
 - FLUX.1 Canny/Depth [dev]: `control_conditioning` → `img_cond` (B, L, 64); `--control-preprocess canny` is
   engine/generation/control_preprocess.py.
 
+Sizes and pixels: `edit_size` (an edit's size without --width/--height), `to_pixels`.
 Every image encode takes the autoencoder's posterior mean (`AutoEncoder.encode`), through `vae_tiling.encode`
 so that big images encode in tiles. Batch 1 in, batch `batch` out (rows repeated).
 """
