@@ -15,7 +15,7 @@ from launcher.form import AUTO_MODEL, FormError, FormValues, parse_number
 from launcher.keymap import KEYS
 from launcher.limits import RANGES
 from launcher.loras import STRENGTH_RANGE, LoraChoice, LoraFile, choose, lora_label, match_loras, summary
-from launcher.models import ModelFile, defaults_for_file
+from launcher.models import InstalledFile, defaults_for_file
 from launcher.seeds import SeedMode
 from launcher.sizes import ASPECTS, MEGAPIXELS, aspect_label, parse_aspect, size_for
 
@@ -36,12 +36,12 @@ class PromptForm(VerticalScroll):
     PromptForm .row > #loras { width: 1fr; }
     """
 
-    models: var[list[ModelFile]] = var(list, init=False)  # the model files the model choice offers
+    models: var[list[InstalledFile]] = var(list, init=False)  # the model files the model choice offers
 
     def __init__(
         self,
         values: FormValues,
-        models: list[ModelFile],
+        models: list[InstalledFile],
         find_loras: Callable[[], list[LoraFile]] = list,
         lora_key: str = KEYS.loras,
         **kwargs,
