@@ -11,6 +11,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.reactive import var
 from textual.widgets import Checkbox, Input, Label, Select, Static, TextArea
 
+from engine.contract.request import SIZE_MULTIPLE
 from launcher.form import AUTO_MODEL, FormError, FormValues, parse_number
 from launcher.keymap import KEYS
 from launcher.limits import RANGES
@@ -177,8 +178,11 @@ class PromptForm(VerticalScroll):
 
         width, height = int(number("width", "Width")), int(number("height", "Height"))
         for name, value in (("Width", width), ("Height", height)):
-            if value % 16:
-                raise FormError(f"{name} {value} is not a multiple of 16: try {round(value / 16) * 16}.")
+            if value % SIZE_MULTIPLE:
+                raise FormError(
+                    f"{name} {value} is not a multiple of {SIZE_MULTIPLE}: "
+                    f"try {round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE}."
+                )
         init_image = text["init_image"].strip()
         if init_image and not Path(init_image).expanduser().is_file():
             raise FormError(f"Init image {init_image} does not exist: give the path of a PNG or JPEG.")
