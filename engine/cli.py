@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _request_flags(cls) -> list[tuple[str, Flag, dataclasses.Field, type]]:
-    """(destination, flag, field, type) of each flag of a request dataclass, in field order: a dataclass field
-    without a Flag (GenerateRequest.files) gives its own fields' flags."""
+def _request_flags(cls) -> list[tuple[Flag, dataclasses.Field, type]]:
+    """(flag, field, type) of each flag of a request dataclass, in field order: a dataclass field without a Flag
+    (GenerateRequest.files) gives its own fields' flags; any other field without one is not on the command line."""
     hints = typing.get_type_hints(cls)
     found = []
     for item in dataclasses.fields(cls):
@@ -46,14 +46,14 @@ def _request_flags(cls) -> list[tuple[str, Flag, dataclasses.Field, type]]:
         if spec is None and dataclasses.is_dataclass(hints[item.name]):
             found += _request_flags(hints[item.name])
         elif spec is not None:
-            found.append((item.name, spec, item, hints[item.name]))
+            found.append((spec, item, hints[item.name]))
     return found
 
 
 def add_request_flags(parser: argparse.ArgumentParser, cls) -> None:
     """One flag per field, from the field: its default (required when it has none), its type, its Flag."""
-    for dest, spec, item, kind in _request_flags(cls):
-        options: dict = {"dest": dest, "help": spec.help, "metavar": spec.metavar}
+    for spec, item, kind in _request_flags(cls):
+        options: dict = {"dest": item.name, "help": spec.help, "metavar": spec.metavar}
         if typing.get_origin(kind) is list:
             options.update(action="append", default=[])
         else:
@@ -70,15 +70,16 @@ def add_request_flags(parser: argparse.ArgumentParser, cls) -> None:
 
 
 def _from_args(cls, args: argparse.Namespace):
+    """The dataclass from the flags add_request_flags made (a field without a flag keeps its default)."""
+    hints = typing.get_type_hints(cls)
     values = {}
     for item in dataclasses.fields(cls):
         spec = item.metadata.get("flag")
-        if spec is None:
-            values[item.name] = _from_args(typing.get_type_hints(cls)[item.name], args)
-        elif spec.parse is not None:
-            values[item.name] = [spec.parse(text) for text in getattr(args, item.name)]
-        else:
-            values[item.name] = getattr(args, item.name)
+        if spec is None and dataclasses.is_dataclass(hints[item.name]):
+            values[item.name] = _from_args(hints[item.name], args)
+        elif spec is not None:
+            given = getattr(args, item.name)
+            values[item.name] = [spec.parse(text) for text in given] if spec.parse is not None else given
     return cls(**values)
 
 
