@@ -159,17 +159,16 @@ class GenerateRequest:
     the server reads it from JSON (`from_dict`), the PNG carries `to_dict`."""
 
     prompt: str = field(metadata=flag("the prompt (T5; also CLIP unless --clip-prompt)"))
-    clip_prompt: str | None = field(
-        default=None, metadata=flag("a separate prompt for CLIP-L")
-    )  # None: as T5
+    # None: CLIP gets the same prompt as T5
+    clip_prompt: str | None = field(default=None, metadata=flag("a separate prompt for CLIP-L"))
     negative: str | None = field(default=None, metadata=flag("negative prompt, used with --cfg above 1"))
-    cfg: float = field(default=1.0, metadata=flag("true CFG scale (1: off)"))  # > 1 with a negative: 2 passes
+    # true CFG: above 1 with a negative prompt runs a second pass
+    cfg: float = field(default=1.0, metadata=flag("true CFG scale (1: off)"))
     width: int = field(default=1024, metadata=flag())
     height: int = field(default=1024, metadata=flag())
     steps: int | None = field(default=None, metadata=flag("default: 28 for [dev], 4 for [schnell]"))
-    guidance: float = field(
-        default=3.5, metadata=flag("distilled guidance ([dev])")
-    )  # models with guidance_in
+    # distilled guidance, used by models with guidance_in ([dev])
+    guidance: float = field(default=3.5, metadata=flag("distilled guidance ([dev])"))
     seed: int = field(default=0, metadata=flag())
     batch: int = field(default=1, metadata=flag())
     # "auto" (shift [dev], not [schnell]), "none", or a number: the mu of the shift
@@ -187,7 +186,8 @@ class GenerateRequest:
     dtype: str = field(default="auto", metadata=flag(choices=DTYPES))
     # None: automatic
     vram_budget: float | None = field(default=None, metadata=flag("GB of weights to keep on the GPU"))
-    cache: str = field(  # engine.generation.step_cache
+    # step caching: "none", "first-block" or "first-block:THRESHOLD" (engine.generation.step_cache)
+    cache: str = field(
         default="none",
         metadata=flag(
             "step caching: skip most of the transformer on steps whose first block barely changed "
@@ -195,6 +195,7 @@ class GenerateRequest:
             metavar="none|first-block[:THRESHOLD]",
         ),
     )
+    # keyword-only, so that it can come last (its flag too) without a default
     out: str = field(
         kw_only=True, metadata=flag("the PNG to write (never overwritten: a free name is picked)")
     )
