@@ -48,7 +48,19 @@ SKIP_DIRS = {
     "dist",
     "node_modules",
 }
-SKIP_SUFFIXES = (".pyc", ".pyo", ".part", ".tmp", ".7z", ".pem", ".key")
+SKIP_SUFFIXES = (
+    ".pyc",
+    ".pyo",
+    ".part",
+    ".tmp",
+    ".7z",
+    ".pem",
+    ".key",
+    ".safetensors",
+    ".sft",
+    ".gguf",
+    ".ckpt",
+)
 SKIP_NAMES = {"config.toml", ".fluxdeck-verified.json", "fluxdeck-env.json", ".DS_Store", "get-pip.py"}
 # secrets: never shipped, wherever they are
 SECRET_NAMES = {".env", "hf_token", "token", ".netrc", ".pypirc", ".git-credentials", "id_rsa", "id_ed25519"}
@@ -70,10 +82,13 @@ def project_name(root: Path) -> str:
         return "fluxdeck"
 
 
-def _wanted(relative: PurePosixPath) -> bool:
+def _wanted(relative: PurePosixPath, packages: frozenset[PurePosixPath] = frozenset()) -> bool:
+    """Whether a file goes into the bundle; `packages`: the folders that are Python packages (an __init__.py), whose
+    name is never taken for data (engine/models is code, a models/ of weights left in a code folder is not)."""
     name = relative.name.lower()
+    folders = [PurePosixPath(*relative.parts[: i + 1]) for i in range(len(relative.parts) - 1)]
     return not (
-        any(part.lower() in SKIP_DIRS for part in relative.parts[:-1])
+        any(folder.name.lower() in SKIP_DIRS and folder not in packages for folder in folders)
         or relative.name in SKIP_NAMES
         or name in SECRET_NAMES
         or name.startswith(".env.")
@@ -97,9 +112,12 @@ def regular_files(folder: Path, root: Path) -> list[tuple[Path, PurePosixPath]]:
     of the project could carry a private file into the bundle, so it stops the bundle."""
     found = []
     top = root.resolve()
+    packages = frozenset(
+        PurePosixPath(init.parent.relative_to(root).as_posix()) for init in folder.rglob("__init__.py")
+    )
     for path in sorted(folder.rglob("*")):
         relative = PurePosixPath(path.relative_to(root).as_posix())
-        if not path.is_file() or not _wanted(relative):
+        if not path.is_file() or not _wanted(relative, packages):
             continue
         if path.is_symlink() and not path.resolve().is_relative_to(top):
             raise BootstrapError(
