@@ -390,7 +390,7 @@ def test_lora_with_every_block_streamed_matches_diffusers(dev_set, peft_case, tm
     resident = engine.generate(request(dev_set, tmp_path / "resident.png", [spec]))[0]
     streamed = engine.generate(request(dev_set, tmp_path / "streamed.png", [spec], vram_budget=0))[0]
     transformer = engine._models["transformer"][1]
-    assert engine.runtime.memory.stats_of(transformer).bytes_streamed > 0
+    assert engine.memory.stats_of(transformer).bytes_streamed > 0
     assert np.array_equal(png(resident), png(streamed))
     assert_close(png(streamed), theirs)
 

@@ -51,14 +51,14 @@ def test_same_image_at_every_budget(deep_set, tmp_path, budget_blocks):
     engine = Engine()
     engine.generate(request(tiny, tmp_path / "warm.png"))  # loads the models; the budget comes next
     transformer = engine._models["transformer"][1]
-    managed = engine.runtime.memory._models[id(transformer)]
+    managed = engine.memory._models[id(transformer)]
     block = max(managed.block_bytes)
     budget = 0 if budget_blocks is None else managed.rest_bytes + (LOOKAHEAD + 1 + budget_blocks) * block
     streamed = engine.generate(request(tiny, tmp_path / "s.png", vram_budget=budget / 1024**3))[0]
     assert np.array_equal(image(reference), image(streamed))
     plan = make_plan(managed.block_bytes, managed.rest_bytes, budget)
     assert len(plan.resident) == (budget_blocks or 0)
-    stats = engine.runtime.memory.stats_of(transformer)
+    stats = engine.memory.stats_of(transformer)
     assert stats.passes == 2  # two steps, one pass each
     per_pass = sum(b for i, b in enumerate(managed.block_bytes) if i not in plan.resident)
     assert stats.bytes_streamed == 2 * per_pass > 0
@@ -98,7 +98,7 @@ def test_out_of_memory_in_a_step_lowers_the_budget_and_retries(dev_set, tmp_path
     out = engine.generate(request(dev_set, tmp_path / "oom.png", vram_budget=1.0), events.append)[0]
     assert failures == [1]
     assert np.array_equal(image(reference), image(out))
-    assert engine.runtime.memory.stats.budget_lowered == 1
+    assert engine.memory.stats.budget_lowered == 1
     assert any(isinstance(e, Message) and "out of GPU memory" in e.text for e in events)
 
 
@@ -178,11 +178,11 @@ def test_the_automatic_budget_is_measured_once(dev_set, tmp_path, monkeypatch):
     engine = Engine()
     for i in range(3):
         engine.generate(request(dev_set, tmp_path / f"{i}.png"))
-        assert engine.runtime.memory.budget == 3 * 1024**3
+        assert engine.memory.budget == 3 * 1024**3
     engine.generate(request(dev_set, tmp_path / "x.png", vram_budget=0.5))
-    assert engine.runtime.memory.budget == 1024**3 // 2
+    assert engine.memory.budget == 1024**3 // 2
     engine.generate(request(dev_set, tmp_path / "y.png"))
-    assert engine.runtime.memory.budget == 3 * 1024**3
+    assert engine.memory.budget == 3 * 1024**3
 
 
 def test_short_ram_lets_the_text_encoders_go_and_keeps_the_transformer(dev_set, tmp_path, monkeypatch):
@@ -209,8 +209,8 @@ def test_true_cfg_streams_each_weight_once_per_step(deep_set, tmp_path):
     plain = request(deep_set, tmp_path / "a.png", vram_budget=0.0)
     engine.generate(plain)
     transformer = engine._models["transformer"][1]
-    without = engine.runtime.memory.stats_of(transformer).bytes_streamed
+    without = engine.memory.stats_of(transformer).bytes_streamed
     cfg = request(deep_set, tmp_path / "b.png", vram_budget=0.0, negative="blurry", cfg=2.0)
     engine.generate(cfg)
-    stats = engine.runtime.memory.stats_of(transformer)
+    stats = engine.memory.stats_of(transformer)
     assert stats.passes == 2 and stats.bytes_streamed == without > 0
