@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.contract import layout
-from engine.contract.request import GenerateRequest, LoraSpec, ModelFiles
+from engine.contract.request import DEV, GenerateRequest, LoraSpec, ModelFiles
 from launcher.config import Settings
 from launcher.loras import loras_in_request
 from launcher.metadata import ImageParams
@@ -32,8 +32,8 @@ class FormValues:
     model: str = AUTO_MODEL  # AUTO_MODEL or the path of a checkpoint / diffusion model file
     width: int = 1024
     height: int = 1024
-    steps: int = 28
-    guidance: float = 3.5
+    steps: int = DEV.steps
+    guidance: float = DEV.guidance
     cfg: float = 1.0
     seed: int = 0
     seed_mode: SeedMode = SeedMode.INCREMENT

@@ -8,18 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.contract import layout
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    variant: str
-    steps: int
-    guidance: float
-    shift: str = "auto"
-
-
-DEV = ModelDefaults("dev", steps=28, guidance=3.5)
-SCHNELL = ModelDefaults("schnell", steps=4, guidance=0.0)
+from engine.contract.request import DEV, SCHNELL, ModelDefaults
 
 
 def defaults_for(name: str) -> ModelDefaults:

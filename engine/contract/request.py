@@ -84,6 +84,21 @@ def check_init_image(path: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What FLUX.1 [dev] and [schnell] want where a request leaves a field to the model (steps and t5_max_length
+    None), and the guidance the launcher's form starts from."""
+
+    variant: str
+    steps: int
+    guidance: float
+    t5_max_length: int
+
+
+DEV = ModelDefaults("dev", steps=28, guidance=3.5, t5_max_length=512)
+SCHNELL = ModelDefaults("schnell", steps=4, guidance=0.0, t5_max_length=256)
+
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
@@ -166,7 +181,9 @@ class GenerateRequest:
     cfg: float = field(default=1.0, metadata=flag("true CFG scale (1: off)"))
     width: int = field(default=1024, metadata=flag())
     height: int = field(default=1024, metadata=flag())
-    steps: int | None = field(default=None, metadata=flag("default: 28 for [dev], 4 for [schnell]"))
+    steps: int | None = field(
+        default=None, metadata=flag(f"default: {DEV.steps} for [dev], {SCHNELL.steps} for [schnell]")
+    )
     # distilled guidance, used by models with guidance_in ([dev])
     guidance: float = field(default=3.5, metadata=flag("distilled guidance ([dev])"))
     seed: int = field(default=0, metadata=flag())
@@ -180,7 +197,10 @@ class GenerateRequest:
     )
     files: ModelFiles = field(default_factory=ModelFiles)
     t5_max_length: int | None = field(
-        default=None, metadata=flag("T5 tokens: default 512 for [dev], 256 for [schnell]")
+        default=None,
+        metadata=flag(
+            f"T5 tokens: default {DEV.t5_max_length} for [dev], {SCHNELL.t5_max_length} for [schnell]"
+        ),
     )
     device: str = field(default="auto", metadata=flag(choices=DEVICES))
     dtype: str = field(default="auto", metadata=flag(choices=DTYPES))
