@@ -38,15 +38,16 @@ SKIP_DIRS = {
     ".git",
     "site-packages",
     "Scripts",
-    # an environment or a cache left inside a code folder
+    # an environment, a cache or user data left inside a code folder
     ".venv",
     "venv",
     "cache",
     ".cache",
+    "models",
+    "outputs",
+    "dist",
     "node_modules",
 }
-# user data left inside a code folder, unless the folder is one of our packages (engine/models is code)
-DATA_DIRS = {"models", "outputs", "dist"}
 SKIP_SUFFIXES = (
     ".pyc",
     ".pyo",
@@ -81,19 +82,13 @@ def project_name(root: Path) -> str:
         return "fluxdeck"
 
 
-def _wanted(relative: PurePosixPath, root: Path | None = None) -> bool:
-    """Whether a file goes into the bundle; `root` (where `relative` lies) tells packages from data folders."""
+def _wanted(relative: PurePosixPath, packages: frozenset[PurePosixPath] = frozenset()) -> bool:
+    """Whether a file goes into the bundle; `packages`: the folders that are Python packages (an __init__.py), whose
+    name is never taken for data (engine/models is code, a models/ of weights left in a code folder is not)."""
     name = relative.name.lower()
-    folders = relative.parts[:-1]
-
-    def data(i: int) -> bool:
-        if folders[i].lower() not in DATA_DIRS:
-            return False
-        return root is None or not (root.joinpath(*folders[: i + 1]) / "__init__.py").is_file()
-
+    folders = [PurePosixPath(*relative.parts[: i + 1]) for i in range(len(relative.parts) - 1)]
     return not (
-        any(part.lower() in SKIP_DIRS for part in folders)
-        or any(data(i) for i in range(len(folders)))
+        any(folder.name.lower() in SKIP_DIRS and folder not in packages for folder in folders)
         or relative.name in SKIP_NAMES
         or name in SECRET_NAMES
         or name.startswith(".env.")
@@ -117,9 +112,12 @@ def regular_files(folder: Path, root: Path) -> list[tuple[Path, PurePosixPath]]:
     of the project could carry a private file into the bundle, so it stops the bundle."""
     found = []
     top = root.resolve()
+    packages = frozenset(
+        PurePosixPath(init.parent.relative_to(root).as_posix()) for init in folder.rglob("__init__.py")
+    )
     for path in sorted(folder.rglob("*")):
         relative = PurePosixPath(path.relative_to(root).as_posix())
-        if not path.is_file() or not _wanted(relative, root):
+        if not path.is_file() or not _wanted(relative, packages):
             continue
         if path.is_symlink() and not path.resolve().is_relative_to(top):
             raise BootstrapError(

@@ -1,4 +1,6 @@
-"""`python -m bootstrap env|download|verify|list|wizard|bundle`. User errors are one sentence and exit code 1.
+"""`python -m bootstrap env|download|verify|list|wizard|bundle`. Exit codes as the engine's: bad input (a
+BootstrapError, a folder that cannot be written, a wrong flag) is one sentence and 2; files that failed to download
+or verify are 1; Ctrl+C is 130.
 
 Only the standard library is imported here: `env` must run on a Python that has nothing installed yet.
 """
@@ -10,6 +12,8 @@ import sys
 from pathlib import Path
 
 from bootstrap.errors import BootstrapError
+
+BAD_INPUT = 2  # as the engine's UserError and argparse's own errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[args.command](args)
     except BootstrapError as exc:
         print(f"error: {_printable(exc)}", file=sys.stderr)
-        return 1
+        return BAD_INPUT
     except PermissionError as exc:  # a folder the user cannot write to (Program Files, a read-only share)
         where = exc.filename or "a file"
         print(
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             "C:\\FluxDeck, or choose another --models-dir.",
             file=sys.stderr,
         )
-        return 1
+        return BAD_INPUT
     except KeyboardInterrupt:
         print("stopped: run the same command again to continue where it left off.", file=sys.stderr)
         return 130

@@ -4,4 +4,4 @@ from __future__ import annotations
 
 
 class BootstrapError(Exception):
-    """A user-facing failure; the CLI prints the message and exits non-zero, never a traceback."""
+    """A user-facing failure; the CLI prints the message and exits with code 2, never a traceback."""

@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import signal
 import sys
 import threading
 import traceback
+import typing
 
 from engine.contract.errors import UserError
-from engine.contract.events import Done, Event, Message, Stage, Step
-from engine.contract.request import GenerateRequest, LoraSpec, ModelFiles
-
-
-def parse_lora(text: str) -> LoraSpec:
-    """FILE[:STRENGTH]; a Windows drive letter's colon is not a strength."""
-    path, sep, strength = text.rpartition(":")
-    if sep and path and not strength.startswith(("\\", "/")):
-        try:
-            return LoraSpec(path, float(strength))
-        except ValueError:
-            pass
-    return LoraSpec(text, 1.0)
+from engine.contract.request import DEVICES, Flag, GenerateRequest
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,116 +27,66 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     gen = sub.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument("--prompt", required=True, help="the prompt (T5; also CLIP unless --clip-prompt)")
-    gen.add_argument("--clip-prompt", help="a separate prompt for CLIP-L")
-    gen.add_argument("--negative", help="negative prompt, used with --cfg above 1")
-    gen.add_argument("--cfg", type=float, default=1.0, help="true CFG scale (1: off)")
-    gen.add_argument("--width", type=int, default=1024)
-    gen.add_argument("--height", type=int, default=1024)
-    gen.add_argument("--steps", type=int, help="default: 28 for [dev], 4 for [schnell]")
-    gen.add_argument("--guidance", type=float, default=3.5, help="distilled guidance ([dev])")
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--batch", type=int, default=1)
-    gen.add_argument("--shift", default="auto", help="auto, none, or the shift's mu")
-    gen.add_argument("--init-image", help="img2img: the starting image")
-    gen.add_argument("--denoise", type=float, default=1.0, help="img2img strength (1: ignore the image)")
-    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]")
-    gen.add_argument("--checkpoint", help="an all-in-one checkpoint (transformer, CLIP, T5 and VAE)")
-    gen.add_argument("--transformer", help="the FLUX transformer (diffusion model) file")
-    gen.add_argument("--clip", help="the CLIP-L text encoder file")
-    gen.add_argument("--t5", help="the T5-XXL text encoder file")
-    gen.add_argument("--vae", help="the autoencoder file (ae.safetensors)")
-    gen.add_argument("--models-dir", help="a models folder in the ComfyUI layout")
-    gen.add_argument("--clip-tokenizer", help="folder with the CLIP tokenizer")
-    gen.add_argument("--t5-tokenizer", help="folder with the T5 tokenizer")
-    gen.add_argument("--t5-max-length", type=int, help="T5 tokens: default 512 for [dev], 256 for [schnell]")
-    gen.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    gen.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
-    gen.add_argument("--vram-budget", type=float, help="GB of weights to keep on the GPU")
-    gen.add_argument(
-        "--cache",
-        default="none",
-        metavar="none|first-block[:THRESHOLD]",
-        help="step caching: skip most of the transformer on steps whose first block barely changed "
-        "(faster, slightly different image; default threshold 0.12)",
-    )
-    gen.add_argument(
-        "--out", required=True, help="the PNG to write (never overwritten: a free name is picked)"
-    )
+    add_request_flags(gen, GenerateRequest)
 
     test = sub.add_parser("selftest", help="run the whole path on a tiny random model")
-    test.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    test.add_argument("--device", default="auto", choices=list(DEVICES))
 
     sub.add_parser("serve", help="JSON-lines engine for the TUI (stdin/stdout)")
     return parser
 
 
+def _request_flags(cls) -> list[tuple[Flag, dataclasses.Field, type]]:
+    """(flag, field, type) of each flag of a request dataclass, in field order: a dataclass field without a Flag
+    (GenerateRequest.files) gives its own fields' flags; any other field without one is not on the command line."""
+    hints = typing.get_type_hints(cls)
+    found = []
+    for item in dataclasses.fields(cls):
+        spec = item.metadata.get("flag")
+        if spec is None and dataclasses.is_dataclass(hints[item.name]):
+            found += _request_flags(hints[item.name])
+        elif spec is not None:
+            found.append((spec, item, hints[item.name]))
+    return found
+
+
+def add_request_flags(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field, from the field: its default (required when it has none), its type, its Flag."""
+    for spec, item, kind in _request_flags(cls):
+        options: dict = {"dest": item.name, "help": spec.help, "metavar": spec.metavar}
+        if typing.get_origin(kind) is list:
+            options.update(action="append", default=[])
+        else:
+            if item.default is dataclasses.MISSING:
+                options["required"] = True
+            else:
+                options["default"] = item.default
+            number = [t for t in typing.get_args(kind) or (kind,) if t in (int, float)]
+            if number:
+                options["type"] = number[0]
+            if spec.choices is not None:
+                options["choices"] = list(spec.choices)
+        parser.add_argument(spec.flag_of(item.name), **{k: v for k, v in options.items() if v is not None})
+
+
+def _from_args(cls, args: argparse.Namespace):
+    """The dataclass from the flags add_request_flags made (a field without a flag keeps its default)."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for item in dataclasses.fields(cls):
+        spec = item.metadata.get("flag")
+        if spec is None and dataclasses.is_dataclass(hints[item.name]):
+            values[item.name] = _from_args(hints[item.name], args)
+        elif spec is not None:
+            given = getattr(args, item.name)
+            values[item.name] = [spec.parse(text) for text in given] if spec.parse is not None else given
+    return cls(**values)
+
+
 def request_from_args(args: argparse.Namespace) -> GenerateRequest:
-    files = ModelFiles(
-        checkpoint=args.checkpoint,
-        transformer=args.transformer,
-        clip=args.clip,
-        t5=args.t5,
-        vae=args.vae,
-        models_dir=args.models_dir,
-        clip_tokenizer=args.clip_tokenizer,
-        t5_tokenizer=args.t5_tokenizer,
-    )
-    if not (
-        files.checkpoint or files.models_dir or all([files.transformer, files.clip, files.t5, files.vae])
-    ):
-        raise UserError(
-            "Say where the model is: --checkpoint FILE, --models-dir DIR, or all of --transformer --clip --t5 --vae."
-        )
-    return GenerateRequest(
-        prompt=args.prompt,
-        clip_prompt=args.clip_prompt,
-        negative=args.negative,
-        cfg=args.cfg,
-        width=args.width,
-        height=args.height,
-        steps=args.steps,
-        guidance=args.guidance,
-        seed=args.seed,
-        batch=args.batch,
-        shift=args.shift,
-        init_image=args.init_image,
-        denoise=args.denoise,
-        loras=[parse_lora(text) for text in args.lora],
-        files=files,
-        t5_max_length=args.t5_max_length,
-        device=args.device,
-        dtype=args.dtype,
-        vram_budget=args.vram_budget,
-        cache=args.cache,
-        out=args.out,
-    )
-
-
-class StderrProgress:
-    """Prints stages, each step with its s/it, and a closing line with the total time and the mean s/it."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-
-    def __call__(self, event: Event) -> None:
-        if isinstance(event, Stage):
-            print(f"[{event.stage}] {event.detail}".rstrip(), file=self.stream, flush=True)
-        elif isinstance(event, Step):
-            print(
-                f"  step {event.step}/{event.total}  {event.seconds_per_it:.3f} s/it"
-                + ("  (cached)" if event.cached else ""),
-                file=self.stream,
-                flush=True,
-            )
-        elif isinstance(event, Message):
-            print(f"  note: {event.text}", file=self.stream, flush=True)
-        elif isinstance(event, Done):
-            print(
-                f"[done] {event.seconds:.2f} s in all, {event.mean_seconds_per_it:.3f} s/it mean: {', '.join(event.paths)}",
-                file=self.stream,
-                flush=True,
-            )
+    request = _from_args(GenerateRequest, args)
+    request.files.check_given()
+    return request
 
 
 @contextlib.contextmanager
@@ -179,6 +119,7 @@ def main(argv: list[str]) -> int:
 
             return run_selftest(args.device)
         from engine.generation.pipeline import Engine, EngineOptions, default_cache_dir
+        from engine.progress import StderrProgress
 
         request = request_from_args(args)
         engine = Engine(EngineOptions(cache_dir=str(default_cache_dir())))

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from engine.cli import StderrProgress
 from engine.contract.request import GenerateRequest, ModelFiles
 from engine.fixtures import write_tiny_model_set
 from engine.generation.pipeline import Engine
+from engine.progress import StderrProgress
 from engine.runtime.devices import pick_device
 
 

@@ -1,22 +1,20 @@
 """The engine as a long-lived child process of the TUI: JSON lines in on stdin, JSON lines out on stdout.
 
-In (one object a line):
-    {"type": "job", "id": "j1", "request": {...GenerateRequest.to_dict()...}}
-    {"type": "cancel", "id": "j1"}          cancels the running job between steps, or drops a queued one
-    {"type": "shutdown"}                    finishes after cancelling the running job; so does end of input
-Out (one object a line; every job line carries its "id"):
-    {"type": "ready", "pid": 123}           once, at start
-    {"type": "started", "id": ...}          a job left the queue and runs now
-    event_to_dict(event) + "id"             stage, step, preview, done, message (engine/contract/events.py)
-    {"type": "stats", "id": ..., "rss_mb": .., "vram_mb": .., "vram_total_mb": ..}   after each step and at the end
-    {"type": "cancelled", "id": ...}
-    {"type": "unknown-job", "id": ..., "message": ...}        a cancel for an id that is neither queued nor running
-    {"type": "error", "id": ..., "message": "one sentence"}   UserError, or anything unexpected (traceback: stderr)
+The commands (in) and the events (out) are the contract's: engine/contract/protocol.py and
+engine/contract/events.py. Jobs run one at a time on a worker thread, in the order they came; a cancel stops the
+running job between steps or drops a queued one (the TUI keeps its own queue and sends the next job when one
+ends, so its engine holds at most one).
+    ready                     once, at start
+    started                   a job runs now
+    stage, step, preview, message, done    the generation's events
+    stats                     after each step and at the end
+    cancelled, error          how a job ended otherwise; error with id null: a line the server could not read
+    unknown-job               a cancel for an id that is neither queued nor running
+    bye                       just before a clean exit
 
 Every input line gets an answer or its job's events, and no input ends the server: a line that is not a JSON
 object (nested past the parser's depth included) or a command of the wrong shape gets an error object whose
 message is a plain sentence, never an exception's raw text.
-    {"type": "bye"}                         just before a clean exit
 
 stdout carries the protocol only: anything else that prints goes to stderr, which the TUI shows in its log.
 """
@@ -24,42 +22,42 @@ stdout carries the protocol only: anything else that prints goes to stderr, whic
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
-import json
 import os
-import queue
 import sys
 import threading
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from engine.contract import events, protocol
 from engine.contract.errors import Cancelled, UserError
-from engine.contract.events import Done, Event, Step, event_to_dict
 from engine.contract.request import GenerateRequest
 
 EngineFactory = Callable[[], Any]  # returns an object with .generate(request, on_event, cancel)
 
 
 class LineWriter:
-    """Writes one JSON object per line, from any thread, flushing each line."""
+    """Writes one event per line, from any thread, flushing each line."""
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
         self._lock = threading.Lock()
 
-    def send(self, message: dict) -> None:
-        line = json.dumps(message, separators=(",", ":"))
+    def send(self, event: events.Event) -> None:
+        line = protocol.encode_line(event.to_dict())
         with self._lock:
-            self._stream.write(line + "\n")
+            self._stream.write(line)
             self._stream.flush()
 
 
 @dataclass
 class _Job:
     id: str
-    request: dict
+    request: Any
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -90,120 +88,90 @@ class Server:
         self._out = out
         self._engine_factory = engine_factory
         self._engine: Any = None
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._lock = threading.Lock()
-        self._pending: dict[str, _Job] = {}
+        self._changed = threading.Condition()  # guards the three below
+        self._queued: deque[_Job] = deque()
         self._current: _Job | None = None
+        self._stopping = False
         self._worker = threading.Thread(target=self._work, name="engine-worker", daemon=True)
 
     def serve(self, stdin: IO[str]) -> int:
         self._worker.start()
-        self._out.send({"type": "ready", "pid": os.getpid()})
+        self._out.send(events.Ready(pid=os.getpid()))
         for raw in stdin:
-            line = raw.strip()
-            if not line:
+            if not raw.strip():
                 continue
             try:
-                command = json.loads(line)
-            except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-                command = None
-            if not isinstance(command, dict):
-                self._out.send(
-                    {
-                        "type": "error",
-                        "id": None,
-                        "message": "A line was not a JSON object: send one command per line.",
-                    }
-                )
+                command = protocol.decode_command(protocol.decode_line(raw))
+            except UserError as error:
+                self._out.send(events.Failed(message=str(error)))
                 continue
-            if command.get("type") == "shutdown":
+            if isinstance(command, protocol.Shutdown):
                 break
             try:
                 self._handle(command)
             except Exception:  # a bug in handling one command must not end the server and its queue
                 traceback.print_exc(file=sys.stderr)
-                self._out.send(
-                    {
-                        "type": "error",
-                        "id": None,
-                        "message": "The engine could not handle a command: see its log.",
-                    }
-                )
+                self._out.send(events.Failed(message="The engine could not handle a command: see its log."))
         self._stop()
-        self._out.send({"type": "bye"})
+        self._out.send(events.Bye())
         return 0
 
-    def _handle(self, command: dict) -> None:
-        kind = command.get("type")
-        job_id = command.get("id")
-        if kind in ("job", "cancel") and (isinstance(job_id, bool) or not isinstance(job_id, str | int)):
-            self._out.send(
-                {"type": "error", "id": None, "message": f"A {kind} command needs an id that is a string."}
-            )
-            return
-        if kind == "job":
-            job = _Job(id=str(job_id), request=command.get("request"))
-            with self._lock:
-                self._pending[job.id] = job
-            self._jobs.put(job)
-        elif kind == "cancel":
-            self._cancel(str(job_id))
+    def _handle(self, command: protocol.Generate | protocol.Cancel) -> None:
+        if isinstance(command, protocol.Generate):
+            with self._changed:
+                self._queued.append(_Job(command.id, command.request))
+                self._changed.notify()
         else:
-            shown = kind if isinstance(kind, str) else type(kind).__name__
-            self._out.send({"type": "error", "id": None, "message": f"Unknown command type {shown[:40]!r}."})
+            self._cancel(command.id)
 
     def _cancel(self, job_id: str) -> None:
-        with self._lock:
+        with self._changed:
             if self._current is not None and self._current.id == job_id:
                 self._current.cancel.set()
                 return
-            job = self._pending.pop(job_id, None)
-        if job is not None:
-            job.cancel.set()  # the worker skips it
-            self._out.send({"type": "cancelled", "id": job_id})
+            dropped = next((job for job in self._queued if job.id == job_id), None)
+            if dropped is not None:
+                self._queued.remove(dropped)
+        if dropped is not None:
+            self._out.send(events.JobCancelled(job=job_id))
         else:
             self._out.send(
-                {
-                    "type": "unknown-job",
-                    "id": job_id,
-                    "message": f"No job {job_id[:40]!r} to cancel: it has already ended or was never queued.",
-                }
+                events.UnknownJob(
+                    job=job_id,
+                    message=f"No job {job_id[:40]!r} to cancel: it has already ended or was never queued.",
+                )
             )
 
     def _stop(self) -> None:
-        with self._lock:
+        with self._changed:
             if self._current is not None:
                 self._current.cancel.set()
-            for job in self._pending.values():
-                job.cancel.set()
-            self._pending.clear()
-        self._jobs.put(None)
+            self._queued.clear()
+            self._stopping = True
+            self._changed.notify()
         self._worker.join()
 
     def _work(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            with self._lock:
-                if job.cancel.is_set():
-                    continue
-                self._pending.pop(job.id, None)
-                self._current = job
+            with self._changed:
+                self._changed.wait_for(lambda: self._queued or self._stopping)
+                if self._stopping:
+                    return
+                job = self._current = self._queued.popleft()
             try:
                 self._run(job)
             finally:
-                with self._lock:
+                with self._changed:
                     self._current = None
 
     def _run(self, job: _Job) -> None:
         send = self._out.send
-        send({"type": "started", "id": job.id})
+        send(events.Started(job=job.id))
 
-        def on_event(event: Event) -> None:
-            send({**event_to_dict(event), "id": job.id})
-            if isinstance(event, Step | Done):
-                send({"type": "stats", "id": job.id, **memory_stats()})
+        def on_event(event: events.Event) -> None:
+            send(dataclasses.replace(event, job=job.id))
+            if isinstance(event, events.Step | events.Done):
+                send(events.Stats(job=job.id, **memory_stats()))
 
         try:
             request = GenerateRequest.from_dict(job.request)
@@ -212,21 +180,17 @@ class Server:
                 self._engine = self._engine_factory()
             self._engine.generate(request, on_event, job.cancel)
         except Cancelled:
-            send({"type": "cancelled", "id": job.id})
+            send(events.JobCancelled(job=job.id))
         except UserError as error:
-            send({"type": "error", "id": job.id, "message": str(error)})
+            send(events.Failed(job=job.id, message=str(error)))
         except MemoryError:
             traceback.print_exc(file=sys.stderr)
             send(
-                {
-                    "type": "error",
-                    "id": job.id,
-                    "message": "Out of memory: try a smaller size or a lower VRAM budget.",
-                }
+                events.Failed(job=job.id, message="Out of memory: try a smaller size or a lower VRAM budget.")
             )
         except Exception as error:  # the server must outlive a bad job
             traceback.print_exc(file=sys.stderr)
-            send({"type": "error", "id": job.id, "message": _plain_sentence(error)})
+            send(events.Failed(job=job.id, message=_plain_sentence(error)))
 
 
 def _plain_sentence(error: Exception) -> str:

@@ -1,7 +1,7 @@
 """FluxDeckApp: the screens, the job queue and the engine process that does the work.
 
 How the parts talk (launcher/messages.py): the engine client's threads post the engine's decoded events
-(launcher/events.py); screens post what the user asked for (settings saved, a job cancelled, models rescanned,
+(engine/contract/events.py); screens post what the user asked for (settings saved, a job cancelled, models rescanned,
 parameters to reuse) and the app handles them with `@on`. The app posts what happened to jobs and the log to
 its screens, and keeps the state several screens show (model files, folders, the status line) in reactives
 that the screens bind to. The one screen the app calls is the generate screen it owns, to read the form on
@@ -25,7 +25,8 @@ from textual.reactive import var
 from textual.screen import ModalScreen, Screen
 from textual.widgets import Input, TextArea
 
-from launcher import events
+from engine.contract import events
+from engine.contract.protocol import Cancel, Generate
 from launcher.cli import LaunchOptions
 from launcher.config import PROJECT_ROOT, ConfigFile, Settings
 from launcher.engine_client import EngineExit, EngineProcess, default_engine_command
@@ -48,7 +49,7 @@ from launcher.messages import (
     UseParams,
 )
 from launcher.metadata import ImageParams
-from launcher.models import ModelFile, defaults_for_file, root_of, scan_models
+from launcher.models import InstalledFile, defaults_for_file, root_of, scan_models
 from launcher.screens.gallery import GalleryScreen
 from launcher.screens.generate import GenerateScreen
 from launcher.screens.load_png import LoadPngScreen
@@ -81,7 +82,7 @@ class FluxDeckApp(App):
     ]
 
     # State the screens show; they bind to it (data_bind) instead of being told.
-    models: var[list[ModelFile]] = var(list, init=False)
+    models: var[list[InstalledFile]] = var(list, init=False)
     model_roots: var[list[Path]] = var(list, init=False)
     output_dir: var[Path] = var(Path, init=False)
     status: var[str] = var("", init=False)
@@ -299,7 +300,7 @@ class FluxDeckApp(App):
             if job is not None and self.crashes_in_a_row < MAX_CRASHES_IN_A_ROW:
                 if not self.engine.alive:
                     self._start_engine()
-                if self.engine.send({"type": "job", "id": job.id, "request": job.request}):
+                if self.engine.send(Generate(job.id, job.request)):
                     job.state = JobState.RUNNING
                     self._tell_screens(lambda: JobStarted(job))
                 else:
@@ -337,7 +338,7 @@ class FluxDeckApp(App):
         self.hunting = False
         running = self.jobs.running()
         if running is not None:
-            self.engine.send({"type": "cancel", "id": running.id})
+            self.engine.send(Cancel(running.id))
             self.notify("Cancelling…", markup=False)
         self._update_status()
 
@@ -384,7 +385,7 @@ class FluxDeckApp(App):
                 self.notify(event.message, severity="error", markup=False)
                 self.log_line(f"Engine error: {event.message}")
             return
-        if isinstance(event, events.Done | events.Cancelled | events.Failed):
+        if isinstance(event, events.Done | events.JobCancelled | events.Failed):
             self._job_ended(job, event)
         else:
             self._job_progress(job, event)
@@ -395,13 +396,13 @@ class FluxDeckApp(App):
                 job.step, job.total = step, total
             case events.Stage(stage=stage, detail=detail):
                 self.log_line(f"{job.id}: {stage} {detail}".rstrip())
-            case events.Note(text=text):
+            case events.Message(text=text):
                 self.log_line(f"{job.id}: {text}")
             case events.Preview() if not self.settings.live_preview:
                 return
         self._tell_screens(lambda: JobProgress(job, event))
 
-    def _job_ended(self, job: Job, event: events.Done | events.Cancelled | events.Failed) -> None:
+    def _job_ended(self, job: Job, event: events.Done | events.JobCancelled | events.Failed) -> None:
         match event:
             case events.Done(paths=paths, seconds=seconds):
                 job.state, job.paths, job.seconds = JobState.DONE, list(paths), seconds
@@ -409,7 +410,7 @@ class FluxDeckApp(App):
                 took = f" in {seconds:.1f} s" if seconds is not None else ""
                 self.log_line(f"{job.id}: done{took}: {', '.join(job.paths)}")
                 self._hunt_next(job)
-            case events.Cancelled():
+            case events.JobCancelled():
                 job.state = JobState.CANCELLED
                 self.log_line(f"{job.id}: cancelled")
             case events.Failed(message=error):

@@ -6,7 +6,6 @@ hands them to its own loop with post_message. Nothing here imports torch.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -16,25 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.contract.protocol import Command, Shutdown, decode_line, encode_line
 from launcher.win_job import KillOnCloseJob
 
 
 def default_engine_command() -> list[str]:
     """The engine server, run by the same Python as the TUI."""
     return [sys.executable, "-m", "engine", "serve"]
-
-
-def encode(message: dict) -> str:
-    return json.dumps(message, separators=(",", ":")) + "\n"
-
-
-def decode(line: str) -> dict | None:
-    """One protocol line as a dict, or None when the line is not a JSON object (a stray print)."""
-    try:
-        message = json.loads(line)
-    except ValueError:
-        return None
-    return message if isinstance(message, dict) else None
 
 
 @dataclass
@@ -114,14 +101,15 @@ class EngineProcess:
         stderr_reader.start()
         threading.Thread(target=self._read_stdout, args=(process, stderr_reader), daemon=True).start()
 
-    def send(self, message: dict) -> bool:
-        """Send one command; False when the engine is not running (the caller restarts it)."""
+    def send(self, command: Command) -> bool:
+        """Send one command (engine/contract/protocol.py); False when the engine is not running (the caller
+        restarts it)."""
         process = self._process
         if process is None or process.poll() is not None or process.stdin is None:
             return False
         try:
             with self._send_lock:
-                process.stdin.write(encode(message))
+                process.stdin.write(encode_line(command.to_dict()))
                 process.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
             return False
@@ -133,7 +121,7 @@ class EngineProcess:
         if process is None:
             return
         self._stopping = True
-        self.send({"type": "shutdown"})
+        self.send(Shutdown())
         try:
             if process.stdin:
                 process.stdin.close()
@@ -153,7 +141,7 @@ class EngineProcess:
     def _read_stdout(self, process: subprocess.Popen, stderr_reader: threading.Thread) -> None:
         assert process.stdout is not None
         for line in process.stdout:
-            message = decode(line)
+            message = decode_line(line)
             if message is None:
                 if line.strip():
                     self.on_log(line.rstrip())

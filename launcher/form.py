@@ -9,8 +9,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.contract import layout
+from engine.contract.request import DEV, GenerateRequest, LoraSpec, ModelFiles
 from launcher.config import Settings
-from launcher.loras import loras_in_request, request_loras
+from launcher.loras import loras_in_request
 from launcher.metadata import ImageParams
 from launcher.models import is_all_in_one
 from launcher.seeds import SeedMode, seeds_for
@@ -30,8 +32,8 @@ class FormValues:
     model: str = AUTO_MODEL  # AUTO_MODEL or the path of a checkpoint / diffusion model file
     width: int = 1024
     height: int = 1024
-    steps: int = 28
-    guidance: float = 3.5
+    steps: int = DEV.steps
+    guidance: float = DEV.guidance
     cfg: float = 1.0
     seed: int = 0
     seed_mode: SeedMode = SeedMode.INCREMENT
@@ -82,35 +84,34 @@ def output_path(output_dir: Path, seed: int, index: int = 0) -> Path:
 
 
 def build_request(values: FormValues, settings: Settings, seed: int, out: Path, models_root: Path) -> dict:
-    """One GenerateRequest.to_dict() for the engine."""
-    files: dict[str, str | None] = {"models_dir": str(models_root)}
+    """One GenerateRequest.to_dict() for the engine; what the form does not set keeps the request's default."""
+    files = ModelFiles(models_dir=str(models_root))
     if values.model != AUTO_MODEL:
         folder = Path(values.model).parent.name
-        aio = folder == "checkpoints" or is_all_in_one(values.model)
-        files["checkpoint" if aio else "transformer"] = values.model
-    cfg = values.cfg
-    return {
-        "prompt": values.prompt,
-        "out": str(out),
-        "clip_prompt": values.clip_prompt or None,
-        "negative": (values.negative or None) if cfg > 1 else None,
-        "cfg": cfg,
-        "width": values.width,
-        "height": values.height,
-        "steps": values.steps,
-        "guidance": values.guidance,
-        "seed": seed,
-        "batch": 1,
-        "shift": "auto",
-        "init_image": values.init_image or None,
-        "denoise": values.denoise if values.init_image else 1.0,
-        "loras": request_loras(values.loras),
-        "files": files,
-        "t5_max_length": None,
-        "device": settings.device,
-        "dtype": settings.dtype,
-        "vram_budget": settings.vram_budget,
-    }
+        if folder == layout.CHECKPOINTS or is_all_in_one(values.model):
+            files.checkpoint = values.model
+        else:
+            files.transformer = values.model
+    with_cfg = values.cfg > 1
+    return GenerateRequest(
+        prompt=values.prompt,
+        out=str(out),
+        clip_prompt=values.clip_prompt or None,
+        negative=(values.negative or None) if with_cfg else None,
+        cfg=values.cfg,
+        width=values.width,
+        height=values.height,
+        steps=values.steps,
+        guidance=values.guidance,
+        seed=seed,
+        init_image=values.init_image or None,
+        denoise=values.denoise if values.init_image else 1.0,
+        loras=[LoraSpec(str(path), float(strength)) for path, strength in values.loras],
+        files=files,
+        device=settings.device,
+        dtype=settings.dtype,
+        vram_budget=settings.vram_budget,
+    ).to_dict()
 
 
 def build_requests(

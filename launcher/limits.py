@@ -1,20 +1,24 @@
 """The ranges of the generate form's numbers: the form refuses values outside them, and values read from an
-image's metadata are checked against the same ranges before they reach the form."""
+image's metadata are checked against the same ranges before they reach the form. They are the engine's request
+limits (engine/contract/request.py), but for the two fields that mean something else in the form."""
 
 from __future__ import annotations
 
-from launcher.seeds import MAX_SEED
+from engine.contract.request import MAX_CFG, MAX_GUIDANCE, MAX_SEED, MAX_SIZE, MAX_STEPS, MIN_SIZE
+
+MAX_IMAGES_PER_PRESS = 1000  # the form's batch: one job per image, each a request of batch 1
+MIN_DENOISE = 0.01  # the engine takes anything above 0; below 0.01 the image would barely change
 
 # field -> (kind, lowest, highest)
 RANGES: dict[str, tuple[type, float, float]] = {
-    "width": (int, 64, 4096),
-    "height": (int, 64, 4096),
-    "steps": (int, 1, 1000),
-    "guidance": (float, 0, 100),
-    "cfg": (float, 1, 30),
+    "width": (int, MIN_SIZE, MAX_SIZE),
+    "height": (int, MIN_SIZE, MAX_SIZE),
+    "steps": (int, 1, MAX_STEPS),
+    "guidance": (float, 0, MAX_GUIDANCE),
+    "cfg": (float, 1, MAX_CFG),
     "seed": (int, 0, MAX_SEED),
-    "batch": (int, 1, 1000),
-    "denoise": (float, 0.01, 1),
+    "batch": (int, 1, MAX_IMAGES_PER_PRESS),
+    "denoise": (float, MIN_DENOISE, 1),
 }
 MAX_PROMPT_CHARS = 20_000  # T5 reads 512 tokens (about 2,000 characters); longer text from an image is cut
 MAX_NAME_CHARS = 255

@@ -10,12 +10,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
 
-# <models>/loras is ComfyUI's folder; A1111/Forge installs (often given as extra model paths) use `Lora`.
-# The same folders and suffixes as the engine's `<lora:name>` tags search (engine/generation/pipeline.py, engine/formats/lora.py;
-# tests/test_launcher_loras.py holds the two lists together until both read them from one contract module).
-LORA_FOLDERS = ("loras", "Lora")
-LORA_SUFFIXES = (".safetensors", ".sft")
-STRENGTH_RANGE = (-10.0, 10.0)  # free entry; this only catches typos (usual values are -2..2)
+from engine.contract.layout import LORA_FOLDERS, LORA_SUFFIXES
+from engine.contract.request import MAX_LORA_STRENGTH
+
+# <models>/loras is ComfyUI's folder; A1111/Forge installs (often given as extra model paths) use `Lora`: the
+# same folders and suffixes the engine's `<lora:name>` tags search (engine/contract/layout.py).
+STRENGTH_RANGE = (-MAX_LORA_STRENGTH, MAX_LORA_STRENGTH)  # what the engine takes (usual values are -2..2)
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,6 @@ def lora_label(path: str | Path) -> str:
 
 def format_strength(strength: float) -> str:
     return f"{strength:g}"
-
-
-def request_loras(loras: list[tuple[str, float]]) -> list[dict]:
-    """GenerateRequest.loras as JSON: [{"path": ..., "strength": ...}]."""
-    return [{"path": str(path), "strength": float(strength)} for path, strength in loras]
 
 
 def loras_in_request(request: dict | None) -> list[tuple[str, float]]:

@@ -13,19 +13,19 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
+from engine.contract.events import Event
 from launcher.config import Settings
 from launcher.engine_client import EngineExit
-from launcher.events import Event
 from launcher.form import FormValues
 from launcher.jobs import Job
 from launcher.metadata import ImageParams
-from launcher.models import ModelFile
+from launcher.models import InstalledFile
 
 
 # -- up: from the engine client's threads to the app --------------------------------------------------------
 @dataclass
 class EngineReported(Message):
-    """One protocol line from the engine, decoded (launcher/events.py)."""
+    """One protocol line from the engine, decoded (engine/contract/events.py)."""
 
     event: Event
 
@@ -76,7 +76,7 @@ class JobCancelRequested(Message):
 class ModelsChanged(Message):
     """The models screen scanned the folders (after a download, the wizard, a rescan)."""
 
-    models: list[ModelFile]
+    models: list[InstalledFile]
 
 
 # -- down: from the app to its screens ---------------------------------------------------------------------

@@ -7,24 +7,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-# ComfyUI layout: the folders we read, and which of them hold a model to pick (the others are its parts).
-# ComfyUI's folder names, then Forge's (the engine finds each file's role by its tensor names either way)
-FOLDERS = ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "vae", "loras")
-FOLDERS += ("Stable-diffusion", "text_encoder", "VAE", "Lora")
-MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet", "Stable-diffusion")
-WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
-
-
-@dataclass(frozen=True)
-class ModelDefaults:
-    variant: str
-    steps: int
-    guidance: float
-    shift: str = "auto"
-
-
-DEV = ModelDefaults("dev", steps=28, guidance=3.5)
-SCHNELL = ModelDefaults("schnell", steps=4, guidance=0.0)
+from engine.contract import layout
+from engine.contract.request import DEV, SCHNELL, ModelDefaults
 
 
 def defaults_for(name: str) -> ModelDefaults:
@@ -35,7 +19,6 @@ def defaults_for(name: str) -> ModelDefaults:
 # [dev] has a guidance embedder, [schnell] has none; all-in-one checkpoints prefix the transformer's names.
 GUIDANCE_TENSOR = "guidance_in.in_layer.weight"
 TRANSFORMER_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
-SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 MAX_HEADER_BYTES = 100 * 2**20  # FLUX's headers are ~100 KB; more than this is not a safetensors file
 
 
@@ -67,7 +50,7 @@ def safetensors_names(path: Path) -> set[str] | None:
 def is_dev_transformer(path: Path) -> bool | None:
     """True for [dev] (a guidance embedder), False for [schnell], None when the file cannot tell (GGUF, not
     a safetensors file, unreadable)."""
-    if Path(path).suffix.lower() not in SAFETENSORS_SUFFIXES:
+    if Path(path).suffix.lower() not in layout.SAFETENSORS_SUFFIXES:
         return None
     names = safetensors_names(path)
     if names is None:
@@ -84,33 +67,35 @@ def defaults_for_file(path: Path | str) -> ModelDefaults:
 
 
 @dataclass(frozen=True)
-class ModelFile:
+class InstalledFile:
+    """A weight file found in one of the models folders (bootstrap.manifest.ModelFile is one to download)."""
+
     folder: str  # e.g. "diffusion_models"
     path: Path
     size: int
 
     @property
     def is_model(self) -> bool:
-        return self.folder in MODEL_FOLDERS
+        return self.folder in layout.MODEL_FOLDERS
 
 
-def scan_models(roots: list[Path]) -> list[ModelFile]:
-    """Weight files under each root's ComfyUI folders, sorted by folder then name."""
-    found: list[ModelFile] = []
+def scan_models(roots: list[Path]) -> list[InstalledFile]:
+    """Weight files under each root's ComfyUI and Forge folders, sorted by folder then name."""
+    found: list[InstalledFile] = []
     seen: set[Path] = set()
     for root in roots:
-        for folder in FOLDERS:
+        for folder in layout.LISTED_FOLDERS:
             base = root / folder
             if not base.is_dir():
                 continue
             for path in sorted(base.rglob("*")):
-                if path.suffix.lower() not in WEIGHT_SUFFIXES or not path.is_file():
+                if path.suffix.lower() not in layout.WEIGHT_SUFFIXES or not path.is_file():
                     continue
                 resolved = path.resolve()
                 if resolved in seen:
                     continue
                 seen.add(resolved)
-                found.append(ModelFile(folder, path, path.stat().st_size))
+                found.append(InstalledFile(folder, path, path.stat().st_size))
     return found
 
 

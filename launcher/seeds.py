@@ -5,8 +5,10 @@ from __future__ import annotations
 import random
 from enum import Enum
 
-# Any seed the engine takes (engine/contract/request.py refuses others), so a ComfyUI image's 64-bit seed regenerates.
-MAX_SEED = 2**64 - 1
+from engine.contract.request import (
+    MAX_SEED,  # any seed the engine takes, so a ComfyUI image's seed regenerates
+)
+
 # Random seeds are drawn below 2^32, like A1111/Forge: short enough to read and type back.
 MAX_RANDOM_SEED = 2**32 - 1
 

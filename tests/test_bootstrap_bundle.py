@@ -165,6 +165,18 @@ def test_secrets_and_environments_inside_code_folders_are_not_packed(tmp_path):
     assert leaked == []
 
 
+def test_a_code_package_named_models_is_packed_but_no_weights_in_it(tmp_path):
+    """engine/models/ is the engine's model code (a package); weights dropped into it stay out."""
+    root = fake_project(tmp_path / "project")
+    for name in ("engine/models/__init__.py", "engine/models/flux1.py", "engine/models/vae/ae.safetensors",
+                 "engine/models/flux1-dev.gguf", "launcher/models/x.safetensors", "launcher/models/notes.txt"):  # fmt: skip
+        write(root / name)
+    archive = build_bundle(BundleOptions(root=root, out_dir=tmp_path / "out"))
+    with py7zr.SevenZipFile(archive) as z:
+        packed = sorted(n for n in z.getnames() if "/models/" in n)
+    assert packed == ["fluxdeck/engine/models/__init__.py", "fluxdeck/engine/models/flux1.py"]
+
+
 def test_a_symlinked_file_is_stored_as_the_file_and_a_link_out_is_refused(tmp_path):
     root = fake_project(tmp_path / "project")
     write(root / "engine" / "real.py", "print('real')\n")

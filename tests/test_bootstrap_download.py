@@ -302,7 +302,7 @@ def test_cli_download_and_verify(hub, tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert "clip_l: downloaded and verified" in out
     assert "error: flux1-dev is in the gated repo" in err and "Traceback" not in err
-    assert main(["download", "nope", *args]) == 1
+    assert main(["download", "nope", *args]) == 2
     assert "Unknown file 'nope'" in capsys.readouterr().err
     assert main(["verify", *args]) == 0
     assert "ok  clip_l: sha256 matches the manifest" in capsys.readouterr().out
@@ -460,10 +460,10 @@ def test_models_dir_that_is_a_file_is_one_sentence(hub, tmp_path, monkeypatch, c
     a_file.write_text("not a folder")
     for models in (a_file, a_file / "inside"):
         for command in ("download", "verify"):
-            assert main([command, "ae", "--manifest", str(manifest), "--models-dir", str(models)]) == 1
+            assert main([command, "ae", "--manifest", str(manifest), "--models-dir", str(models)]) == 2
             err = capsys.readouterr().err
             assert "not a folder" in err and "Traceback" not in err and err.count("\n") == 1
-    assert main(["wizard", "--yes", "--manifest", str(manifest), "--models-dir", str(a_file)]) == 1
+    assert main(["wizard", "--yes", "--manifest", str(manifest), "--models-dir", str(a_file)]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
     assert hub.log == [] and f.data
 

@@ -207,7 +207,7 @@ def test_cli_says_a_bad_manifest_in_one_sentence(tmp_path, capsys):
 
     manifest = tmp_path / "m.toml"
     manifest.write_text('[[file]]\nname="\\u001b]0;x\\u0007a"\nrepo="r/a"\npath="C:\\\\x"\nfolder="vae"\n')
-    assert main(["list", "--manifest", str(manifest)]) == 1
+    assert main(["list", "--manifest", str(manifest)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "\x1b" not in err and "\x07" not in err and "\\x1b" in err

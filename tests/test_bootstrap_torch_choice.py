@@ -40,7 +40,7 @@ CARDS = {
     "RTX 5080": ("NVIDIA GeForce RTX 5080", 16303, "12.0"),
 }
 UPDATE_580 = "update the driver to 580 or newer"
-# card, driver -> the torch build planned, or the sentence `--gpu` ends with (exit 1)
+# card, driver -> the torch build planned, or the sentence `--gpu` ends with (exit 2)
 TABLE = [
     ("GTX 970", "552.22", "cu126"),
     ("GTX 970", "581.57", "cu126"),  # cu130 has no kernels below 7.5
@@ -121,7 +121,7 @@ def test_card_and_driver_table(tmp_path, card, driver, expected):
         else:
             assert "older than any CUDA build of torch supports" in done.stdout
     else:
-        assert done.returncode == 1 and done.stdout == ""
+        assert done.returncode == 2 and done.stdout == ""
         (sentence,) = done.stderr.strip().splitlines()
         assert expected in sentence and sentence.startswith("error: ")
 
@@ -207,7 +207,7 @@ def test_no_kernel_image_is_one_sentence_with_the_fix_never_usable():
 def test_an_unsupported_python_is_refused_in_one_sentence(monkeypatch, capsys):
     assert preflight.python_problem((3, 10)) is not None and preflight.python_problem((3, 12)) is None
     monkeypatch.setattr(preflight, "PYTHONS", ((3, 99),))
-    assert cli.main(["env", "--cpu", "--dry-run"]) == 1
+    assert cli.main(["env", "--cpu", "--dry-run"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot install FluxDeck's packages" in err[0] and "Python 3.12" in err[0]
 

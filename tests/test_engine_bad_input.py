@@ -169,9 +169,9 @@ def test_bad_flags_are_one_sentence_too(capsys):
 
 
 def test_lora_flag_strengths_and_windows_paths():
-    from engine.cli import parse_lora
     from engine.contract.request import LoraSpec
 
+    parse_lora = LoraSpec.parse
     assert parse_lora("style.safetensors") == LoraSpec("style.safetensors", 1.0)
     assert parse_lora("style.safetensors:0.7") == LoraSpec("style.safetensors", 0.7)
     assert parse_lora("style.safetensors:-1.5") == LoraSpec("style.safetensors", -1.5)

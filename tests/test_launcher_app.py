@@ -69,8 +69,8 @@ async def test_generate_cancel_queue_and_engine_restart(tiny_models, tmp_path):
             7,
             2,
         )
-        screen = app.get_screen("generate")
-        assert "Done" in str(screen.progress.query_one("#stage").render())
+        screen = app.get_screen("generate")  # its messages come after the app's: let it catch up
+        await wait_for(pilot, lambda: "Done" in str(screen.progress.query_one("#stage").render()), 10)
         assert screen.progress.query_one(ProgressBar).progress == 2
         assert "RAM engine" in str(screen.progress.query_one("#memory").render())
         assert screen.query_one("#image").image is not None

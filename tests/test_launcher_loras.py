@@ -11,6 +11,7 @@ from pathlib import Path
 from PIL import Image
 from textual.widgets import Checkbox, DataTable, Input, Label
 
+from engine.contract import layout
 from launcher.config import Settings
 from launcher.form import FormValues, build_requests
 from launcher.jobs import JobState
@@ -58,11 +59,11 @@ def test_scan_loras_lists_safetensors_in_lora_folders_and_subfolders(tmp_path):
 
 
 def test_the_panel_lists_the_folders_and_suffixes_the_engines_tags_search(tmp_path):
-    """A LoRA the panel lists must be one a `<lora:name>` tag finds too (until both read one contract)."""
+    """A LoRA the panel lists must be one a `<lora:name>` tag finds too: both read the contract's layout."""
     from engine.formats.lora import LORA_SUFFIXES as ENGINE_SUFFIXES
     from engine.generation.pipeline import _loras_folder
 
-    assert LORA_SUFFIXES == ENGINE_SUFFIXES
+    assert LORA_SUFFIXES == ENGINE_SUFFIXES == layout.LORA_SUFFIXES and LORA_FOLDERS == layout.LORA_FOLDERS
     for name in LORA_FOLDERS:
         models = tmp_path / name / "models"
         touch(models / name / "style.sft")

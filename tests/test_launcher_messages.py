@@ -3,6 +3,7 @@ for, the app that posts what happened to jobs and keeps the shared state in reac
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import typing
 from pathlib import Path
@@ -10,37 +11,69 @@ from pathlib import Path
 import pytest
 from textual.widgets import Input, ProgressBar, Select
 
-from engine.contract import events as engine_events
-from launcher import events
+from engine.contract import events
+from engine.contract.protocol import decode_line, encode_line
 from launcher.config import ConfigFile
-from launcher.engine_client import decode, encode
 from launcher.form import build_requests
 from launcher.jobs import JobState
 from launcher.messages import EngineReported, UseParams
 from launcher.metadata import read_png_params
 from tests.launcher_helpers import COMFY_PROMPT, SIZE, make_app, write_png
 
-# -- one decoder for the engine's lines -----------------------------------------------------------------
+# -- one set of events, one decoder for the engine's lines --------------------------------------------------
 ENGINE_EVENTS = [
-    engine_events.Stage("denoising", "28 steps"),
-    engine_events.Step(3, 28, 0.25),
-    engine_events.Preview(3, 2, 1, bytes(range(6))),
-    engine_events.Done(["/out/a.png"], 12.5, 0.4),
-    engine_events.Message("Decoded in tiles after an out-of-memory."),
+    events.Stage("denoising", "28 steps"),
+    events.Step(3, 28, 0.25),
+    events.Preview(3, 2, 1, bytes(range(6))),
+    events.Done(["/out/a.png"], 12.5, 0.4),
+    events.Message("Decoded in tiles after an out-of-memory."),
 ]
 
 
-def test_every_engine_event_decodes_to_the_same_fields():
-    assert {type(e) for e in ENGINE_EVENTS} == set(typing.get_args(engine_events.Event))  # none forgotten
+def test_every_engine_event_crosses_the_wire_unchanged():
+    assert {type(e) for e in ENGINE_EVENTS} == set(typing.get_args(events.GenerationEvent))  # none forgotten
     for original in ENGINE_EVENTS:
-        line = encode({**engine_events.event_to_dict(original), "id": "job-3"})  # as the server writes it
-        decoded = events.decode(decode(line))
-        assert decoded is not None and decoded.job == "job-3", line
-        fields = {k: v for k, v in vars(decoded).items() if k != "job"}
-        expected = vars(original)
-        if isinstance(original, engine_events.Done):
-            expected = {**expected, "paths": tuple(original.paths)}
-        assert fields == expected
+        sent = dataclasses.replace(original, job="job-3")  # as the server sends it
+        line = encode_line(sent.to_dict())
+        assert events.decode(decode_line(line)) == sent, line
+
+
+def test_the_wire_format_is_pinned():
+    assert events.Stage("loading", job="j").to_dict() == {
+        "type": "stage",
+        "id": "j",
+        "stage": "loading",
+        "detail": "",
+    }
+    assert events.Step(2, 4, 0.5, job="j").to_dict() == {
+        "type": "step", "id": "j", "step": 2, "total": 4, "seconds_per_it": 0.5, "cached": False,
+    }  # fmt: skip
+    assert events.Preview(1, 1, 1, b"\x00\x7f\xff", job="j").to_dict()["rgb"] == "007fff"
+    assert events.Done(["a.png"], 1.5, 0.25, job="j").to_dict() == {
+        "type": "done", "id": "j", "paths": ["a.png"], "seconds": 1.5, "mean_seconds_per_it": 0.25,
+    }  # fmt: skip
+    assert events.Message("m", job="j").to_dict() == {"type": "message", "id": "j", "text": "m"}
+    assert events.Ready(pid=7).to_dict() == {"type": "ready", "pid": 7}
+    assert events.Bye().to_dict() == {"type": "bye"}
+    assert events.Started(job="j").to_dict() == {"type": "started", "id": "j"}
+    assert events.JobCancelled(job="j").to_dict() == {"type": "cancelled", "id": "j"}
+    assert events.Failed(message="Not JSON.").to_dict() == {
+        "type": "error",
+        "id": None,
+        "message": "Not JSON.",
+    }
+    assert events.UnknownJob(job="j", message="m").to_dict() == {
+        "type": "unknown-job",
+        "id": "j",
+        "message": "m",
+    }
+    assert events.Stats(job="j", rss_mb=1.0).to_dict() == {
+        "type": "stats", "id": "j", "rss_mb": 1.0, "vram_mb": None, "vram_total_mb": None,
+    }  # fmt: skip
+    for kind in events.KINDS.values():  # every event the server sends decodes to itself
+        if kind not in {type(e) for e in ENGINE_EVENTS}:
+            event = kind(job=None if kind in (events.Ready, events.Bye) else "j")
+            assert events.decode(event.to_dict()) == event
 
 
 def test_the_servers_own_lines_decode():
@@ -49,7 +82,7 @@ def test_the_servers_own_lines_decode():
     assert events.decode(
         {"type": "stats", "id": "j", "rss_mb": 300.0, "vram_mb": None, "vram_total_mb": 8192}
     ) == events.Stats(job="j", rss_mb=300.0, vram_total_mb=8192)
-    assert events.decode({"type": "cancelled", "id": "j"}) == events.Cancelled(job="j")
+    assert events.decode({"type": "cancelled", "id": "j"}) == events.JobCancelled(job="j")
     assert events.decode({"type": "error", "id": None, "message": "Not JSON."}) == events.Failed(
         message="Not JSON."
     )

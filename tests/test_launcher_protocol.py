@@ -5,10 +5,18 @@ from __future__ import annotations
 import queue
 import threading
 
+from engine.contract.protocol import Cancel, Generate, Shutdown
 from launcher.engine_client import EngineExit, EngineProcess
 from tests.launcher_helpers import FAKE_ENGINE
 
 TIMEOUT = 20
+
+
+class Teleport:
+    """A command the engine does not know."""
+
+    def to_dict(self) -> dict:
+        return {"type": "teleport"}
 
 
 class Recorder:
@@ -53,8 +61,8 @@ def request(tmp_path, prompt: str, steps: int = 3) -> dict:
 def test_job_events_results_and_clean_shutdown(tmp_path):
     rec = Recorder()
     engine = start(rec)
-    engine.send({"type": "job", "id": "a", "request": request(tmp_path, "a cat")})
-    engine.send({"type": "job", "id": "b", "request": request(tmp_path, "a dog")})
+    engine.send(Generate("a", request(tmp_path, "a cat")))
+    engine.send(Generate("b", request(tmp_path, "a dog")))
     seen = rec.until("done", "b")
     kinds = [m["type"] for m in seen if m.get("id") == "a"]
     assert kinds[0] == "started" and kinds.count("step") == 3 and kinds.count("preview") == 3
@@ -75,20 +83,20 @@ def test_job_events_results_and_clean_shutdown(tmp_path):
 def test_errors_are_one_line_and_the_server_survives(tmp_path):
     rec = Recorder()
     engine = start(rec)
-    engine.send({"type": "job", "id": "bad", "request": request(tmp_path, "bad prompt")})
+    engine.send(Generate("bad", request(tmp_path, "bad prompt")))
     assert (
         rec.until("error", "bad")[-1]["message"] == "The fake engine refuses bad prompts: write a good one."
     )
-    engine.send({"type": "job", "id": "boom", "request": request(tmp_path, "boom")})
+    engine.send(Generate("boom", request(tmp_path, "boom")))
     message = rec.until("error", "boom")[-1]["message"]
     assert (
         message == "The engine failed unexpectedly (RuntimeError): the log has the details; please report it."
     )
-    engine.send({"type": "job", "id": "invalid", "request": {**request(tmp_path, "x"), "width": 65}})
+    engine.send(Generate("invalid", {**request(tmp_path, "x"), "width": 65}))
     assert "multiple of 16" in rec.until("error", "invalid")[-1]["message"]
-    engine.send({"type": "teleport"})
+    engine.send(Teleport())
     assert "Unknown command" in rec.until("error")[-1]["message"]
-    engine.send({"type": "job", "id": "ok", "request": request(tmp_path, "fine")})
+    engine.send(Generate("ok", request(tmp_path, "fine")))
     rec.until("done", "ok")
     assert any("Traceback" in line for line in rec.logs)  # the traceback went to stderr
     engine.stop()
@@ -97,16 +105,16 @@ def test_errors_are_one_line_and_the_server_survives(tmp_path):
 def test_cancel_running_and_queued(tmp_path):
     rec = Recorder()
     engine = start(rec)
-    engine.send({"type": "job", "id": "long", "request": request(tmp_path, "slow", steps=50)})
-    engine.send({"type": "job", "id": "queued", "request": request(tmp_path, "x")})
+    engine.send(Generate("long", request(tmp_path, "slow", steps=50)))
+    engine.send(Generate("queued", request(tmp_path, "x")))
     rec.until("step", "long")
-    engine.send({"type": "cancel", "id": "queued"})
-    engine.send({"type": "cancel", "id": "long"})
+    engine.send(Cancel("queued"))
+    engine.send(Cancel("long"))
     seen = rec.until("cancelled", "long")
     assert {"type": "cancelled", "id": "queued"} in seen
     assert not any(m.get("id") == "queued" and m["type"] == "started" for m in seen)
     assert not any(m["type"] == "done" for m in seen)
-    engine.send({"type": "job", "id": "after", "request": request(tmp_path, "x")})
+    engine.send(Generate("after", request(tmp_path, "x")))
     rec.until("done", "after")
     engine.stop()
 
@@ -114,15 +122,15 @@ def test_cancel_running_and_queued(tmp_path):
 def test_a_dying_engine_reports_why(tmp_path):
     rec = Recorder()
     engine = start(rec)
-    engine.send({"type": "job", "id": "oom", "request": request(tmp_path, "crash")})
+    engine.send(Generate("oom", request(tmp_path, "crash")))
     assert rec.exited.wait(TIMEOUT)
     assert rec.exit.returncode == 137 and not rec.exit.expected
     assert "CUDA out of memory (pretend)" in rec.exit.stderr_tail
     assert "out of memory" in rec.exit.describe()
-    assert not engine.alive and not engine.send({"type": "shutdown"})
+    assert not engine.alive and not engine.send(Shutdown())
     rec.exited.clear()
     engine.start()  # restarts
     rec.until("ready")
-    engine.send({"type": "job", "id": "again", "request": request(tmp_path, "x")})
+    engine.send(Generate("again", request(tmp_path, "x")))
     rec.until("done", "again")
     engine.stop()

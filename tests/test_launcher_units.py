@@ -7,8 +7,9 @@ import random
 
 import pytest
 
+from engine.contract.protocol import Cancel, decode_line, encode_line
 from launcher.config import ConfigFile, Settings, dump_toml
-from launcher.engine_client import EngineExit, decode, encode
+from launcher.engine_client import EngineExit
 from launcher.form import FormValues, build_requests
 from launcher.jobs import JobQueue, JobState
 from launcher.metadata import parse_a1111, parse_comfyui, read_png_params
@@ -201,8 +202,8 @@ def test_progress_parsing():
 
 
 def test_protocol_lines_and_exit_reasons():
-    assert decode(encode({"type": "job", "id": "a"})) == {"type": "job", "id": "a"}
-    assert decode("a stray print") is None and decode("[1, 2]") is None
+    assert decode_line(encode_line(Cancel("a").to_dict())) == {"type": "cancel", "id": "a"}
+    assert decode_line("a stray print") is None and decode_line("[1, 2]") is None
     oom = EngineExit(-9, ["loading", "Killed"], expected=False).describe()
     assert "out of memory" in oom and "Killed" in oom
     assert "exit code 1" in EngineExit(1, [], expected=False).describe()

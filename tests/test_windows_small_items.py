@@ -48,7 +48,7 @@ def test_a_folder_that_cannot_be_written_is_one_sentence(monkeypatch, capsys):
         raise PermissionError(13, "Permission denied", r"C:\Program Files\FluxDeck\models\vae")
 
     monkeypatch.setitem(cli.COMMANDS, "list", refuse)
-    assert cli.main(["list"]) == 1
+    assert cli.main(["list"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert r"C:\Program Files\FluxDeck\models\vae cannot be written" in line and "C:\\FluxDeck" in line
 

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from engine.contract.errors import UserError
 
-# Limits on what a request may ask for (docs/engine.md says why each is where it is).
+# Limits on what a request may ask for (docs/engine.md says why each is where it is); the launcher's form takes
+# its ranges from these (launcher/limits.py).
+MIN_SIZE, MAX_SIZE, SIZE_MULTIPLE = 64, 4096, 16  # pixels; FLUX needs multiples of 16
+MAX_SEED = 2**64 - 1  # the CPU generator's range (a ComfyUI image's 64-bit seed regenerates)
 MAX_STEPS = 1000  # a schedule of 1000 steps is already far past where FLUX's images stop changing
 MAX_BATCH = 64  # images decoded one at a time; 64 latents of 4096² are 1 GB, far below any RAM we run in
 MAX_CFG = 100.0
@@ -79,49 +84,141 @@ def check_init_image(path: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What FLUX.1 [dev] and [schnell] want where a request leaves a field to the model (steps and t5_max_length
+    None), and the guidance the launcher's form starts from."""
+
+    variant: str
+    steps: int
+    guidance: float
+    t5_max_length: int
+
+
+DEV = ModelDefaults("dev", steps=28, guidance=3.5, t5_max_length=512)
+SCHNELL = ModelDefaults("schnell", steps=4, guidance=0.0, t5_max_length=256)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a request field is given on the engine's command line: engine/cli.py makes each flag from the field
+    (its type, its default; required when it has none) and this. A field of a list type is a repeatable flag,
+    each value read by `parse`; a dataclass field without a Flag gives its own fields' flags."""
+
+    help: str | None = None
+    metavar: str | None = None
+    choices: tuple[str, ...] | None = None
+    name: str | None = None  # without the dashes; default: the field's name with "-" for "_"
+    parse: Callable[[str], Any] | None = None  # a list field's items
+
+    def flag_of(self, field_name: str) -> str:
+        return "--" + (self.name or field_name.replace("_", "-"))
+
+
+def flag(help: str | None = None, **options) -> dict:
+    """A field's metadata: its command-line flag."""
+    return {"flag": Flag(help, **options)}
+
+
 @dataclass
 class LoraSpec:
     path: str
     strength: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> LoraSpec:
+        """FILE[:STRENGTH]; a Windows drive letter's colon is not a strength."""
+        path, sep, strength = text.rpartition(":")
+        if sep and path and not strength.startswith(("\\", "/")):
+            try:
+                return cls(path, float(strength))
+            except ValueError:
+                pass
+        return cls(text, 1.0)
 
 
 @dataclass
 class ModelFiles:
     """Where the weights come from: an all-in-one checkpoint, four split files, or a ComfyUI models folder."""
 
-    checkpoint: str | None = None
-    transformer: str | None = None
-    clip: str | None = None
-    t5: str | None = None
-    vae: str | None = None
-    models_dir: str | None = None
-    clip_tokenizer: str | None = None
-    t5_tokenizer: str | None = None
+    checkpoint: str | None = field(
+        default=None, metadata=flag("an all-in-one checkpoint (transformer, CLIP, T5 and VAE)")
+    )
+    transformer: str | None = field(
+        default=None, metadata=flag("the FLUX transformer (diffusion model) file")
+    )
+    clip: str | None = field(default=None, metadata=flag("the CLIP-L text encoder file"))
+    t5: str | None = field(default=None, metadata=flag("the T5-XXL text encoder file"))
+    vae: str | None = field(default=None, metadata=flag("the autoencoder file (ae.safetensors)"))
+    models_dir: str | None = field(default=None, metadata=flag("a models folder in the ComfyUI layout"))
+    clip_tokenizer: str | None = field(default=None, metadata=flag("folder with the CLIP tokenizer"))
+    t5_tokenizer: str | None = field(default=None, metadata=flag("folder with the T5 tokenizer"))
+
+    def check_given(self) -> None:
+        """Some source of weights is named (the server's requests name the models folder)."""
+        if not (self.checkpoint or self.models_dir or all([self.transformer, self.clip, self.t5, self.vae])):
+            raise UserError(
+                "Say where the model is: --checkpoint FILE, --models-dir DIR, or all of --transformer --clip --t5 "
+                "--vae."
+            )
 
 
 @dataclass
 class GenerateRequest:
-    prompt: str
-    out: str
-    clip_prompt: str | None = None  # None: CLIP gets the same prompt as T5
-    negative: str | None = None
-    cfg: float = 1.0  # true CFG; > 1 with a negative prompt runs a second pass
-    width: int = 1024
-    height: int = 1024
-    steps: int | None = None  # None: 28 for [dev], 4 for [schnell]
-    guidance: float = 3.5  # distilled guidance, used by models with guidance_in ([dev])
-    seed: int = 0
-    batch: int = 1
-    shift: str = "auto"  # "auto" (shift [dev], not [schnell]), "none", or a number: the mu of the shift
-    init_image: str | None = None
-    denoise: float = 1.0
-    loras: list[LoraSpec] = field(default_factory=list)
+    """One generation. The one place a request field is written: its type, default and flag (engine/cli.py
+    derives `generate`'s flags from them), its check in `validate`; the launcher builds it (launcher/form.py),
+    the server reads it from JSON (`from_dict`), the PNG carries `to_dict`."""
+
+    prompt: str = field(metadata=flag("the prompt (T5; also CLIP unless --clip-prompt)"))
+    # None: CLIP gets the same prompt as T5
+    clip_prompt: str | None = field(default=None, metadata=flag("a separate prompt for CLIP-L"))
+    negative: str | None = field(default=None, metadata=flag("negative prompt, used with --cfg above 1"))
+    # true CFG: above 1 with a negative prompt runs a second pass
+    cfg: float = field(default=1.0, metadata=flag("true CFG scale (1: off)"))
+    width: int = field(default=1024, metadata=flag())
+    height: int = field(default=1024, metadata=flag())
+    steps: int | None = field(
+        default=None, metadata=flag(f"default: {DEV.steps} for [dev], {SCHNELL.steps} for [schnell]")
+    )
+    # distilled guidance, used by models with guidance_in ([dev])
+    guidance: float = field(default=3.5, metadata=flag("distilled guidance ([dev])"))
+    seed: int = field(default=0, metadata=flag())
+    batch: int = field(default=1, metadata=flag())
+    # "auto" (shift [dev], not [schnell]), "none", or a number: the mu of the shift
+    shift: str = field(default="auto", metadata=flag("auto, none, or the shift's mu"))
+    init_image: str | None = field(default=None, metadata=flag("img2img: the starting image"))
+    denoise: float = field(default=1.0, metadata=flag("img2img strength (1: ignore the image)"))
+    loras: list[LoraSpec] = field(
+        default_factory=list, metadata=flag(name="lora", metavar="FILE[:STRENGTH]", parse=LoraSpec.parse)
+    )
     files: ModelFiles = field(default_factory=ModelFiles)
-    t5_max_length: int | None = None  # None: 512 for [dev], 256 for [schnell]
-    device: str = "auto"
-    dtype: str = "auto"
-    vram_budget: float | None = None  # GB of weights kept on the GPU; None: automatic
-    cache: str = "none"  # step caching: "none", "first-block" or "first-block:THRESHOLD" (engine.generation.step_cache)
+    t5_max_length: int | None = field(
+        default=None,
+        metadata=flag(
+            f"T5 tokens: default {DEV.t5_max_length} for [dev], {SCHNELL.t5_max_length} for [schnell]"
+        ),
+    )
+    device: str = field(default="auto", metadata=flag(choices=DEVICES))
+    dtype: str = field(default="auto", metadata=flag(choices=DTYPES))
+    # None: automatic
+    vram_budget: float | None = field(default=None, metadata=flag("GB of weights to keep on the GPU"))
+    # step caching: "none", "first-block" or "first-block:THRESHOLD" (engine.generation.step_cache)
+    cache: str = field(
+        default="none",
+        metadata=flag(
+            "step caching: skip most of the transformer on steps whose first block barely changed "
+            f"(faster, slightly different image; default threshold {DEFAULT_CACHE_THRESHOLD:g})",
+            metavar="none|first-block[:THRESHOLD]",
+        ),
+    )
+    # keyword-only, so that it can come last (its flag too) without a default
+    out: str = field(
+        kw_only=True, metadata=flag("the PNG to write (never overwritten: a free name is picked)")
+    )
 
     def validate(self) -> None:
         """Refuse what cannot be generated, in one sentence that says what to do. Every number is checked here
@@ -129,16 +226,16 @@ class GenerateRequest:
         for name in ("prompt", "clip_prompt", "negative", "out", "init_image", "shift", "device", "dtype"):
             _check_text(name, getattr(self, name), optional=name not in ("prompt", "out", "shift"))
         for name in ("width", "height"):
-            value = _check_number(name, getattr(self, name), 64, 4096, "a size between 64 and 4096 pixels",
-                                  whole=True)  # fmt: skip
-            if value % 16:
+            value = _check_number(name, getattr(self, name), MIN_SIZE, MAX_SIZE,
+                                  f"a size between {MIN_SIZE} and {MAX_SIZE} pixels", whole=True)  # fmt: skip
+            if value % SIZE_MULTIPLE:
                 raise UserError(
-                    f"--{name} {value} is not a multiple of 16: FLUX needs multiples of 16 "
-                    f"(try {round(value / 16) * 16})."
+                    f"--{name} {value} is not a multiple of {SIZE_MULTIPLE}: FLUX needs multiples of "
+                    f"{SIZE_MULTIPLE} (try {round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE})."
                 )
         if self.steps is not None:
             _check_number("steps", self.steps, 1, MAX_STEPS, f"1 to {MAX_STEPS} steps", whole=True)
-        _check_number("seed", self.seed, 0, 2**64 - 1, "a whole number from 0 to 2^64-1", whole=True)
+        _check_number("seed", self.seed, 0, MAX_SEED, "a whole number from 0 to 2^64-1", whole=True)
         _check_number("batch", self.batch, 1, MAX_BATCH, f"1 to {MAX_BATCH} images", whole=True)
         _check_number("denoise", self.denoise, 0.0, 1.0, "a value above 0 and up to 1")
         if self.denoise == 0:
@@ -171,10 +268,10 @@ class GenerateRequest:
                 "lora", spec.strength, -MAX_LORA_STRENGTH, MAX_LORA_STRENGTH,
                 f"a strength from {-MAX_LORA_STRENGTH:g} to {MAX_LORA_STRENGTH:g}", shown=f"{spec.path}:{spec.strength!r}",
             )  # fmt: skip
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UserError(f"--device {self.device!r} is not known: use auto, cpu or cuda.")
-        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
-            raise UserError(f"--dtype {self.dtype!r} is not known: use auto, fp32, bf16 or fp16.")
+        if self.device not in DEVICES:
+            raise UserError(f"--device {self.device!r} is not known: use {_one_of(DEVICES)}.")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype {self.dtype!r} is not known: use {_one_of(DTYPES)}.")
         if not str(self.out).lower().endswith(".png"):
             raise UserError(f"--out {self.out} does not end in .png: give a PNG file name.")
         try:
@@ -210,6 +307,10 @@ class GenerateRequest:
                 "The request is malformed (a field is missing or of the wrong kind): send it as "
                 "GenerateRequest.to_dict writes it."
             ) from None
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    return ", ".join(names[:-1]) + " or " + names[-1]
 
 
 def parse_cache(text: str) -> float | None:

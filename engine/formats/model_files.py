@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.contract import layout
 from engine.contract.errors import UserError
 from engine.contract.request import ModelFiles
 from engine.formats.weights import (
@@ -18,10 +19,6 @@ from engine.formats.weights import (
     uncomputable_format,
 )
 
-# ComfyUI's folders, in the order they are searched (later folders are the older names), then Forge's.
-MODEL_FOLDERS = ("diffusion_models", "unet", "checkpoints", "text_encoders", "clip", "vae")
-FORGE_FOLDERS = ("Stable-diffusion", "text_encoder", "VAE")
-WEIGHT_SUFFIXES = (".safetensors", ".sft", ".gguf")
 BUNDLE_MODELS = Path(__file__).resolve().parents[2] / "models"
 FLAGS = {"transformer": "--transformer", "clip": "--clip", "t5": "--t5", "vae": "--vae"}
 
@@ -41,10 +38,10 @@ def scan_models_dir(models_dir: Path, notes: list[str] | None = None) -> dict[st
     if not models_dir.is_dir():
         raise UserError(f"The models folder {models_dir} does not exist: check --models-dir.")
     found: dict[str, list[Component]] = {role: [] for role in ROLES}
-    folders = [models_dir / f for f in MODEL_FOLDERS + FORGE_FOLDERS]
+    folders = [models_dir / f for f in layout.ROLE_FOLDERS + layout.FORGE_ROLE_FOLDERS]
     for folder in dict.fromkeys(f.resolve() for f in folders if f.is_dir()):  # "vae" is "VAE" on Windows
         for path in sorted(folder.rglob("*")):
-            if path.suffix.lower() not in WEIGHT_SUFFIXES or not path.is_file():
+            if path.suffix.lower() not in layout.WEIGHT_SUFFIXES or not path.is_file():
                 continue
             try:
                 components = find_components(open_weights(path))
@@ -103,8 +100,8 @@ def resolve(files: ModelFiles) -> ResolvedFiles:
         for role in ROLES:
             if role not in components and scanned[role]:
                 components[role] = _prefer_single_role(scanned[role])
-        clip_tok = clip_tok or models_dir / "tokenizers" / "clip_l"
-        t5_tok = t5_tok or models_dir / "tokenizers" / "t5xxl"
+        clip_tok = clip_tok or models_dir / layout.CLIP_TOKENIZER
+        t5_tok = t5_tok or models_dir / layout.T5_TOKENIZER
     missing = [role for role in ROLES if role not in components]
     if missing:
         where = f"The models folder {files.models_dir} lacks" if files.models_dir else "The files given lack"
@@ -112,11 +109,11 @@ def resolve(files: ModelFiles) -> ResolvedFiles:
         listed = wanted[0] if len(wanted) == 1 else ", ".join(wanted[:-1]) + " and " + wanted[-1]
         raise UserError(f"{where} {listed}: add the missing file or give it with its flag.")
     # Files given one by one: the tokenizers the bootstrap downloads into the bundle's own models folder.
-    clip_tok = clip_tok or _bundled_tokenizer("clip_l")
-    t5_tok = t5_tok or _bundled_tokenizer("t5xxl")
+    clip_tok = clip_tok or _bundled_tokenizer(layout.CLIP_TOKENIZER)
+    t5_tok = t5_tok or _bundled_tokenizer(layout.T5_TOKENIZER)
     return ResolvedFiles(components, clip_tok, t5_tok, notes)
 
 
 def _bundled_tokenizer(name: str) -> Path | None:
-    folder = BUNDLE_MODELS / "tokenizers" / name
+    folder = BUNDLE_MODELS / name
     return folder if folder.is_dir() else None

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from engine.contract import layout
 from engine.contract.errors import Cancelled, UserError
 from engine.contract.events import Done, EventSink, Message, Preview, Stage, Step, ignore
 from engine.contract.request import GenerateRequest, parse_cache
@@ -399,7 +400,7 @@ def _loras_folder(models_dir: str | None) -> Path | None:
     """ComfyUI's loras/ or Forge's Lora/ in the models folder."""
     if not models_dir:
         return None
-    folders = [Path(models_dir) / name for name in ("loras", "Lora")]
+    folders = [Path(models_dir) / name for name in layout.LORA_FOLDERS]
     return next((f for f in folders if f.is_dir()), folders[0])
 
 

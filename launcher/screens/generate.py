@@ -13,13 +13,13 @@ from textual.reactive import var
 from textual.screen import Screen
 from textual.widgets import Footer, Static
 
-from launcher import events
+from engine.contract import events
 from launcher.form import FormError, FormValues
 from launcher.keymap import KEYS
 from launcher.loras import LoraFile, lora_folders, scan_loras
 from launcher.messages import JobFinished, JobProgress, JobStarted
 from launcher.metadata import ImageParams
-from launcher.models import ModelFile
+from launcher.models import InstalledFile
 from launcher.screens.loras import LoraScreen
 from launcher.seeds import MAX_RANDOM_SEED, SeedMode
 from launcher.widgets.image_pane import ImagePane, preview_image
@@ -39,14 +39,14 @@ class GenerateScreen(Screen):
     """
 
     # Bound to the app's state (FluxDeckApp.on_mount); the form binds to `models` in turn.
-    models: var[list[ModelFile]] = var(list, init=False)
+    models: var[list[InstalledFile]] = var(list, init=False)
     model_roots: var[list[Path]] = var(list, init=False)  # where the LoRA panel looks
     status: var[str] = var("", init=False)
 
     def __init__(
         self,
         values: FormValues,
-        models: list[ModelFile],
+        models: list[InstalledFile],
         renderer: str,
         key_for: Callable[[str], str] = KEYS.key_for,
         **kwargs,
@@ -155,7 +155,7 @@ class GenerateScreen(Screen):
                 self.progress.memory(rss, vram, vram_total, process_rss_mb())
             case events.Preview(width=width, height=height, rgb=rgb, step=step):
                 self.query_one(ImagePane).show(preview_image(width, height, rgb), f"preview · step {step}")
-            case events.Note(text=text):
+            case events.Message(text=text):
                 self.notify(text, markup=False)
 
     @on(JobFinished)

@@ -16,7 +16,7 @@ from textual.widgets import DataTable, Footer, Input, Label, ProgressBar, RichLo
 
 from launcher.keymap import KEYS
 from launcher.messages import ModelsChanged
-from launcher.models import ModelFile, defaults_for, human_size, scan_models
+from launcher.models import InstalledFile, defaults_for, human_size, scan_models
 
 _PERCENT = re.compile(r"(\d{1,3}(?:\.\d+)?)\s?%")
 
@@ -59,7 +59,7 @@ class ModelsScreen(Screen):
         super().__init__(**kwargs)
         self.set_reactive(ModelsScreen.roots, roots)
         self._bootstrap = bootstrap_command
-        self.files: list[ModelFile] = []
+        self.files: list[InstalledFile] = []
         self.running: subprocess.Popen | None = None
 
     def compose(self) -> ComposeResult:

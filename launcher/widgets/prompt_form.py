@@ -11,11 +11,12 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.reactive import var
 from textual.widgets import Checkbox, Input, Label, Select, Static, TextArea
 
+from engine.contract.request import SIZE_MULTIPLE
 from launcher.form import AUTO_MODEL, FormError, FormValues, parse_number
 from launcher.keymap import KEYS
 from launcher.limits import RANGES
 from launcher.loras import STRENGTH_RANGE, LoraChoice, LoraFile, choose, lora_label, match_loras, summary
-from launcher.models import ModelFile, defaults_for_file
+from launcher.models import InstalledFile, defaults_for_file
 from launcher.seeds import SeedMode
 from launcher.sizes import ASPECTS, MEGAPIXELS, aspect_label, parse_aspect, size_for
 
@@ -36,12 +37,12 @@ class PromptForm(VerticalScroll):
     PromptForm .row > #loras { width: 1fr; }
     """
 
-    models: var[list[ModelFile]] = var(list, init=False)  # the model files the model choice offers
+    models: var[list[InstalledFile]] = var(list, init=False)  # the model files the model choice offers
 
     def __init__(
         self,
         values: FormValues,
-        models: list[ModelFile],
+        models: list[InstalledFile],
         find_loras: Callable[[], list[LoraFile]] = list,
         lora_key: str = KEYS.loras,
         **kwargs,
@@ -177,8 +178,11 @@ class PromptForm(VerticalScroll):
 
         width, height = int(number("width", "Width")), int(number("height", "Height"))
         for name, value in (("Width", width), ("Height", height)):
-            if value % 16:
-                raise FormError(f"{name} {value} is not a multiple of 16: try {round(value / 16) * 16}.")
+            if value % SIZE_MULTIPLE:
+                raise FormError(
+                    f"{name} {value} is not a multiple of {SIZE_MULTIPLE}: "
+                    f"try {round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE}."
+                )
         init_image = text["init_image"].strip()
         if init_image and not Path(init_image).expanduser().is_file():
             raise FormError(f"Init image {init_image} does not exist: give the path of a PNG or JPEG.")
