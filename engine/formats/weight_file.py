@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from engine.contract import layout
+
 if TYPE_CHECKING:  # torch-free at run time: the launcher may read the suffixes without loading torch
     import torch
 
@@ -62,12 +64,13 @@ class Opener:
         return getattr(importlib.import_module(self.module), self.cls)(path)
 
 
+# The suffixes live in the torch-free layout (the launcher lists files by them): a new format adds its suffixes
+# there and its Opener here.
 SAFETENSORS = Opener(
-    "safetensors", (".safetensors", ".sft"), None, "engine.formats.safetensors_file", "SafetensorsFile"
+    "safetensors", layout.SAFETENSORS_SUFFIXES, None, "engine.formats.safetensors_file", "SafetensorsFile"
 )
-GGUF = Opener("GGUF", (".gguf",), b"GGUF", "engine.formats.gguf_file", "GGUFFile")
+GGUF = Opener("GGUF", layout.GGUF_SUFFIXES, b"GGUF", "engine.formats.gguf_file", "GGUFFile")
 OPENERS = (GGUF, SAFETENSORS)
-WEIGHT_SUFFIXES = tuple(suffix for opener in OPENERS for suffix in opener.suffixes)
 
 
 def opener_for(path: str | Path) -> Opener:

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
+from engine.contract import layout
 from engine.contract.errors import UserError
 from engine.formats.safetensors_file import SafetensorsFile
 from engine.formats.weights import describe
 
-LORA_SUFFIXES = (".safetensors", ".sft")
+LORA_SUFFIXES = layout.LORA_SUFFIXES
 
 # Tensor-name endings of a LoRA pair, longest first (".lora.down.weight" before ".down.weight").
 PAIR_ENDINGS = sorted(
