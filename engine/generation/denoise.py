@@ -60,10 +60,11 @@ def _velocity(
             raise Cancelled("cancelled")
         # t in fp32 whatever the compute dtype (bf16 would make 0.7 0.69921875), as ComfyUI passes it
         timesteps = torch.full((rows,), t, device=device, dtype=torch.float32)
+        img = x.to(inputs.dtype).repeat(passes, 1, 1)
+        control = None if inputs.control is None else inputs.control(img, timesteps)
         v = transformer(
-            x.to(inputs.dtype).repeat(passes, 1, 1), inputs.img_ids, inputs.txt, inputs.txt_ids, timesteps,
-            inputs.y, inputs.guidance, inputs.pe, img_cond=img_cond, ref_img=ref_img, ref_ids=inputs.ref_ids,
-            control=inputs.control, cache=cache,
+            img, inputs.img_ids, inputs.txt, inputs.txt_ids, timesteps, inputs.y, inputs.guidance, inputs.pe,
+            img_cond=img_cond, ref_img=ref_img, ref_ids=inputs.ref_ids, control=control, cache=cache,
         ).float()  # fmt: skip
         if passes == 1:
             return v

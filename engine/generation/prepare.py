@@ -1,11 +1,14 @@
-"""Everything the denoising loop reads, made before it starts: Inputs (noise, start latents, ids, RoPE, text per CFG pass, guidance, image conditioning).
+"""Everything the denoising loop reads, made before it starts: Inputs (noise, start latents, schedule, ids,
+RoPE, text per CFG pass, guidance, image conditioning).
 
 As in BFL's sampling.py, an edit feature is one more function that fills a slot of Inputs — Fill, Canny and
-Depth set `img_cond` (channels concatenated to the image tokens), Kontext sets `ref_img`/`ref_ids` (reference
-tokens with their own positions), a ControlNet sets `control` — and the denoising loop passes them on."""
+Depth set `img_cond` (channels concatenated to the image tokens), Kontext adds reference tokens with their own
+positions (`with_references`), a ControlNet sets `control` — and the denoising loop passes them on."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +22,8 @@ from engine.generation.encode import TextConditioning
 from engine.generation.model_cache import ModelCache
 from engine.generation.plan import Plan
 from engine.models.flux1 import ControlResiduals, FluxParams, position_embedding
+
+Control = Callable[[torch.Tensor, torch.Tensor], ControlResiduals]  # (image tokens of every row, timesteps)
 
 
 @dataclass
@@ -37,10 +42,11 @@ class Inputs:
     cfg: float  # the true-CFG scale when passes == 2
     height: int
     width: int
-    img_cond: torch.Tensor | None = None  # (batch, L_img, C): Fill/Canny/Depth channels
-    ref_img: torch.Tensor | None = None  # (batch, L_ref, 64): Kontext reference tokens
-    ref_ids: torch.Tensor | None = None  # (1, L_ref, 3): their positions
-    control: ControlResiduals | None = None  # ControlNet residuals per block
+    # image conditioning, per image of the batch (the denoising loop repeats it for each CFG pass); None today
+    img_cond: torch.Tensor | None = None  # (batch, L_img, C): Fill/Canny/Depth channels, compute dtype
+    ref_img: torch.Tensor | None = None  # (batch, L_ref, 64): Kontext reference tokens, compute dtype
+    ref_ids: torch.Tensor | None = None  # (1, L_ref, 3): their positions (set with `with_references`)
+    control: Control | None = None  # ControlNets: each step's residuals for every row
 
     @property
     def batch(self) -> int:
@@ -77,6 +83,15 @@ def prepare(
         height=request.height,
         width=request.width,
     )
+
+
+def with_references(
+    inputs: Inputs, ref_img: torch.Tensor, ref_ids: torch.Tensor, params: FluxParams
+) -> Inputs:
+    """Inputs with reference image tokens (Kontext) that every image token attends to, and RoPE over their ids."""
+    ids = torch.cat((inputs.txt_ids, inputs.img_ids, ref_ids), 1)
+    pe = position_embedding(ids, params.axes_dim, params.theta)
+    return dataclasses.replace(inputs, ref_img=ref_img, ref_ids=ref_ids, pe=pe)
 
 
 def _start(plan: Plan, models: ModelCache, on_event: EventSink) -> tuple[torch.Tensor, list[float]]:
