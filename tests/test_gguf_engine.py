@@ -141,8 +141,6 @@ def test_gguf_weights_stay_quantized_and_stream_as_quantized_bytes(dev_set, gguf
     blocks = ("double_blocks.", "single_blocks.")
     # what crosses the bus: the blocks' layer tensors (the tiny QK-norm scales live on the device for good)
     block_bytes = sum(w.nbytes for name, w in raw.items() if name.startswith(blocks) and "_norm." not in name)
-    assert (
-        engine.runtime.memory.stats_of(transformer).bytes_streamed == 2 * block_bytes
-    )  # two steps, quantized bytes
+    assert engine.memory.stats_of(transformer).bytes_streamed == 2 * block_bytes  # two steps, quantized bytes
     request.vram_budget, request.out = None, str(tmp_path / "r.png")
     assert np.array_equal(streamed, png(Engine().generate(request)[0]))
