@@ -19,7 +19,6 @@ from engine.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer, 
 from engine.runtime import ops
 from engine.runtime.memory import GB, MemoryManager, auto_budget
 
-KEEP_MODELS = ("auto", "never", "always")
 RAM_SHARE = 0.6  # of the machine's RAM that loaded models may take before older ones are let go
 EVICTION_ORDER = ("t5", "clip", "vae", "transformer")  # the embedding cache stands in for the encoders
 

@@ -10,8 +10,12 @@ import dataclasses
 import os
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from torch import nn
 
 from engine.contract.events import Done, EventSink, Message, Stage, Step, ignore
 from engine.contract.request import GenerateRequest, parse_cache
@@ -64,8 +68,8 @@ class Engine:
         return self.models.memory
 
     @property
-    def loads(self):
-        """How many times each role was loaded (a Counter)."""
+    def loads(self) -> Counter[str]:
+        """How many times each role was loaded."""
         return self.models.loads
 
     def generate(
@@ -116,13 +120,20 @@ class Engine:
         schnell = "guidance_in.in_layer.weight" not in files.components["transformer"].shapes()
         return Plan(request, files, device, precision, schnell)
 
-    def _transformer(self, plan: Plan, on_event: EventSink):
+    def _transformer(self, plan: Plan, on_event: EventSink) -> nn.Module:
         transformer = self.models.use(plan.files.components["transformer"], plan.dtype, plan.device)
         for note in apply_loras(transformer, None, plan.request.loras, parts=("transformer",)):
             on_event(Message(note))
         return transformer
 
-    def _denoise(self, plan: Plan, inputs: Inputs, step_seconds: list[float], on_event: EventSink, cancel):
+    def _denoise(
+        self,
+        plan: Plan,
+        inputs: Inputs,
+        step_seconds: list[float],
+        on_event: EventSink,
+        cancel: threading.Event,
+    ) -> torch.Tensor:
         threshold = parse_cache(plan.request.cache)
         step_cache = None if threshold is None else FirstBlockCache(threshold, groups=inputs.passes)
         projection = None
