@@ -77,7 +77,7 @@ def test_the_engine_computes_as_the_cpu_allows(dev_set, tmp_path, monkeypatch, f
     monkeypatch.setattr(devices, "cpu_features", lambda: frozenset(features.split()))
     engine, auto = run(dev_set, tmp_path / "auto.png")
     expected = cpu_compute_dtype(features.split())
-    dtypes = {role: key.dtype for role, (key, _) in engine._models.items()}
+    dtypes = {role: engine.models.key(role).dtype for role in engine.models.roles}
     assert dtypes == {
         "transformer": expected,
         "clip": torch.float32,
@@ -94,10 +94,10 @@ def test_the_engine_computes_as_the_cpu_allows(dev_set, tmp_path, monkeypatch, f
 
 def test_the_timestep_reaches_the_transformer_in_fp32(dev_set, tmp_path, monkeypatch):
     """bf16 would turn t = 0.7 into 0.69921875 before the sinusoidal embedding; ComfyUI passes fp32 too."""
-    import engine.generation.pipeline as pipeline
+    import engine.generation.model_cache as model_cache
 
     seen: list[torch.Tensor] = []
-    build = pipeline.build_model
+    build = model_cache.build_model
 
     def spying_build(component, dtype):
         model = build(component, dtype)
@@ -105,7 +105,7 @@ def test_the_timestep_reaches_the_transformer_in_fp32(dev_set, tmp_path, monkeyp
             model.register_forward_pre_hook(lambda _, args: seen.append(args[4].clone()))
         return model
 
-    monkeypatch.setattr(pipeline, "build_model", spying_build)
+    monkeypatch.setattr(model_cache, "build_model", spying_build)
     run(dev_set, tmp_path / "t.png", dtype="bf16", shift="none")
     assert [t.dtype for t in seen] == [torch.float32] * 3
     assert [float(t[0]) for t in seen] == pytest.approx([1.0, 2 / 3, 1 / 3], abs=1e-7)
@@ -119,7 +119,7 @@ def test_fp32_on_a_narrower_file_expands_once_when_ram_allows(dev_set, tmp_path,
 
     from safetensors.torch import save_file
 
-    import engine.generation.pipeline as pipeline
+    import engine.generation.model_cache as model_cache
     from engine import fixtures
     from engine.generation.pipeline import EngineOptions
 
@@ -134,12 +134,12 @@ def test_fp32_on_a_narrower_file_expands_once_when_ram_allows(dev_set, tmp_path,
         files=ModelFiles(models_dir=str(models)), out=str(tmp_path / "x.png"),
     )  # fmt: skip
 
-    build = pipeline.build_model
+    build = model_cache.build_model
 
     def generate(ram: int):
         built = []
-        monkeypatch.setattr(pipeline, "_total_ram", lambda: ram)
-        monkeypatch.setattr(pipeline, "build_model", lambda c, d: built.append(build(c, d)) or built[-1])
+        monkeypatch.setattr(model_cache, "_total_ram", lambda: ram)
+        monkeypatch.setattr(model_cache, "build_model", lambda c, d: built.append(build(c, d)) or built[-1])
         image = np.asarray(Image.open(Engine(EngineOptions(keep_models=keep_models)).generate(request)[0]))
         transformer = next(m for m in built if hasattr(m, "double_blocks"))
         return image, transformer.double_blocks[0].img_attn.qkv

@@ -27,7 +27,7 @@ def generate(engine, tiny, out, **kw) -> np.ndarray:
 def test_every_budget_gives_the_resident_image_on_cuda(deep_set, tmp_path):
     engine = Engine()
     resident = generate(engine, deep_set, tmp_path / "r.png", dtype="fp32")
-    transformer = engine._models["transformer"][1]
+    transformer = engine.models.loaded("transformer")
     managed = engine.memory._models[id(transformer)]
     block = max(managed.block_bytes)
     for i, budget in enumerate([managed.rest_bytes + (LOOKAHEAD + 2) * block, 0]):
@@ -35,7 +35,7 @@ def test_every_budget_gives_the_resident_image_on_cuda(deep_set, tmp_path):
             engine, deep_set, tmp_path / f"s{i}.png", dtype="fp32", vram_budget=budget / 1024**3
         )
         assert np.array_equal(resident, streamed)
-        assert engine.memory.stats_of(engine._models["transformer"][1]).bytes_streamed > 0
+        assert engine.memory.stats_of(engine.models.loaded("transformer")).bytes_streamed > 0
 
 
 def test_cuda_bf16_is_close_to_the_cpu_image(dev_set, tmp_path):

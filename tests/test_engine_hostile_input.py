@@ -344,18 +344,16 @@ def test_a_broken_init_image_is_refused(dev_set, tmp_path, capsys):
 def test_the_embedding_cache_keys_on_the_tokenizer(dev_set, tmp_path, monkeypatch):
     import shutil
 
-    import engine.generation.pipeline
+    import engine.generation.encode
     from engine.contract.request import ModelFiles
     from engine.generation.pipeline import Engine, EngineOptions
 
     encoded = []
-    real_clip, real_t5 = engine.generation.pipeline.encode_clip, engine.generation.pipeline.encode_t5
+    real_clip, real_t5 = engine.generation.encode.encode_clip, engine.generation.encode.encode_t5
     monkeypatch.setattr(
-        engine.generation.pipeline, "encode_clip", lambda *a: encoded.append("clip") or real_clip(*a)
+        engine.generation.encode, "encode_clip", lambda *a: encoded.append("clip") or real_clip(*a)
     )
-    monkeypatch.setattr(
-        engine.generation.pipeline, "encode_t5", lambda *a: encoded.append("t5") or real_t5(*a)
-    )
+    monkeypatch.setattr(engine.generation.encode, "encode_t5", lambda *a: encoded.append("t5") or real_t5(*a))
     other = tmp_path / "other-t5"
     shutil.copytree(dev_set.t5_tokenizer, other)
     (other / "added_tokens.json").write_text("{}")  # another tokenizer folder, with other contents

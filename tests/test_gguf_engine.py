@@ -134,7 +134,7 @@ def test_gguf_weights_stay_quantized_and_stream_as_quantized_bytes(dev_set, gguf
         files=ModelFiles(models_dir=str(gguf_models)), out=str(tmp_path / "s.png"),
     )  # fmt: skip
     streamed = png(engine.generate(request)[0])
-    transformer = engine._models["transformer"][1]
+    transformer = engine.models.loaded("transformer")
     qkv = transformer.double_blocks[0].img_attn.qkv
     assert qkv.weight.dtype == torch.uint8  # raw blocks in RAM, expanded per layer when it runs
     raw, _ = read_gguf(gguf_models / "unet" / "flux1-dev-tiny-Q4_0.gguf")

@@ -389,7 +389,7 @@ def test_lora_with_every_block_streamed_matches_diffusers(dev_set, peft_case, tm
     spec = LoraSpec(str(tiny_lora.path), 0.7)
     resident = engine.generate(request(dev_set, tmp_path / "resident.png", [spec]))[0]
     streamed = engine.generate(request(dev_set, tmp_path / "streamed.png", [spec], vram_budget=0))[0]
-    transformer = engine._models["transformer"][1]
+    transformer = engine.models.loaded("transformer")
     assert engine.memory.stats_of(transformer).bytes_streamed > 0
     assert np.array_equal(png(resident), png(streamed))
     assert_close(png(streamed), theirs)
@@ -412,7 +412,7 @@ def test_a_long_lived_engine_restores_the_base_exactly(dev_set, peft_case, lora_
     again = png(engine.generate(request(dev_set, tmp_path / "d.png"))[0])
     assert np.array_equal(first, again)
     assert not np.array_equal(first, with_loras) and not np.array_equal(with_loras, other_strengths)
-    assert engine.loads.count("transformer") == 1
+    assert engine.loads["transformer"] == 1
     notes = [e.text for e in events if hasattr(e, "text")]
     assert notes == [
         f"LoRA peft_style at strength 0.7: {len(layouts.bfl_linears(transformer_float(dev_set)))} transformer layers",

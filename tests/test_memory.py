@@ -50,7 +50,7 @@ def test_same_image_at_every_budget(deep_set, tmp_path, budget_blocks):
     reference = Engine().generate(request(tiny, tmp_path / "ref.png"))[0]
     engine = Engine()
     engine.generate(request(tiny, tmp_path / "warm.png"))  # loads the models; the budget comes next
-    transformer = engine._models["transformer"][1]
+    transformer = engine.models.loaded("transformer")
     managed = engine.memory._models[id(transformer)]
     block = max(managed.block_bytes)
     budget = 0 if budget_blocks is None else managed.rest_bytes + (LOOKAHEAD + 1 + budget_blocks) * block
@@ -68,10 +68,10 @@ def test_embedding_cache_skips_the_text_encoders(dev_set, tmp_path):
     options = EngineOptions(cache_dir=str(tmp_path / "cache"))
     first = Engine(options)
     first.generate(request(dev_set, tmp_path / "a.png", seed=1))
-    assert sorted(first.loads) == ["clip", "t5", "transformer", "vae"]
+    assert first.loads == {"clip": 1, "t5": 1, "transformer": 1, "vae": 1}
     again = Engine(options)  # a new process, as the CLI is: only the cache on disk is shared
     out = again.generate(request(dev_set, tmp_path / "b.png", seed=2))[0]
-    assert sorted(again.loads) == ["transformer", "vae"]
+    assert again.loads == {"transformer": 1, "vae": 1}
     uncached = Engine().generate(request(dev_set, tmp_path / "c.png", seed=2))[0]
     assert np.array_equal(image(out), image(uncached))
     changed = Engine(options)
@@ -83,7 +83,7 @@ def test_out_of_memory_in_a_step_lowers_the_budget_and_retries(dev_set, tmp_path
     reference = Engine().generate(request(dev_set, tmp_path / "ref.png"))[0]
     engine = Engine()
     engine.generate(request(dev_set, tmp_path / "warm.png"))
-    block = engine._models["transformer"][1].single_blocks[1]
+    block = engine.models.loaded("transformer").single_blocks[1]
     original = block.forward
     failures = []
 
@@ -171,10 +171,10 @@ def test_out_of_memory_while_staging_resident_blocks_keeps_fewer(deep_set):
 
 def test_the_automatic_budget_is_measured_once(dev_set, tmp_path, monkeypatch):
     """Free VRAM read after our own weights are on the card would shrink the budget job after job."""
-    import engine.generation.pipeline as pipeline
+    import engine.generation.model_cache as model_cache
 
     readings = iter([3 * 1024**3, 1 * 1024**3, 0])
-    monkeypatch.setattr(pipeline, "auto_budget", lambda device: next(readings))
+    monkeypatch.setattr(model_cache, "auto_budget", lambda device: next(readings))
     engine = Engine()
     for i in range(3):
         engine.generate(request(dev_set, tmp_path / f"{i}.png"))
@@ -188,16 +188,16 @@ def test_the_automatic_budget_is_measured_once(dev_set, tmp_path, monkeypatch):
 def test_short_ram_lets_the_text_encoders_go_and_keeps_the_transformer(dev_set, tmp_path, monkeypatch):
     """RAM for the transformer and the autoencoder but not the text encoders too: loading the transformer lets
     the encoders go; the next job of a seed hunt (prompt from the cache) loads nothing at all."""
-    import engine.generation.pipeline as pipeline
+    import engine.generation.model_cache as model_cache
     from engine.formats.weights import find_components, open_weights
 
     size = {r: find_components(open_weights(p))[r].nbytes for r, p in dev_set.paths.items()}
     room = size["transformer"] + size["vae"] + min(size["clip"], size["t5"]) // 2
-    monkeypatch.setattr(pipeline, "_total_ram", lambda: int(room / pipeline.RAM_SHARE))
+    monkeypatch.setattr(model_cache, "_total_ram", lambda: int(room / model_cache.RAM_SHARE))
     engine = Engine(EngineOptions(cache_dir=str(tmp_path / "cache")))
     engine.generate(request(dev_set, tmp_path / "a.png", seed=1))
-    assert sorted(engine._models) == ["transformer", "vae"]
-    loads = list(engine.loads)
+    assert engine.models.roles == ["transformer", "vae"]
+    loads = dict(engine.loads)
     engine.generate(request(dev_set, tmp_path / "b.png", seed=2))
     assert engine.loads == loads  # nothing loaded again
 
@@ -208,7 +208,7 @@ def test_true_cfg_streams_each_weight_once_per_step(deep_set, tmp_path):
     engine = Engine()
     plain = request(deep_set, tmp_path / "a.png", vram_budget=0.0)
     engine.generate(plain)
-    transformer = engine._models["transformer"][1]
+    transformer = engine.models.loaded("transformer")
     without = engine.memory.stats_of(transformer).bytes_streamed
     cfg = request(deep_set, tmp_path / "b.png", vram_budget=0.0, negative="blurry", cfg=2.0)
     engine.generate(cfg)

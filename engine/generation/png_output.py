@@ -124,3 +124,16 @@ def read_request(path: str | Path) -> dict:
     if text is None:
         raise UserError(f"{path} carries no FluxDeck request.")
     return json.loads(text)
+
+
+def save_images(
+    images: list[Image.Image], request: GenerateRequest, out: Path, *, steps: int, t5_length: int, model: str
+) -> list[str]:
+    """The save stage: each image of the batch as a PNG carrying its parameters and the whole request (with the
+    steps and T5 length the job resolved, and its place in the batch)."""
+    paths = []
+    for i, image in enumerate(images):
+        record = request.to_dict() | {"batch_index": i, "steps": steps, "t5_max_length": t5_length}
+        text = parameters_text(request, steps=steps, model=model, batch_index=i)
+        paths.append(str(save_png(image, out, text, record)))
+    return paths
