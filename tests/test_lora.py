@@ -292,11 +292,12 @@ def test_patch_computes_in_the_compute_dtype(dev_set, tmp_path):
 
 def test_files_are_read_once_per_modification(dev_set, tmp_path):
     tiny_lora = layouts.xlabs(tmp_path / "x.safetensors", dev_set.spec.flux_params())
-    first = lora.load_lora(tiny_lora.path)
-    assert lora.load_lora(tiny_lora.path) is first
+    library = lora.LoraLibrary()  # an engine's (its ModelCache holds one)
+    first = library.load(tiny_lora.path)
+    assert library.load(tiny_lora.path) is first
     stat = tiny_lora.path.stat()
     os.utime(tiny_lora.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
-    assert lora.load_lora(tiny_lora.path) is not first
+    assert library.load(tiny_lora.path) is not first
 
 
 # ---- images: the CLI against diffusers with the deltas merged ----
@@ -405,10 +406,10 @@ def test_a_long_lived_engine_restores_the_base_exactly(dev_set, peft_case, lora_
     first = png(engine.generate(request(dev_set, tmp_path / "a.png"))[0])
     both = [LoraSpec(str(tiny_lora.path), 0.7), LoraSpec(str(xlabs.path), 0.5)]
     with_loras = png(engine.generate(request(dev_set, tmp_path / "b.png", both), events.append)[0])
-    loaded = lora.load_lora(xlabs.path)
+    loaded = engine.models.loras.load(xlabs.path)  # the engine's library: read once, kept
     other = [LoraSpec(str(tiny_lora.path), -0.4), LoraSpec(str(xlabs.path), 0.5)]
     other_strengths = png(engine.generate(request(dev_set, tmp_path / "c.png", other))[0])
-    assert lora.load_lora(xlabs.path) is loaded
+    assert engine.models.loras.load(xlabs.path) is loaded
     again = png(engine.generate(request(dev_set, tmp_path / "d.png"))[0])
     assert np.array_equal(first, again)
     assert not np.array_equal(first, with_loras) and not np.array_equal(with_loras, other_strengths)

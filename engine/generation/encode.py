@@ -9,7 +9,7 @@ import torch
 
 from engine.contract.errors import UserError
 from engine.contract.events import EventSink, Message
-from engine.formats.lora import apply_loras, clip_lora_key, lora_name
+from engine.formats.lora import lora_name
 from engine.formats.weights import Component
 from engine.generation.embedding_cache import EmbeddingCache
 from engine.generation.model_cache import ModelCache
@@ -48,12 +48,12 @@ def _pooled(
     files, loras = plan.files, plan.request.loras
     component = files.components["clip"]
     tokenizer_id = tokenizer_identity("clip", files.clip_tokenizer)
-    lora_key = clip_lora_key(loras)  # a CLIP-L LoRA changes what CLIP makes of the prompt
+    lora_key = models.loras.clip_key(loras)  # a CLIP-L LoRA changes what CLIP makes of the prompt
     key = cache.key(component, text + lora_key, CLIP_LENGTH, plan.support, tokenizer_id)
     pooled = cache.get(key)
     if pooled is None:
         clip = models.use(component, plan.support, plan.device)
-        for note in apply_loras(None, clip, loras, parts=("clip",)):
+        for note in models.loras.apply(None, clip, loras, parts=("clip",)):
             on_event(Message(note))
         pooled = encode_clip(clip, models.tokenizer("clip", files.clip_tokenizer), [text], plan.device)
         _check_encoding(pooled, component, loras)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from engine.formats.lora import LoraLibrary
 from engine.formats.weights import Component
 from engine.generation.preview import fit_projection
 from engine.models.build import build_model
@@ -61,6 +62,7 @@ class ModelCache:
     keep: str = "auto"
     memory: MemoryManager | None = None
     loads: Counter[str] = field(default_factory=Counter)  # loads per role: what tests and benchmarks read
+    loras: LoraLibrary = field(default_factory=LoraLibrary)  # the LoRA files read, patched onto these models
     _loaded: dict[str, _Loaded] = field(default_factory=dict)
     _in_use: set[str] = field(default_factory=set)
     _tokenizers: dict[tuple[str, str], object] = field(default_factory=dict)

@@ -20,7 +20,7 @@ from torch import nn
 from engine.contract import layout
 from engine.contract.events import Done, EventSink, Message, Stage, Step, ignore
 from engine.contract.request import GenerateRequest, parse_cache
-from engine.formats.lora import apply_loras, prompt_loras
+from engine.formats.lora import FileHashes, prompt_loras
 from engine.formats.model_files import resolve
 from engine.generation import sampling
 from engine.generation.decode import decode
@@ -62,6 +62,7 @@ class Engine:
         tune_host_allocator()
         self.cache = EmbeddingCache(self.options.cache_dir)
         self.models = ModelCache(self.options.keep_models)
+        self.hashes = FileHashes()  # the LoRA files' SHA-256 for PNG metadata, computed once per file
         self._lock = threading.Lock()
 
     @property
@@ -106,7 +107,9 @@ class Engine:
 
         on_event(Stage("saving"))
         model = plan.files.components["transformer"].file.path.stem
-        paths = save_images(images, request, out, steps=plan.steps, t5_length=plan.t5_length, model=model)
+        paths = save_images(
+            images, request, out, steps=plan.steps, t5_length=plan.t5_length, model=model, hashes=self.hashes
+        )
         mean = sum(step_seconds) / len(step_seconds) if step_seconds else 0.0
         on_event(Done(paths, time.perf_counter() - started, mean))
         return paths
@@ -123,7 +126,7 @@ class Engine:
 
     def _transformer(self, plan: Plan, on_event: EventSink) -> nn.Module:
         transformer = self.models.use(plan.files.components["transformer"], plan.dtype, plan.device)
-        for note in apply_loras(transformer, None, plan.request.loras, parts=("transformer",)):
+        for note in self.models.loras.apply(transformer, None, plan.request.loras, parts=("transformer",)):
             on_event(Message(note))
         return transformer
 

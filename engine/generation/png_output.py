@@ -10,12 +10,20 @@ from PIL import Image, PngImagePlugin
 from engine.atomic_write import partial_name, write_atomic
 from engine.contract.errors import UserError
 from engine.contract.request import GenerateRequest
+from engine.formats.lora.hashes import FileHashes
 
 JSON_KEY = "fluxdeck"
 VERSION = "FluxDeck 0.1.0"
 
 
-def parameters_text(request: GenerateRequest, *, steps: int, model: str, batch_index: int = 0) -> str:
+def parameters_text(
+    request: GenerateRequest,
+    *,
+    steps: int,
+    model: str,
+    batch_index: int = 0,
+    hashes: FileHashes | None = None,
+) -> str:
     """The A1111/Forge `parameters` chunk that image viewers, Civitai and Forge's PNG Info read."""
     lines = [_prompt_line(request)]
     if request.negative:
@@ -42,7 +50,7 @@ def parameters_text(request: GenerateRequest, *, steps: int, model: str, batch_i
     if request.cache != "none":
         fields["Cache"] = request.cache
     if request.loras:
-        fields["Lora hashes"] = _lora_hashes(request)
+        fields["Lora hashes"] = _lora_hashes(request, hashes or FileHashes())
     fields["Version"] = VERSION
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
     return "\n".join(lines)
@@ -65,16 +73,16 @@ def _prompt_line(request: GenerateRequest) -> str:
     return " ".join([prompt, *tags]) if tags else prompt
 
 
-def _lora_hashes(request: GenerateRequest) -> str:
+def _lora_hashes(request: GenerateRequest, hashes: FileHashes) -> str:
     """A1111's `Lora hashes: "name: hash10, ..."` (hash10: the first 10 hex digits of the file's SHA-256,
     Civitai's AutoV2); a file that cannot be read is listed without a hash."""
-    from engine.formats.lora import file_sha256, lora_name
+    from engine.formats.lora import lora_name
 
     entries = []
     for spec in request.loras:
         name = lora_name(spec.path).replace(",", "_").replace(":", "_")
         try:
-            entries.append(f"{name}: {file_sha256(spec.path)[:10]}")
+            entries.append(f"{name}: {hashes.sha256(spec.path)[:10]}")
         except OSError:
             entries.append(name)
     return '"' + ", ".join(entries) + '"'
@@ -127,13 +135,20 @@ def read_request(path: str | Path) -> dict:
 
 
 def save_images(
-    images: list[Image.Image], request: GenerateRequest, out: Path, *, steps: int, t5_length: int, model: str
+    images: list[Image.Image],
+    request: GenerateRequest,
+    out: Path,
+    *,
+    steps: int,
+    t5_length: int,
+    model: str,
+    hashes: FileHashes | None = None,
 ) -> list[str]:
     """The save stage: each image of the batch as a PNG carrying its parameters and the whole request (with the
     steps and T5 length the job resolved, and its place in the batch)."""
     paths = []
     for i, image in enumerate(images):
         record = request.to_dict() | {"batch_index": i, "steps": steps, "t5_max_length": t5_length}
-        text = parameters_text(request, steps=steps, model=model, batch_index=i)
+        text = parameters_text(request, steps=steps, model=model, batch_index=i, hashes=hashes)
         paths.append(str(save_png(image, out, text, record)))
     return paths

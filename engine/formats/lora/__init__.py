@@ -13,8 +13,8 @@ A LoRA on a part of a fused layer (diffusers' to_q / to_k / to_v / add_*_proj / 
 qkv, the final modulation whose halves diffusers swaps) patches only its rows. Nothing is merged into the stored
 weights: each job replaces the patches, so removing a LoRA gives the base weights back exactly.
 
-An engine holds its own `LoraLibrary` (and `FileHashes`) and calls its methods. The functions below serve callers
-that hold none: they share one library and one hash table per process (`SHARED`, `SHARED_HASHES`).
+An engine holds its own `LoraLibrary` (its ModelCache's) and `FileHashes`. The functions below serve callers that
+hold none (tests, one-off tools): each call uses a fresh library, so no state is shared across a process.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ __all__ = [
     "CLIP_LAYOUTS",
     "LORA_SUFFIXES",
     "PARTS",
-    "SHARED",
-    "SHARED_HASHES",
     "TRANSFORMER_LAYOUTS",
     "FileHashes",
     "Layout",
@@ -53,9 +51,6 @@ __all__ = [
     "prompt_loras",
 ]
 
-SHARED = LoraLibrary()  # for callers without a library of their own
-SHARED_HASHES = FileHashes()
-
 
 def apply_loras(
     transformer: nn.Module | None,
@@ -63,21 +58,20 @@ def apply_loras(
     loras: list[LoraSpec],
     parts: tuple[str, ...] = PARTS,
 ) -> list[str]:
-    """`LoraLibrary.apply` on the shared library."""
-    return SHARED.apply(transformer, clip, loras, parts)
+    """`LoraLibrary.apply` on a library of its own."""
+    return LoraLibrary().apply(transformer, clip, loras, parts)
 
 
 def clip_lora_key(loras: list[LoraSpec]) -> str:
-    """`LoraLibrary.clip_key` on the shared library."""
-    return SHARED.clip_key(loras)
+    """`LoraLibrary.clip_key` on a library of its own."""
+    return LoraLibrary().clip_key(loras)
 
 
 def load_lora(path: str | Path) -> LoraWeights:
-    """The LoRA at `path` from the shared library: the same object while the file's modification time and size
-    stay."""
-    return SHARED.load(path)
+    """The LoRA at `path`, read and checked (a library of its own: read each time)."""
+    return LoraLibrary().load(path)
 
 
 def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of the whole file (hex), from the shared hash table."""
-    return SHARED_HASHES.sha256(path)
+    """The SHA-256 of the whole file (hex)."""
+    return FileHashes().sha256(path)
