@@ -37,6 +37,9 @@ class Settings:
     dtype: str = "auto"
     vram_budget: float | None = None  # GB of weights kept on the GPU; None: automatic
     live_preview: bool = True
+    cache: str = (
+        "none"  # step caching for every job: "none" or "first-block[:THRESHOLD]" (the engine's --cache)
+    )
 
     def resolve(self, value: str, root: Path = PROJECT_ROOT) -> Path:
         path = Path(value).expanduser()

@@ -111,6 +111,7 @@ def build_request(values: FormValues, settings: Settings, seed: int, out: Path, 
         device=settings.device,
         dtype=settings.dtype,
         vram_budget=settings.vram_budget,
+        cache=settings.cache,
     ).to_dict()
 
 

@@ -188,3 +188,23 @@ async def test_a_comfyui_64_bit_seed_loads_and_regenerates(tmp_path):
 
         assert GenerateRequest.from_dict(request).seed == seed
         GenerateRequest.from_dict(request).validate()
+
+
+async def test_the_step_cache_setting_reaches_every_request_and_a_bad_one_is_refused(tmp_path):
+    (tmp_path / "config.toml").write_text('wizard_done = true\nmodels_dir = "models"\n')
+    app = make_app(tmp_path, start_engine=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f6")
+        field = app.screen.query_one("#cache", Input)
+        assert field.value == "none"
+        field.value = "first-block:nan"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert ConfigFile.load(tmp_path / "config.toml").settings.cache == "none"  # refused, nothing saved
+        field.value = "first-block:0.2"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert ConfigFile.load(tmp_path / "config.toml").settings.cache == "first-block:0.2"
+        values = app.get_screen("generate").form.values()
+        request = build_requests(values, app.settings, app.output_dir, Path(tmp_path), app.rng)[0]
+        assert request["cache"] == "first-block:0.2"

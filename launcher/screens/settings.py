@@ -7,6 +7,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Input, Label, Select, Static, Switch
 
+from engine.contract.request import parse_cache
 from launcher.config import DEVICES, DTYPES, Settings
 from launcher.form import FormError, parse_number
 from launcher.keymap import KEYS
@@ -47,6 +48,10 @@ class SettingsScreen(Screen):
             yield Input(s.output_dir, id="output_dir")
             yield Label("Live preview every step")
             yield Switch(s.live_preview, id="live_preview")
+            yield Label(
+                "Step cache: none, or first-block[:THRESHOLD] (faster, slightly different images; 0.12)"
+            )
+            yield Input(s.cache, id="cache")
         yield Footer()
 
     def read(self) -> Settings:
@@ -56,6 +61,12 @@ class SettingsScreen(Screen):
             if not text["vram_budget"]
             else float(parse_number(text["vram_budget"], float, "VRAM budget", 0))
         )
+        try:
+            parse_cache(text["cache"])
+        except ValueError:
+            raise FormError(
+                f"Step cache {text['cache']!r} is not valid: use none, first-block or first-block:T (T from 0 to 1)."
+            ) from None
         if not text["models_dir"] or not text["output_dir"]:
             raise FormError("The models and outputs folders cannot be empty: give a folder path.")
         return Settings(
@@ -66,6 +77,7 @@ class SettingsScreen(Screen):
             dtype=str(self.query_one("#dtype", Select).value),
             vram_budget=budget,
             live_preview=self.query_one("#live_preview", Switch).value,
+            cache=text["cache"],
         )
 
     def action_save(self) -> None:
