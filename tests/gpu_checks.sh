@@ -16,8 +16,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1; free -g >> "$out/nvidia-smi.txt" 2>&1
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" > "$out/torch.txt" 2>&1
-# CHECKS picks parts (default all): cuda offload dequant cache attention
-checks=" ${CHECKS:-cuda offload dequant cache attention} "
+# CHECKS picks parts (default all): cuda offload dequant cache attention cpu-dequant
+checks=" ${CHECKS:-cuda offload dequant cache attention cpu-dequant} "
 if [[ $checks == *" cuda "* ]]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gguf.py -k "cuda" \
     > "$out/cuda-tests.txt" 2>&1
@@ -39,4 +39,11 @@ fi
 if [[ $checks == *" cache "* ]]; then
   timeout 200 python3 -m tests.bench_cache --shape 12b --size 1024 > "$out/bench-cache.txt" 2>&1
   cat "$out/bench-cache.txt"
+fi
+if [[ $checks == *" cpu-dequant "* ]]; then  # the same table on the machine's CPU (bf16 compute)
+  lscpu | grep -E "Model name|^CPU\(s\)" > "$out/bench-dequant-cpu.txt"
+  grep -o -w -E "avx512_bf16|amx_bf16|avx512f" /proc/cpuinfo | sort -u | tr '\n' ' ' >> "$out/bench-dequant-cpu.txt"
+  timeout 200 python3 -m tests.bench_dequant --device cpu --repeats 2 --layers "double mlp in,single linear2" \
+    >> "$out/bench-dequant-cpu.txt" 2>&1
+  cat "$out/bench-dequant-cpu.txt"
 fi
