@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+# the model's token layout, used by every stage alongside the schedule
+from engine.models.flux1 import image_ids, pack, unpack  # noqa: F401
+
 LATENT_CHANNELS = 16
 
 
@@ -18,30 +21,6 @@ def make_noise(seed: int, batch: int, height: int, width: int) -> torch.Tensor:
     return torch.randn(
         (batch, LATENT_CHANNELS, height // 8, width // 8), generator=generator, dtype=torch.float32
     )
-
-
-def pack(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) → (B, H/2·W/2, C·4), the 2×2 patch as the fastest axes."""
-    b, c, h, w = x.shape
-    return (
-        x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-    )
-
-
-def unpack(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Tokens back to (B, 16, H/8, W/8) for an image of height × width pixels."""
-    b, _, d = x.shape
-    h, w = height // 16, width // 16
-    return x.reshape(b, h, w, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h * 2, w * 2)
-
-
-def image_ids(batch: int, height: int, width: int) -> torch.Tensor:
-    """(0, row, col) per 2×2 latent patch."""
-    h, w = height // 16, width // 16
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1] = torch.arange(h)[:, None]
-    ids[..., 2] = torch.arange(w)[None, :]
-    return ids.reshape(1, h * w, 3).expand(batch, -1, -1)
 
 
 def shift_mu(image_tokens: int) -> float:

@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.formats.weights import count_indexed
-from engine.generation.sampling import pack
 from engine.models.flux1 import (
     ControlResiduals,
     DoubleStreamBlock,
@@ -37,6 +36,7 @@ from engine.models.flux1 import (
     ModulationOut,
     attention,
     fp16_safe,
+    pack,
     position_embedding,
     timestep_embedding,
 )
