@@ -288,10 +288,14 @@ class SingleStreamBlock(nn.Module):
 
 
 class LastLayer(nn.Module):
-    def __init__(self, p: FluxParams):
+    """The output projection after an adaptive layer norm (FLUX.2's has no biases)."""
+
+    def __init__(self, p: FluxParams, bias: bool = True):
         super().__init__()
-        self.linear = ops.Linear(p.hidden_size, p.out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), ops.Linear(p.hidden_size, 2 * p.hidden_size))
+        self.linear = ops.Linear(p.hidden_size, p.out_channels, bias=bias)
+        self.adaLN_modulation = nn.Sequential(
+            nn.SiLU(), ops.Linear(p.hidden_size, 2 * p.hidden_size, bias=bias)
+        )
 
     def forward(self, x, vec):
         shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)

@@ -19,14 +19,13 @@ from torch import nn
 
 from engine.formats.weights import count_indexed
 from engine.models.flux1 import (
+    LastLayer,
     ModulationOut,
     QKNorm,
     StepCache,
-    _layer_norm,
     attention,
     double_stream,
     fp16_safe,
-    modulate,
     position_embedding,
     split_heads,
     timestep_embedding,
@@ -212,19 +211,6 @@ class SingleStreamBlock(nn.Module):
         return fp16_safe(mod.gated_add(x, out))
 
 
-class LastLayer(nn.Module):
-    def __init__(self, p: Flux2Params):
-        super().__init__()
-        self.linear = ops.Linear(p.hidden_size, p.out_channels, bias=False)
-        self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), ops.Linear(p.hidden_size, 2 * p.hidden_size, bias=False)
-        )
-
-    def forward(self, x, vec):
-        shift, scale = self.adaLN_modulation(vec)[:, None, :].chunk(2, dim=-1)
-        return self.linear(modulate(_layer_norm(x), shift, scale))
-
-
 class Flux2(nn.Module):
     def __init__(self, p: Flux2Params):
         super().__init__()
@@ -238,7 +224,7 @@ class Flux2(nn.Module):
         self.single_stream_modulation = SharedModulation(p.hidden_size, False)
         self.double_blocks = nn.ModuleList(DoubleStreamBlock(p) for _ in range(p.depth))
         self.single_blocks = nn.ModuleList(SingleStreamBlock(p) for _ in range(p.depth_single))
-        self.final_layer = LastLayer(p)
+        self.final_layer = LastLayer(p, bias=False)
 
     def streamable_blocks(self) -> list[nn.Module]:
         """The repeated blocks, in the order they run: the memory manager streams these."""
