@@ -16,9 +16,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1; free -g >> "$out/nvidia-smi.txt" 2>&1
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))" > "$out/torch.txt" 2>&1
-# CHECKS picks parts (default all): cuda offload dequant cache attention cpu-dequant
-checks=" ${CHECKS:-cuda offload dequant cache attention cpu-dequant} "
+# CHECKS picks parts (default all): cuda offload dequant cache attention cpu-dequant cpu-dtype
+checks=" ${CHECKS:-cuda offload dequant cache attention cpu-dequant cpu-dtype} "
 if [[ $checks == *" cuda "* ]]; then
+  timeout 60 python3 -m engine selftest --device cuda > "$out/selftest-cuda.txt" 2>&1
+  tail -n 1 "$out/selftest-cuda.txt"
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gguf.py -k "cuda" \
     > "$out/cuda-tests.txt" 2>&1
   tail -n 3 "$out/cuda-tests.txt"
@@ -46,4 +48,8 @@ if [[ $checks == *" cpu-dequant "* ]]; then  # the same table on the machine's C
   timeout 200 python3 -m tests.bench_dequant --device cpu --repeats 2 --layers "double mlp in,single linear2" \
     >> "$out/bench-dequant-cpu.txt" 2>&1
   cat "$out/bench-dequant-cpu.txt"
+fi
+if [[ $checks == *" cpu-dtype "* ]]; then  # fp32 against bf16 compute on the machine's CPU, real block width
+  timeout 170 python3 -m tests.bench_cpu_dtype --sizes 1024 --repeats 1 > "$out/bench-cpu-dtype.txt" 2>&1
+  cat "$out/bench-cpu-dtype.txt"
 fi
