@@ -78,7 +78,7 @@ def ours(dev_set, tmp_path, specs, engine=None, **fields) -> tuple[np.ndarray, P
     return np.asarray(Image.open(path).convert("RGB")), Path(path)
 
 
-def theirs(dev_set, states, images, *, modes=None, strengths=None, starts=None, ends=None, steps=3):
+def theirs(dev_set, states, images, *, modes=None, strengths=None, starts=None, ends=None, steps=3, **extra):
     """FluxControlNetPipeline (one net) or with FluxMultiControlNetModel (several) on the same weights."""
     pipe = build_pipeline(dev_set.stored_as_float(), dev_set.clip_tokenizer, dev_set.t5_tokenizer)
     models = []
@@ -100,6 +100,7 @@ def theirs(dev_set, states, images, *, modes=None, strengths=None, starts=None, 
         controlnet_conditioning_scale=(strengths or [1.0] * n)[0] if one else (strengths or [1.0] * n),
         control_guidance_start=(starts or [0.0] * n)[0] if one else (starts or [0.0] * n),
         control_guidance_end=(ends or [1.0] * n)[0] if one else (ends or [1.0] * n),
+        **extra,
     )
     return run_pipeline(
         cn_pipe, make_noise(SEED, 1, SIZE, SIZE), prompt=PROMPT, width=SIZE, height=SIZE,
@@ -178,12 +179,42 @@ def test_streamed_budget_gives_the_same_image(dev_set, nets, control_image, tmp_
     assert engine.loads["controlnet:0"] == engine.loads["controlnet:1"] == 1
 
 
-def test_true_cfg_and_img2img_run_with_a_controlnet(dev_set, nets, control_image, tmp_path):
-    """The nets see the positive prompt's rows only and gate over the steps img2img runs."""
-    spec = ControlNetSpec("union", str(control_image), mode="1", end=0.5)
-    image, _ = ours(dev_set, tmp_path, [spec], negative="blurry", cfg=2.0, init_image=str(control_image),
-                    denoise=0.6, steps=5)  # fmt: skip
-    assert image.shape == (SIZE, SIZE, 3)
+def test_true_cfg_reuses_the_residuals_as_diffusers(dev_set, nets, control_image, posterior_mean, tmp_path):
+    """The net sees the positive prompt's rows only; the negative pass gets the same residuals."""
+    spec = ControlNetSpec("union", str(control_image), mode="tile")
+    image, _ = ours(dev_set, tmp_path, [spec], negative="blurry", cfg=2.0)
+    oracle = theirs(dev_set, [nets["union"]], [Image.open(control_image)], modes=[1],
+                    negative_prompt="blurry", true_cfg_scale=2.0)  # fmt: skip
+    close(image, oracle)
+
+
+def test_img2img_gates_over_the_steps_it_runs(dev_set, nets, control_image, tmp_path, monkeypatch):
+    """FluxControlNetImg2ImgPipeline: the range is of the shortened schedule (diffusers' controlnet_keep over
+    the timesteps img2img keeps)."""
+    from diffusers import FluxControlNetImg2ImgPipeline
+    from diffusers.pipelines.flux import pipeline_flux_controlnet_image_to_image as module
+
+    from engine.models.controlnet import ControlNetParams
+    from tests.oracle import run_img2img
+
+    mode = lambda encoded, generator=None, sample_mode="sample": encoded.latent_dist.mode()  # noqa: E731
+    monkeypatch.setattr(module, "retrieve_latents", mode)  # the init image and the control image: the mean
+    init = init_image(tmp_path / "init.png", SIZE)
+    spec = ControlNetSpec("instantx", str(control_image), start=0.3, end=1.0)
+    image, _ = ours(dev_set, tmp_path, [spec], init_image=str(init), denoise=0.6, steps=6)
+    pipe = build_pipeline(dev_set.stored_as_float(), dev_set.clip_tokenizer, dev_set.t5_tokenizer)
+    state = nets["instantx"]
+    net = diffusers_controlnet(ControlNetParams.from_shapes({k: tuple(v.shape) for k, v in state.items()}))
+    net.load_state_dict(state, strict=True)
+    parts = {k: v for k, v in pipe.components.items() if k not in ("image_encoder", "feature_extractor")}
+    cn = FluxControlNetImg2ImgPipeline(**parts, controlnet=net)
+    cn.set_progress_bar_config(disable=True)
+    oracle = run_img2img(
+        cn, SEED, prompt=PROMPT, image=Image.open(init), control_image=Image.open(control_image), strength=0.6,
+        num_inference_steps=6, width=SIZE, height=SIZE, guidance_scale=3.5, max_sequence_length=512,
+        control_guidance_start=0.3, control_guidance_end=1.0,
+    )[0]  # fmt: skip
+    close(image, oracle)
 
 
 # ---- bad input: one sentence, exit 2, no PNG ----
