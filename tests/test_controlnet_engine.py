@@ -286,3 +286,29 @@ def test_controlnet_flag_parsing():
     assert spec.mode_index() == 4
     request = GenerateRequest(prompt="x", controlnets=[spec], out="o.png")
     assert GenerateRequest.from_dict(request.to_dict()).controlnets == [spec]
+
+
+def test_shared_budget_keeps_the_transformer_and_its_nets_active_together():
+    """Two models that each fit the budget alone but not together: unshared, activating one evicts the other
+    (every step would copy both again); shared, both stay planned within their parts of the one budget."""
+    from engine.models.controlnet import build_controlnet
+    from engine.runtime.memory import MemoryManager
+
+    spec = TinySpec()
+    a = build_controlnet(diffusers_controlnet_state(spec, 3, 3, seed=41), {}, torch.float32)
+    b = build_controlnet(diffusers_controlnet_state(spec, 1, 1, seed=42), {}, torch.float32)
+    memory = MemoryManager(torch.device("cpu"), None)
+    for net in (a, b):
+        memory.manage(net)
+    sizes = {id(m): memory._models[id(m)].rest_bytes + sum(memory._models[id(m)].block_bytes) for m in (a, b)}
+    memory.set_budget(max(sizes.values()) + 1)
+    memory.activate(a)
+    memory.activate(b)
+    assert memory._models[id(a)].plan is None  # evicted for b
+    memory.share_budget([a, b])
+    plans = [memory.activate(a), memory.activate(b)]
+    assert all(memory._models[id(m)].plan is not None for m in (a, b))
+    assert sum(p.resident_bytes for p in plans) <= memory.budget
+    assert plans[0].streamed_bytes > 0  # the bigger one streams part of its blocks
+    memory.share_budget([])  # the next job without nets: whole budgets again, planned anew
+    assert memory._models[id(a)].plan is None and memory.activate(a).resident_bytes == sizes[id(a)]
