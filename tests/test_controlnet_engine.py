@@ -78,9 +78,23 @@ def ours(dev_set, tmp_path, specs, engine=None, **fields) -> tuple[np.ndarray, P
     return np.asarray(Image.open(path).convert("RGB")), Path(path)
 
 
-def theirs(dev_set, states, images, *, modes=None, strengths=None, starts=None, ends=None, steps=3, **extra):
+def theirs(
+    dev_set,
+    states,
+    images,
+    *,
+    modes=None,
+    strengths=None,
+    starts=None,
+    ends=None,
+    steps=3,
+    base_states=None,
+    **extra,
+):
     """FluxControlNetPipeline (one net) or with FluxMultiControlNetModel (several) on the same weights."""
-    pipe = build_pipeline(dev_set.stored_as_float(), dev_set.clip_tokenizer, dev_set.t5_tokenizer)
+    pipe = build_pipeline(
+        base_states or dev_set.stored_as_float(), dev_set.clip_tokenizer, dev_set.t5_tokenizer
+    )
     models = []
     for state in states:
         from engine.models.controlnet import ControlNetParams
@@ -312,3 +326,27 @@ def test_shared_budget_keeps_the_transformer_and_its_nets_active_together():
     assert plans[0].streamed_bytes > 0  # the bigger one streams part of its blocks
     memory.share_budget([])  # the next job without nets: whole budgets again, planned anew
     assert memory._models[id(a)].plan is None and memory.activate(a).resident_bytes == sizes[id(a)]
+
+
+def test_a_lora_keeps_working_with_a_controlnet(dev_set, nets, control_image, posterior_mean, tmp_path):
+    """A BFL-named LoRA on the transformer with a ControlNet present, against diffusers on the merged weights."""
+    g = torch.Generator().manual_seed(51)
+    base = dev_set.stored_as_float()
+    lora, merged = {}, dict(base["transformer"])
+    for layer in ("double_blocks.0.img_attn.proj", "single_blocks.0.linear2"):
+        out_dim, in_dim = merged[f"{layer}.weight"].shape
+        down, up = torch.randn(4, in_dim, generator=g) * 0.3, torch.randn(out_dim, 4, generator=g) * 0.3
+        lora[f"diffusion_model.{layer}.lora_down.weight"] = down
+        lora[f"diffusion_model.{layer}.lora_up.weight"] = up
+        merged[f"{layer}.weight"] = merged[f"{layer}.weight"] + up @ down  # no alpha: scale 1
+    path = tmp_path / "style.safetensors"
+    save_file(lora, str(path))
+    from engine.contract.request import LoraSpec
+
+    spec = ControlNetSpec("instantx", str(control_image))
+    image, _ = ours(dev_set, tmp_path, [spec], loras=[LoraSpec(str(path))])
+    without = ours(dev_set, tmp_path, [spec])[0]
+    states = base | {"transformer": merged}
+    oracle = theirs(dev_set, [nets["instantx"]], [Image.open(control_image)], base_states=states)
+    close(image, oracle)
+    assert psnr(without, oracle) < MIN_PSNR - 5  # the LoRA counted
