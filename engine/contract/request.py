@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,10 @@ MAX_LORA_STRENGTH = 10.0
 MAX_VRAM_GB = 1024.0
 DEFAULT_CACHE_THRESHOLD = 0.12  # nunchaku's FLUX default: the top of the range where the loss stays minor
 MAX_INIT_PIXELS = 8192 * 8192  # an init image is resized to at most 4096² anyway
+MAX_CONTROL_STRENGTH = 10.0  # ComfyUI's range; 1 is the usual
+# InstantX / Shakker-Labs Union model cards: the mode index each control type was trained with.
+UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
+CONTROLNET_FLAG = "FILE,image=IMG[,strength=S][,start=A][,end=B][,mode=M]"
 
 
 def _check_number(
@@ -66,20 +71,26 @@ def _check_text(name: str, value, *, optional: bool = False) -> None:
 def check_init_image(path: str) -> None:
     """The init image exists, is an image, and is not so big that decoding it would exhaust memory (its size
     is read from the header: nothing is decoded here)."""
+    check_image(path, "--init-image")
+
+
+def check_image(path: str, flag_name: str) -> None:
+    """An input image (`flag_name` says which, for the sentence) exists, is an image, and is small enough to
+    decode safely (its size is read from the header: nothing is decoded here)."""
     from PIL import Image
 
     if not Path(path).is_file():
-        raise UserError(f"--init-image {path} does not exist: give the path of a PNG or JPEG.")
+        raise UserError(f"{flag_name} {path} does not exist: give the path of a PNG or JPEG.")
     try:
         with Image.open(path) as image:
             width, height = image.size
     except Image.DecompressionBombError:
         width, height = MAX_INIT_PIXELS, 2  # PIL's own alarm: far above our limit
     except (OSError, ValueError, SyntaxError):
-        raise UserError(f"--init-image {path} is not an image file: give a PNG or JPEG.") from None
+        raise UserError(f"{flag_name} {path} is not an image file: give a PNG or JPEG.") from None
     if width * height > MAX_INIT_PIXELS:
         raise UserError(
-            f"--init-image {path} is too big to open safely (over {MAX_INIT_PIXELS // 10**6} megapixels): "
+            f"{flag_name} {path} is too big to open safely (over {MAX_INIT_PIXELS // 10**6} megapixels): "
             "scale it down first."
         )
 
@@ -142,6 +153,79 @@ class LoraSpec:
 
 
 @dataclass
+class ControlNetSpec:
+    """One --controlnet: the net's file (a bare name is looked up in <models-dir>/controlnet/), its control
+    image (an already-preprocessed map), strength, the part of the schedule it controls (diffusers' rule: step i
+    of N when [i/N, (i+1)/N] lies inside [start, end]) and, for Union nets, the mode (a name or its number)."""
+
+    path: str
+    image: str
+    strength: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    mode: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> ControlNetSpec:
+        """FILE,image=IMG[,strength=S][,start=A][,end=B][,mode=M]. Only a comma followed by `key=` starts a new
+        part, so Windows paths (C:\\nets\\x.safetensors) and file names with commas stay whole."""
+        path, *parts = re.split(r",(?=\s*[A-Za-z_]+\s*=)", text)
+        values: dict = {}
+        for part in parts:
+            key, _, value = part.partition("=")
+            key, value = key.strip().lower(), value.strip()
+            if key not in ("image", "strength", "start", "end", "mode"):
+                raise UserError(f"--controlnet {text}: {key!r} is not a known key; use {CONTROLNET_FLAG}.")
+            if key in ("strength", "start", "end"):
+                try:
+                    values[key] = float(value)
+                except ValueError:
+                    raise UserError(f"--controlnet {text}: {key}={value!r} is not a number.") from None
+            else:
+                values[key] = value
+        if not path.strip():
+            raise UserError(f"--controlnet {text} names no ControlNet file: use {CONTROLNET_FLAG}.")
+        if not values.get("image"):
+            raise UserError(f"--controlnet {text} has no control image: add image=IMG ({CONTROLNET_FLAG}).")
+        return cls(path.strip(), **values)
+
+    def mode_index(self) -> int | None:
+        """The Union mode's index (None when no mode is given); UserError for an unknown one."""
+        if self.mode is None:
+            return None
+        key = str(self.mode).strip().lower()
+        if key in UNION_MODES:
+            return UNION_MODES[key]
+        if key.isdigit():
+            return int(key)
+        raise UserError(
+            f"--controlnet {self.path}: mode {self.mode!r} is not known; use {_one_of(tuple(UNION_MODES))} "
+            "or a mode number."
+        )
+
+    def check(self) -> None:
+        """Types and ranges, one sentence for the first that is wrong (the file and image are checked later)."""
+        _check_text("controlnet", self.path)
+        _check_text("controlnet", self.image)
+        shown = f"{self.path},strength={self.strength!r}"
+        _check_number("controlnet", self.strength, 0.0, MAX_CONTROL_STRENGTH,
+                      f"a strength from 0 to {MAX_CONTROL_STRENGTH:g}", shown=shown)  # fmt: skip
+        for name in ("start", "end"):
+            value = getattr(self, name)
+            _check_number(
+                "controlnet", value, 0.0, 1.0, f"{name} from 0 to 1", shown=f"{self.path},{name}={value!r}"
+            )
+        if not self.start < self.end:
+            raise UserError(
+                f"--controlnet {self.path}: start={self.start:g} is not before end={self.end:g}; "
+                "use 0 <= start < end <= 1."
+            )
+        if self.mode is not None and not (isinstance(self.mode, str) or type(self.mode) is int):
+            raise UserError(f"--controlnet {self.path}: mode {self.mode!r} is not a name or a number.")
+        self.mode_index()
+
+
+@dataclass
 class ModelFiles:
     """Where the weights come from: an all-in-one checkpoint, four split files, or a ComfyUI models folder."""
 
@@ -194,6 +278,16 @@ class GenerateRequest:
     denoise: float = field(default=1.0, metadata=flag("img2img strength (1: ignore the image)"))
     loras: list[LoraSpec] = field(
         default_factory=list, metadata=flag(name="lora", metavar="FILE[:STRENGTH]", parse=LoraSpec.parse)
+    )
+    controlnets: list[ControlNetSpec] = field(
+        default_factory=list,
+        metadata=flag(
+            "a FLUX.1 ControlNet and its control image (repeatable; a bare FILE is looked up in "
+            "<models-dir>/controlnet/)",
+            name="controlnet",
+            metavar=CONTROLNET_FLAG,
+            parse=ControlNetSpec.parse,
+        ),
     )
     files: ModelFiles = field(default_factory=ModelFiles)
     t5_max_length: int | None = field(
@@ -268,6 +362,14 @@ class GenerateRequest:
                 "lora", spec.strength, -MAX_LORA_STRENGTH, MAX_LORA_STRENGTH,
                 f"a strength from {-MAX_LORA_STRENGTH:g} to {MAX_LORA_STRENGTH:g}", shown=f"{spec.path}:{spec.strength!r}",
             )  # fmt: skip
+        if not isinstance(self.controlnets, list) or not all(
+            isinstance(s, ControlNetSpec) for s in self.controlnets
+        ):
+            raise UserError(
+                f"The request's controlnets are not a list of ControlNets: give each as --controlnet {CONTROLNET_FLAG}."
+            )
+        for spec in self.controlnets:
+            spec.check()
         if self.device not in DEVICES:
             raise UserError(f"--device {self.device!r} is not known: use {_one_of(DEVICES)}.")
         if self.dtype not in DTYPES:
@@ -282,6 +384,8 @@ class GenerateRequest:
             ) from None
         if self.init_image is not None:
             check_init_image(self.init_image)
+        for spec in self.controlnets:
+            check_image(spec.image, f"--controlnet {spec.path} image")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -301,7 +405,8 @@ class GenerateRequest:
         try:
             files = ModelFiles(**data.pop("files", {}) or {})
             loras = [LoraSpec(**item) for item in data.pop("loras", []) or []]
-            return cls(files=files, loras=loras, **data)
+            controlnets = [ControlNetSpec(**item) for item in data.pop("controlnets", []) or []]
+            return cls(files=files, loras=loras, controlnets=controlnets, **data)
         except TypeError:  # a list where an object belongs, a missing prompt, an unknown field inside files
             raise UserError(
                 "The request is malformed (a field is missing or of the wrong kind): send it as "

@@ -54,7 +54,8 @@ def scan_models_dir(models_dir: Path, notes: list[str] | None = None) -> dict[st
                     notes.append(f"skipped {path.name}: it could not be read ({type(error).__name__})")
                 continue
             for role, component in components.items():
-                found[role].append(component)
+                if role in found:  # a ControlNet among the models: given with --controlnet, not picked
+                    found[role].append(component)
     return found
 
 
@@ -78,7 +79,7 @@ def resolve(files: ModelFiles) -> ResolvedFiles:
     if files.checkpoint:
         checkpoint = open_weights(files.checkpoint)
         components.update(find_components(checkpoint))
-        if not components:
+        if not components or "controlnet" in components:
             raise UserError(
                 f"--checkpoint {files.checkpoint} looks like {describe(checkpoint)}: give a FLUX checkpoint."
             )
@@ -117,3 +118,21 @@ def resolve(files: ModelFiles) -> ResolvedFiles:
 def _bundled_tokenizer(name: str) -> Path | None:
     folder = BUNDLE_MODELS / name
     return folder if folder.is_dir() else None
+
+
+def controlnet_component(path: str, models_dir: str | None) -> Component:
+    """The ControlNet a --controlnet names: the file itself, or a bare name looked up in
+    <models-dir>/controlnet/ (with or without its suffix); one sentence when it is missing or not a ControlNet."""
+    candidates = [Path(path)]
+    if models_dir and Path(path).name == path:
+        folder = Path(models_dir) / layout.CONTROLNET
+        candidates += [folder / path, *(folder / (path + suffix) for suffix in layout.WEIGHT_SUFFIXES)]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        where = (
+            f" (nor in {Path(models_dir) / layout.CONTROLNET})"
+            if models_dir and Path(path).name == path
+            else ""
+        )
+        raise UserError(f"--controlnet {path} does not exist{where}: give the path of a ControlNet file.")
+    return component_from(found, "controlnet", "--controlnet")

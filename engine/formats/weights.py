@@ -29,7 +29,15 @@ ROLE_NAMES = {
     "clip": "a CLIP-L text encoder",
     "t5": "a T5-XXL text encoder",
     "vae": "a FLUX autoencoder (VAE)",
+    "controlnet": "a FLUX.1 ControlNet",
 }
+# A ControlNet (InstantX/diffusers, XLabs, MistoLine) has one of these; XLabs' nets also have the transformer's
+# marker, so a file with one is a ControlNet and nothing else (`find_components`).
+CONTROLNET_MARKERS = (
+    "controlnet_x_embedder.weight",
+    "controlnet_blocks.0.weight",
+    "controlnet_blocks.0.linear.weight",
+)
 
 # Prefixes under which each role's tensors appear: ComfyUI all-in-one checkpoints first, then bare files.
 PREFIXES = {
@@ -79,8 +87,10 @@ class Component:
 
 
 def find_components(file: WeightFile) -> dict[str, Component]:
-    """Every role this file holds, found by its tensor names."""
+    """Every role this file holds, found by its tensor names (a ControlNet file: only "controlnet")."""
     names = file.tensors
+    if any(marker in names for marker in CONTROLNET_MARKERS):
+        return {"controlnet": Component("controlnet", file, "")}
     found = {}
     for role in ROLES:
         for prefix in PREFIXES[role]:

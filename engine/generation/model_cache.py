@@ -103,6 +103,7 @@ class ModelCache:
         if self.memory.budget != budget:
             self.memory.set_budget(budget)
         self.memory.reset_stats()
+        self.memory.share_budget([])  # a job with ControlNets shares it again (engine/generation/control.py)
         return self.memory
 
     def use(self, component: Component, dtype: torch.dtype, device: torch.device) -> nn.Module:
@@ -160,7 +161,8 @@ class ModelCache:
         if self.keep != "auto":
             return
         room = RAM_SHARE * _total_ram()
-        for role in EVICTION_ORDER:
+        controlnets = sorted(role for role in self._loaded if role.startswith("controlnet"))
+        for role in (*controlnets, *EVICTION_ORDER):
             if component.nbytes + self._held_bytes(component.role) <= room:
                 return
             if role != component.role and role in self._loaded and role not in self._in_use:

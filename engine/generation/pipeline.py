@@ -23,6 +23,7 @@ from engine.contract.request import GenerateRequest, parse_cache
 from engine.formats.lora import FileHashes, prompt_loras
 from engine.formats.model_files import resolve
 from engine.generation import sampling
+from engine.generation.control import plan_controls, with_controls
 from engine.generation.decode import decode
 from engine.generation.denoise import denoise, nonfinite_cause
 from engine.generation.embedding_cache import EmbeddingCache
@@ -85,6 +86,7 @@ class Engine:
         request = _with_prompt_loras(request)
         out = check_writable(request.out)
         plan = self._plan(request, on_event)
+        controls = plan_controls(plan)  # every --controlnet checked before anything loads
 
         on_event(Stage("encoding", f"{plan.device.type} {plan.precision}"))
         text = encode_prompts(plan, self.models, self.cache, on_event)
@@ -93,11 +95,12 @@ class Engine:
         on_event(Stage("loading", "transformer"))
         transformer = self._transformer(plan, on_event)
         inputs = prepare(plan, text, transformer.params, self.models, on_event)
+        inputs = with_controls(inputs, controls, plan, transformer, self.models, on_event)
 
         on_event(Stage("denoising", f"{len(inputs.times) - 1} steps"))
         step_seconds: list[float] = []
         latents = self._denoise(plan, inputs, step_seconds, on_event, cancel)
-        self.models.release(("transformer",))
+        self.models.release(("transformer", *(c.role for c in controls)))
 
         on_event(Stage("decoding"))
         images = decode(

@@ -51,9 +51,21 @@ def parameters_text(
         fields["Cache"] = request.cache
     if request.loras:
         fields["Lora hashes"] = _lora_hashes(request, hashes or FileHashes())
+    if request.controlnets:
+        fields["ControlNet"] = _controlnets(request)
     fields["Version"] = VERSION
     lines.append(", ".join(f"{k}: {v}" for k, v in fields.items()))
     return "\n".join(lines)
+
+
+def _controlnets(request: GenerateRequest) -> str:
+    """`ControlNet: "name (strength S, A-B[, mode M]), ..."`, one entry per net, its file's name."""
+    entries = []
+    for spec in request.controlnets:
+        name = Path(spec.path.replace("\\", "/")).stem.replace(",", "_").replace(":", "_")
+        mode = f", mode {spec.mode}" if spec.mode is not None else ""
+        entries.append(f"{name} (strength {_num(spec.strength)}, {_num(spec.start)}-{_num(spec.end)}{mode})")
+    return '"' + ", ".join(entries) + '"'
 
 
 def _num(x: float) -> str:

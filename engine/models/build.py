@@ -8,6 +8,7 @@ from torch import nn
 from engine.contract.errors import UserError
 from engine.formats.weights import Component, quantized_layers, split_quantized
 from engine.models.autoencoder import AutoEncoder, AutoEncoderParams
+from engine.models.controlnet import build_controlnet
 from engine.models.flux1 import Flux, FluxParams
 from engine.models.text_encoders import build_clip, build_t5
 from engine.runtime import ops
@@ -17,6 +18,7 @@ _BUILDERS = {
     "vae": lambda state, scales, dtype: _build_own(AutoEncoder, AutoEncoderParams, state, scales, dtype),
     "clip": build_clip,
     "t5": build_t5,
+    "controlnet": build_controlnet,  # roles "controlnet:0", "controlnet:1", …: one per --controlnet
 }
 
 
@@ -31,7 +33,7 @@ def build_model(component: Component, dtype: torch.dtype) -> nn.Module:
     """A role's model from its file, weights kept in the stored dtype."""
     state, scales = split_quantized(component.load(), quantized_layers(component), str(component.file.path))
     try:
-        return _BUILDERS[component.role](state, scales, dtype)
+        return _BUILDERS[component.role.partition(":")[0]](state, scales, dtype)
     except (KeyError, ValueError, IndexError) as e:
         raise UserError(
             f"{component.file.path} does not have the tensors a {component.role} needs ({e}): "

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.contract.request import UNION_MODES
 from engine.formats.weights import count_indexed
 from engine.models.flux1 import (
     ControlResiduals,
@@ -41,9 +42,6 @@ from engine.models.flux1 import (
     timestep_embedding,
 )
 from engine.runtime import ops
-
-# InstantX / Shakker-Labs Union model cards: the mode index each control type was trained with.
-UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
 
 DIFFUSERS, XLABS = "diffusers", "xlabs"
 

@@ -153,6 +153,7 @@ class MemoryManager:
         self._copier = _Copier(device)
         self._models: dict[int, _Managed] = {}
         self._active: list[int] = []  # activation order, oldest first
+        self._shares: dict[int, float] = {}  # models that run together: their part of the budget (else all)
 
     # ---- registration ----
 
@@ -172,7 +173,26 @@ class MemoryManager:
         self._models[id(model)] = managed
         return model
 
+    def share_budget(self, models: list[nn.Module]) -> None:
+        """Models that run together every step (a transformer and its ControlNets) plan within parts of the
+        one budget, in proportion to their weights, so that activating one never evicts another; an empty
+        list gives every model the whole budget again. A model whose part changes is planned again."""
+        sizes = {id(m): self._models[id(m)].rest_bytes + sum(self._models[id(m)].block_bytes) for m in models}
+        total = sum(sizes.values())
+        shares = {i: size / total for i, size in sizes.items()} if len(sizes) > 1 and total else {}
+        for i, managed in self._models.items():
+            if shares.get(i, 1.0) != self._shares.get(i, 1.0):
+                self._release(managed)
+                if i in self._active:
+                    self._active.remove(i)
+        self._shares = shares
+
+    def _budget_of(self, managed: _Managed) -> int | None:
+        share = self._shares.get(id(managed.model), 1.0)
+        return None if self.budget is None else int(self.budget * share)
+
     def forget(self, model: nn.Module) -> None:
+        self._shares.pop(id(model), None)
         managed = self._models.pop(id(model), None)
         if managed is None:
             return
@@ -188,7 +208,7 @@ class MemoryManager:
         """Stage `model`'s resident weights, evicting the least recently used models if the budget needs it."""
         managed = self._models[id(model)]
         while managed.plan is None:
-            managed.plan = make_plan(managed.block_bytes, managed.rest_bytes, self.budget)
+            managed.plan = make_plan(managed.block_bytes, managed.rest_bytes, self._budget_of(managed))
             self._evict_for(managed)
             try:
                 self._stage_resident(managed)
@@ -199,7 +219,7 @@ class MemoryManager:
                 self._release(managed)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-                self.budget = _budget_keeping(managed, kept // 2)
+                self.budget = self._whole_budget(managed, _budget_keeping(managed, kept // 2))
                 self.stats.budget_lowered += 1
         if id(model) in self._active:
             self._active.remove(id(model))
@@ -225,9 +245,9 @@ class MemoryManager:
         """After an out-of-memory: keep half as many blocks resident (and at least one fewer); returns the new
         budget in bytes."""
         managed = self._models[id(model)]
-        plan = managed.plan or make_plan(managed.block_bytes, managed.rest_bytes, self.budget)
+        plan = managed.plan or make_plan(managed.block_bytes, managed.rest_bytes, self._budget_of(managed))
         keep = max(0, min(len(plan.resident) // 2, len(plan.resident) - 1))
-        self.budget = _budget_keeping(managed, keep)
+        self.budget = self._whole_budget(managed, _budget_keeping(managed, keep))
         self._release(managed)
         for other in list(self._active):
             if other != id(model):
@@ -238,6 +258,10 @@ class MemoryManager:
         self.stats.budget_lowered += 1
         self.activate(model)
         return self.budget
+
+    def _whole_budget(self, managed: _Managed, own: int) -> int:
+        """The budget that gives this model `own` bytes through its share."""
+        return math.ceil(own / self._shares.get(id(managed.model), 1.0))
 
     def _evict_for(self, managed: _Managed) -> None:
         if self.budget is None:
