@@ -20,6 +20,7 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0)
 checks=" ${CHECKS:-cuda offload dequant cache attention cpu-dequant cpu-dtype} "
 if [[ $checks == *" cuda "* ]]; then
   timeout 60 python3 -m engine selftest --device cuda > "$out/selftest-cuda.txt" 2>&1
+  timeout 60 python3 -m tests.gpu_controlnet_check >> "$out/selftest-cuda.txt" 2>&1
   tail -n 1 "$out/selftest-cuda.txt"
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gguf.py -k "cuda" \
     > "$out/cuda-tests.txt" 2>&1
