@@ -241,13 +241,22 @@ class ModelFiles:
     models_dir: str | None = field(default=None, metadata=flag("a models folder in the ComfyUI layout"))
     clip_tokenizer: str | None = field(default=None, metadata=flag("folder with the CLIP tokenizer"))
     t5_tokenizer: str | None = field(default=None, metadata=flag("folder with the T5 tokenizer"))
+    # FLUX.2 [klein]: the Qwen3 text encoder and its tokenizer (the transformer's tensor names give the family)
+    text_encoder: str | None = field(
+        default=None, metadata=flag("the Qwen3 text encoder file (FLUX.2 [klein])")
+    )
+    text_tokenizer: str | None = field(
+        default=None, metadata=flag("folder with the Qwen3 tokenizer (FLUX.2 [klein])")
+    )
 
     def check_given(self) -> None:
         """Some source of weights is named (the server's requests name the models folder)."""
-        if not (self.checkpoint or self.models_dir or all([self.transformer, self.clip, self.t5, self.vae])):
+        flux1 = all([self.transformer, self.clip, self.t5, self.vae])
+        flux2 = all([self.transformer, self.text_encoder, self.vae])
+        if not (self.checkpoint or self.models_dir or flux1 or flux2):
             raise UserError(
                 "Say where the model is: --checkpoint FILE, --models-dir DIR, or all of --transformer --clip --t5 "
-                "--vae."
+                "--vae (FLUX.2 [klein]: --transformer --text-encoder --vae)."
             )
 
 

@@ -20,7 +20,19 @@ from engine.formats.weights import (
 )
 
 BUNDLE_MODELS = Path(__file__).resolve().parents[2] / "models"
-FLAGS = {"transformer": "--transformer", "clip": "--clip", "t5": "--t5", "vae": "--vae"}
+FLAGS = {
+    "transformer": "--transformer",
+    "clip": "--clip",
+    "t5": "--t5",
+    "vae": "--vae",
+    "text_encoder": "--text-encoder",
+}
+# The roles each family needs; the transformer's tensor names say which family a job is.
+FAMILY_ROLES = {
+    "flux1": ("transformer", "clip", "t5", "vae"),
+    "flux2": ("transformer", "text_encoder", "vae"),
+}
+FAMILY_NAMES = {"flux1": "FLUX.1", "flux2": "FLUX.2 [klein]"}
 
 
 @dataclass
@@ -29,6 +41,19 @@ class ResolvedFiles:
     clip_tokenizer: Path | None
     t5_tokenizer: Path | None
     notes: list[str] = field(default_factory=list)  # files of the models folder that were skipped, and why
+    family: str = "flux1"  # "flux2": FLUX.2 [klein] (Qwen3 text encoder, FLUX.2 autoencoder)
+    text_tokenizer: Path | None = None  # FLUX.2's Qwen3 tokenizer folder
+
+
+def family_of(component: Component) -> str:
+    """A transformer's or autoencoder's family, from its tensor names."""
+    from engine.models.flux2 import is_flux2
+    from engine.models.flux2_autoencoder import is_flux2_autoencoder
+
+    names = component.shapes()
+    if component.role == "transformer":
+        return "flux2" if is_flux2(names) else "flux1"
+    return "flux2" if is_flux2_autoencoder(names) else "flux1"
 
 
 def scan_models_dir(models_dir: Path, notes: list[str] | None = None) -> dict[str, list[Component]]:
@@ -76,6 +101,7 @@ def _computable(component: Component) -> bool:
 
 def resolve(files: ModelFiles) -> ResolvedFiles:
     components: dict[str, Component] = {}
+    given: dict[str, str] = {}  # role → the path a flag named
     if files.checkpoint:
         checkpoint = open_weights(files.checkpoint)
         components.update(find_components(checkpoint))
@@ -87,6 +113,8 @@ def resolve(files: ModelFiles) -> ResolvedFiles:
         path = getattr(files, role)
         if path:
             components[role] = component_from(path, role, FLAGS[role])
+            given[role] = path
+    family = family_of(components["transformer"]) if "transformer" in components else None
     notes: list[str] = []
     clip_tok = Path(files.clip_tokenizer) if files.clip_tokenizer else None
     t5_tok = Path(files.t5_tokenizer) if files.t5_tokenizer else None
@@ -98,12 +126,20 @@ def resolve(files: ModelFiles) -> ResolvedFiles:
                 f"The models folder {models_dir} holds no FLUX model files: download them "
                 "(python -m bootstrap download) or point --models-dir at a ComfyUI models folder."
             )
+        if family is None and scanned["transformer"]:
+            components["transformer"] = _prefer_single_role(scanned["transformer"])
+            family = family_of(components["transformer"])
         for role in ROLES:
-            if role not in components and scanned[role]:
-                components[role] = _prefer_single_role(scanned[role])
+            candidates = scanned[role]
+            if role == "vae" and family is not None:  # the autoencoder of the transformer's family
+                candidates = [c for c in candidates if family_of(c) == family] or candidates
+            if role not in components and candidates and role in FAMILY_ROLES[family or "flux1"]:
+                components[role] = _prefer_single_role(candidates)
         clip_tok = clip_tok or models_dir / layout.CLIP_TOKENIZER
         t5_tok = t5_tok or models_dir / layout.T5_TOKENIZER
-    missing = [role for role in ROLES if role not in components]
+    family = family or "flux1"
+    _check_family(components, family, given)
+    missing = [role for role in FAMILY_ROLES[family] if role not in components]
     if missing:
         where = f"The models folder {files.models_dir} lacks" if files.models_dir else "The files given lack"
         wanted = [f"{ROLE_NAMES[r]} ({FLAGS[r]})" for r in missing]
@@ -112,7 +148,34 @@ def resolve(files: ModelFiles) -> ResolvedFiles:
     # Files given one by one: the tokenizers the bootstrap downloads into the bundle's own models folder.
     clip_tok = clip_tok or _bundled_tokenizer(layout.CLIP_TOKENIZER)
     t5_tok = t5_tok or _bundled_tokenizer(layout.T5_TOKENIZER)
-    return ResolvedFiles(components, clip_tok, t5_tok, notes)
+    text_tok = Path(files.text_tokenizer) if files.text_tokenizer else None
+    if files.models_dir and text_tok is None:
+        text_tok = Path(files.models_dir) / layout.QWEN3_TOKENIZER
+    text_tok = text_tok or _bundled_tokenizer(layout.QWEN3_TOKENIZER)
+    used = {role: components[role] for role in FAMILY_ROLES[family]}
+    return ResolvedFiles(used, clip_tok, t5_tok, notes, family, text_tok)
+
+
+def _check_family(components: dict[str, Component], family: str, given: dict[str, str]) -> None:
+    """Files named by flags that belong to the other family, and an autoencoder of the other family, are
+    refused in one sentence naming the file."""
+    transformer = components.get("transformer")
+    if transformer is None:
+        return
+    model = f"the {FAMILY_NAMES[family]} transformer {transformer.file.path.name}"
+    for role, path in given.items():
+        if role not in FAMILY_ROLES[family]:
+            wanted = " and ".join(FLAGS[r] for r in FAMILY_ROLES[family] if r not in ("transformer", "vae"))
+            raise UserError(
+                f"{FLAGS[role]} {path} is {ROLE_NAMES[role]}, which {model} does not use: give {wanted} instead."
+            )
+    vae = components.get("vae")
+    if vae is not None and family_of(vae) != family:
+        other = FAMILY_NAMES[family_of(vae)]
+        raise UserError(
+            f"The autoencoder {vae.file.path} is {other}'s, which does not fit {model}: "
+            f"give the {FAMILY_NAMES[family]} autoencoder with --vae."
+        )
 
 
 def _bundled_tokenizer(name: str) -> Path | None:

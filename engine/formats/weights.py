@@ -23,13 +23,14 @@ from engine.formats.safetensors_file import check_header as check_header
 from engine.formats.weight_file import TensorInfo as TensorInfo
 from engine.formats.weight_file import WeightFile, open_weights
 
-ROLES = ("transformer", "clip", "t5", "vae")
+ROLES = ("transformer", "clip", "t5", "vae", "text_encoder")
 ROLE_NAMES = {
     "transformer": "a FLUX transformer (diffusion model)",
     "clip": "a CLIP-L text encoder",
     "t5": "a T5-XXL text encoder",
     "vae": "a FLUX autoencoder (VAE)",
     "controlnet": "a FLUX.1 ControlNet",
+    "text_encoder": "a Qwen3 text encoder (FLUX.2 [klein])",
 }
 # A ControlNet (InstantX/diffusers, XLabs, MistoLine) has one of these; XLabs' nets also have the transformer's
 # marker, so a file with one is a ControlNet and nothing else (`find_components`).
@@ -45,6 +46,7 @@ PREFIXES = {
     "clip": ("text_encoders.clip_l.transformer.", "cond_stage_model.clip_l.transformer.", ""),
     "t5": ("text_encoders.t5xxl.transformer.", "cond_stage_model.t5xxl.transformer.", ""),
     "vae": ("vae.", "first_stage_model.", ""),
+    "text_encoder": ("",),
 }
 # One tensor that only that role has, relative to its prefix.
 MARKERS = {
@@ -52,6 +54,7 @@ MARKERS = {
     "clip": "text_model.embeddings.token_embedding.weight",
     "t5": "encoder.block.0.layer.0.SelfAttention.q.weight",
     "vae": "decoder.conv_in.weight",
+    "text_encoder": "model.layers.0.self_attn.q_norm.weight",  # Qwen3 (Qwen2 has no q_norm); ComfyUI's names
 }
 
 

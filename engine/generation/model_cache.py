@@ -16,12 +16,19 @@ from engine.formats.lora import LoraLibrary
 from engine.formats.weights import Component
 from engine.generation.preview import fit_projection
 from engine.models.build import build_model
+from engine.models.qwen3_encoder import load_qwen3_tokenizer, qwen3_tokenizer_identity
 from engine.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer, tokenizer_identity
 from engine.runtime import ops
 from engine.runtime.memory import GB, MemoryManager, auto_budget
 
 RAM_SHARE = 0.6  # of the machine's RAM that loaded models may take before older ones are let go
-EVICTION_ORDER = ("t5", "clip", "vae", "transformer")  # the embedding cache stands in for the encoders
+EVICTION_ORDER = (
+    "t5",
+    "clip",
+    "text_encoder",
+    "vae",
+    "transformer",
+)  # the embedding cache stands in for the encoders
 
 
 def _total_ram() -> int:
@@ -177,9 +184,13 @@ class ModelCache:
     # ---- what goes with the models ----
 
     def tokenizer(self, kind: str, folder: Path | None):
-        key = (kind, tokenizer_identity(kind, folder))  # a tokenizer replaced in its folder is read again
+        key = (
+            kind,
+            qwen3_tokenizer_identity(folder) if kind == "qwen3" else tokenizer_identity(kind, folder),
+        )  # a tokenizer replaced in its folder is read again
         if key not in self._tokenizers:
-            loader = load_clip_tokenizer if kind == "clip" else load_t5_tokenizer
+            loaders = {"clip": load_clip_tokenizer, "t5": load_t5_tokenizer, "qwen3": load_qwen3_tokenizer}
+            loader = loaders[kind]
             self._tokenizers[key] = loader(folder)
         return self._tokenizers[key]
 

@@ -86,6 +86,10 @@ class Engine:
         request = _with_prompt_loras(request)
         out = check_writable(request.out)
         plan = self._plan(request, on_event)
+        if plan.family == "flux2":
+            from engine.generation.flux2_stages import generate_flux2
+
+            return generate_flux2(self, plan, out, on_event, cancel, started)
         controls = plan_controls(plan)  # every --controlnet checked before anything loads
 
         on_event(Stage("encoding", f"{plan.device.type} {plan.precision}"))
@@ -125,7 +129,7 @@ class Engine:
             on_event(Message(skipped))
         self.models.start_job(device, request.vram_budget)
         schnell = "guidance_in.in_layer.weight" not in files.components["transformer"].shapes()
-        return Plan(request, files, device, precision, schnell)
+        return Plan(request, files, device, precision, schnell, files.family)
 
     def _transformer(self, plan: Plan, on_event: EventSink) -> nn.Module:
         transformer = self.models.use(plan.files.components["transformer"], plan.dtype, plan.device)

@@ -20,6 +20,7 @@ class Plan:
     device: torch.device
     precision: Precision
     schnell: bool  # a transformer without a guidance embedding: 4 steps, T5 256 tokens, no shift
+    family: str = "flux1"  # "flux2": FLUX.2 [klein], run by engine/generation/flux2_stages.py
 
     @property
     def dtype(self) -> torch.dtype:

@@ -10,15 +10,32 @@ from engine.formats.weights import Component, quantized_layers, split_quantized
 from engine.models.autoencoder import AutoEncoder, AutoEncoderParams
 from engine.models.controlnet import build_controlnet
 from engine.models.flux1 import Flux, FluxParams
+from engine.models.flux2 import Flux2, Flux2Params, is_flux2
+from engine.models.flux2_autoencoder import Flux2AutoEncoder, canonical_names, is_flux2_autoencoder
+from engine.models.qwen3_encoder import build_qwen3
 from engine.models.text_encoders import build_clip, build_t5
 from engine.runtime import ops
 
+
+def _transformer(state, scales, dtype) -> nn.Module:
+    if is_flux2(state):
+        return _build_own(Flux2, Flux2Params, state, scales, dtype)
+    return _build_own(Flux, FluxParams, state, scales, dtype)
+
+
+def _autoencoder(state, scales, dtype) -> nn.Module:
+    if is_flux2_autoencoder(state):
+        return _build_own(Flux2AutoEncoder, AutoEncoderParams, canonical_names(state), scales, dtype)
+    return _build_own(AutoEncoder, AutoEncoderParams, state, scales, dtype)
+
+
 _BUILDERS = {
-    "transformer": lambda state, scales, dtype: _build_own(Flux, FluxParams, state, scales, dtype),
-    "vae": lambda state, scales, dtype: _build_own(AutoEncoder, AutoEncoderParams, state, scales, dtype),
+    "transformer": _transformer,
+    "vae": _autoencoder,
     "clip": build_clip,
     "t5": build_t5,
     "controlnet": build_controlnet,  # roles "controlnet:0", "controlnet:1", …: one per --controlnet
+    "text_encoder": build_qwen3,
 }
 
 

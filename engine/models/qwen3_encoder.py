@@ -124,6 +124,20 @@ def load_qwen3_tokenizer(folder: str | Path | None):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+def qwen3_tokenizer_identity(folder: str | Path | None) -> str:
+    """What the embedding cache knows a Qwen3 tokenizer folder by: its path and each file's name, size and
+    modification time (checked as loading it would be)."""
+    import json
+
+    load_check = Path(folder) if folder is not None else None
+    if load_check is None or not load_check.is_dir():
+        load_qwen3_tokenizer(folder)  # the one-sentence error
+    files = sorted(p for p in load_check.iterdir() if p.is_file())
+    return json.dumps(
+        [str(load_check.resolve()), [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
+    )
+
+
 def chat_text(tokenizer, prompt: str) -> str:
     """The prompt as the pipeline hands it to the tokenizer: one user turn, the assistant's turn opened,
     thinking disabled."""

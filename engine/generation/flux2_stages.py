@@ -1,0 +1,184 @@
+"""FLUX.2 [klein]'s stages, as diffusers' Flux2KleinPipeline runs them: Qwen3 encode → noise, ids and schedule →
+Euler with true CFG → decode through the FLUX.2 autoencoder. FLUX.1's stages stay as they are; the pipeline
+hands a job here when the transformer's tensor names say FLUX.2 (plan.family).
+
+- Text: the prompt (and with --cfg above 1 the negative prompt, "" when none is given, as the pipeline does)
+  through Qwen3's chat template, 512 tokens, the states after layers 9, 18, 27 (encode_qwen3); from the embedding
+  cache when this encoder file and tokenizer already encoded it. The encoder is released before the transformer
+  loads, as T5 is.
+- Noise (../shared/DESIGN.md): randn((B, 128, H/16, W/16)) from a CPU generator seeded with --seed, float32, one
+  draw for the batch; image token n is noise[b, :, n // (W/16), n % (W/16)].
+- Schedule: sigmas linspace(1, 1/N, N) in float32, shifted by the exponential time shift with
+  mu = compute_empirical_mu(tokens, N), then 0; the transformer sees t = sigma. --shift, --guidance are not used
+  (klein has no guidance embedding: --guidance is ignored with a note).
+- Not yet: --init-image, LoRAs (refused), tiled decoding (the whole latent decodes at once).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.contract.errors import Cancelled, UserError
+from engine.contract.events import Done, EventSink, Message, Stage, Step
+from engine.contract.request import GenerateRequest, parse_cache
+from engine.generation import sampling
+from engine.generation.decode import to_images
+from engine.generation.denoise import _retrying, nonfinite_cause
+from engine.generation.encode import _check_encoding
+from engine.generation.plan import Plan
+from engine.generation.png_output import save_images
+from engine.generation.step_cache import FirstBlockCache
+from engine.models import flux2
+from engine.models.qwen3_encoder import MAX_LENGTH, encode_qwen3, qwen3_tokenizer_identity
+
+LATENT_CHANNELS = 128  # 32 latent channels × a 2×2 patch
+DOWNSCALE = 16  # pixels per latent token along each side
+DEFAULT_GUIDANCE = GenerateRequest.__dataclass_fields__["guidance"].default
+
+
+def make_noise(seed: int, batch: int, height: int, width: int) -> torch.Tensor:
+    """FLUX.2's seed convention: (batch, 128, H/16, W/16) float32 from a CPU generator."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    shape = (batch, LATENT_CHANNELS, height // DOWNSCALE, width // DOWNSCALE)
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
+
+
+def empirical_mu(image_tokens: int, steps: int) -> float:
+    """Flux2KleinPipeline's compute_empirical_mu: linear in the token count, fitted at 10 and 200 steps."""
+    a1, b1 = 8.73809524e-05, 1.89833333
+    a2, b2 = 0.00016927, 0.45666666
+    if image_tokens > 4300:
+        return float(a2 * image_tokens + b2)
+    m200, m10 = a2 * image_tokens + b2, a1 * image_tokens + b1
+    slope = (m200 - m10) / 190.0
+    return float(slope * steps + (m200 - 200.0 * slope))
+
+
+def schedule(steps: int, image_tokens: int, mu: float | None = None) -> list[float]:
+    """steps + 1 times: linspace(1, 1/N, N) shifted exponentially by mu (the empirical one by default), in float32
+    as the scheduler keeps them, then 0."""
+    mu = empirical_mu(image_tokens, steps) if mu is None else mu
+    sigmas = np.linspace(1.0, 1.0 / steps, steps)
+    shifted = math.exp(mu) / (math.exp(mu) + (1.0 / sigmas - 1.0))
+    return [float(s) for s in torch.from_numpy(shifted).to(torch.float32)] + [0.0]
+
+
+def check_request(plan: Plan, on_event: EventSink) -> None:
+    """What FLUX.2 does not take yet is refused in one sentence; --guidance is ignored with a note."""
+    request = plan.request
+    model = plan.files.components["transformer"].file.path.name
+    if request.init_image:
+        raise UserError(f"--init-image is not supported with the FLUX.2 [klein] model {model} yet.")
+    if request.loras:
+        raise UserError(f"LoRAs are not supported with the FLUX.2 [klein] model {model} yet.")
+    for name in ("controlnets", "mask", "control_image", "references"):
+        if getattr(request, name, None):
+            flag = "--" + name.replace("_", "-")
+            raise UserError(f"{flag} is not supported with the FLUX.2 [klein] model {model} yet.")
+    if request.guidance != DEFAULT_GUIDANCE:
+        on_event(Message("--guidance is ignored: FLUX.2 [klein] has no guidance embedding (use --cfg)."))
+
+
+def encode(plan: Plan, engine, texts: list[str]) -> list[torch.Tensor]:
+    """Each text's Qwen3 embedding (1, 512, 3 × width), from the cache when there."""
+    files = plan.files
+    component = files.components["text_encoder"]
+    tokenizer_id = qwen3_tokenizer_identity(files.text_tokenizer)
+    out = []
+    for text in texts:
+        key = engine.cache.key(component, text, MAX_LENGTH, plan.support, tokenizer_id)
+        states = engine.cache.get(key)
+        if states is None:
+            model = engine.models.use(component, plan.support, plan.device)
+            tokenizer = engine.models.tokenizer("qwen3", files.text_tokenizer)
+            states = encode_qwen3(model, tokenizer, [text], plan.device)
+            _check_encoding(states, component, [])
+            engine.cache.put(key, states)
+        out.append(states)
+    return out
+
+
+def generate_flux2(
+    engine, plan: Plan, out: Path, on_event: EventSink, cancel: threading.Event, started: float
+) -> list[str]:
+    """The whole job for a FLUX.2 transformer, from the plan to the saved PNGs."""
+    request, device = plan.request, plan.device
+    check_request(plan, on_event)
+    passes = 2 if request.cfg > 1.0 else 1
+    texts = [request.prompt] + ([request.negative or ""] if passes == 2 else [])
+
+    on_event(Stage("encoding", f"{device.type} {plan.precision}"))
+    states = encode(plan, engine, texts)
+    engine.models.release(("text_encoder",))
+
+    on_event(Stage("loading", "transformer"))
+    transformer = engine.models.use(plan.files.components["transformer"], plan.dtype, device)
+    rows, cols = request.height // DOWNSCALE, request.width // DOWNSCALE
+    batch = request.batch
+    x = flux2.pack(make_noise(request.seed, batch, request.height, request.width)).to(device)
+    times = schedule(plan.steps, rows * cols)
+    img_ids = flux2.image_ids(1, rows, cols).to(device)
+    txt_ids = flux2.text_ids(1, MAX_LENGTH).to(device)
+    pe = transformer.position_embedding(torch.cat((txt_ids, img_ids), 1))
+    txt = torch.cat([s.to(device, plan.dtype).expand(batch, -1, -1) for s in states])
+    threshold = parse_cache(request.cache)
+    step_cache = None if threshold is None else FirstBlockCache(threshold, groups=passes)
+
+    @torch.inference_mode()
+    def velocity(x: torch.Tensor, t: float) -> torch.Tensor:
+        if cancel.is_set():
+            raise Cancelled("cancelled")
+        timesteps = torch.full((passes * batch,), t, device=device, dtype=torch.float32)
+        img = x.to(plan.dtype).repeat(passes, 1, 1)
+        v = transformer(img, img_ids, txt, txt_ids, timesteps, None, pe, cache=step_cache).float()
+        if passes == 1:
+            return v
+        positive, negative = v.chunk(2)
+        return negative + request.cfg * (positive - negative)
+
+    step_seconds: list[float] = []
+
+    def progress(report: sampling.StepReport) -> None:
+        step_seconds.append(report.seconds)
+        on_event(Step(report.step, report.total, report.seconds, False))
+
+    on_event(Stage("denoising", f"{len(times) - 1} steps"))
+    try:
+        latents = sampling.euler(
+            x, times, _retrying(velocity, transformer, engine.models.memory, on_event), progress
+        )
+    except sampling.NonFiniteLatents as error:
+        raise UserError(
+            f"The image turned to NaN/infinity at step {error.step} of {error.total}, so it would be black: "
+            f"the likely cause is {nonfinite_cause(plan)}."
+        ) from None
+    engine.models.release(("transformer",))
+
+    on_event(Stage("decoding"))
+    vae = engine.models.use(plan.files.components["vae"], plan.support, device)
+    images = []
+    with torch.inference_mode():
+        unpacked = flux2.unpack(latents, rows, cols).to(plan.support)
+        for i in range(batch):
+            pixels = vae.decode(unpacked[i : i + 1]).float().cpu()
+            if not bool(torch.isfinite(pixels).all()):
+                raise UserError(
+                    f"The decoded image holds NaN/infinity: the likely cause is the autoencoder file "
+                    f"{plan.files.components['vae'].file.path} (damaged weights: download it again, or use "
+                    "--dtype fp32)."
+                )
+            images += to_images(pixels)
+    engine.models.release(("vae",))
+
+    on_event(Stage("saving"))
+    model = plan.files.components["transformer"].file.path.stem
+    paths = save_images(images, request, out, steps=plan.steps, t5_length=MAX_LENGTH, model=model)
+    mean = sum(step_seconds) / len(step_seconds) if step_seconds else 0.0
+    on_event(Done(paths, time.perf_counter() - started, mean))
+    return paths
