@@ -36,7 +36,7 @@ def denoise(
     velocity = _velocity(transformer, inputs, cache, cancel)
     try:
         return sampling.euler(
-            inputs.x, inputs.times, _retrying(velocity, transformer, memory, on_event), progress
+            inputs.x, inputs.times, _retrying(velocity, transformer, memory, on_event), progress, inputs.blend
         )
     except sampling.NonFiniteLatents as error:
         raise UserError(
