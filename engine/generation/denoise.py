@@ -75,7 +75,7 @@ def _velocity(
 
 
 def _per_pass(t: torch.Tensor | None, passes: int) -> torch.Tensor | None:
-    return None if t is None or passes == 1 else t.repeat(passes, *([1] * (t.dim() - 1)))
+    return t if t is None or passes == 1 else t.repeat(passes, *([1] * (t.dim() - 1)))
 
 
 def _retrying(

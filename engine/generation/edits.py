@@ -104,7 +104,7 @@ def _edit_size(request: GenerateRequest) -> tuple[int, int]:
     if request.control_image is not None:
         return _clamped(conditioning.edit_size(SimpleNamespace(size=_size_of(request.control_image))))
     if request.references:
-        return conditioning.kontext_size(*_size_of(request.references[0]))
+        return conditioning.kontext_size(*_size_of(request.references[0]), conditioning.KONTEXT_RESOLUTIONS)
     return DEFAULT_SIZE, DEFAULT_SIZE
 
 
@@ -174,5 +174,5 @@ def condition(
             cond = conditioning.control_conditioning(vae, image, width, height, batch, notify)
             return dataclasses.replace(inputs, img_cond=cond.to(device, dtype))
         images = [_open(path, "--reference") for path in request.references]
-        refs = conditioning.reference_tokens(vae, images, batch, notify)
+        refs = conditioning.reference_tokens(vae, images, batch, notify, conditioning.KONTEXT_RESOLUTIONS)
         return with_references(inputs, refs.tokens.to(device, dtype), refs.ids[:1].to(device), params)
