@@ -6,6 +6,7 @@ diffusers samples the autoencoder's posterior where the engine takes its mean: t
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -189,3 +190,23 @@ def test_bad_edit_requests(dev_set, fill_set, canny_set, tmp_path, capsys):
         line = _refused(capsys, tmp_path, *args)
         assert wanted in line, (args, line)
         assert line.endswith("."), line
+
+
+def test_canny_preprocess_without_opencv_is_one_sentence(canny_set, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 raises ImportError
+    image = _save(_photo(80, 64), tmp_path / "c.png")
+    line = _refused(capsys, tmp_path, "--models-dir", str(canny_set.models_dir), "--control-image", image,
+                    "--control-preprocess", "canny")  # fmt: skip
+    assert "opencv-python-headless" in line
+
+
+def test_canny_preprocess_matches_diffusers_on_the_edge_map(canny_set, tmp_path):
+    pytest.importorskip("cv2")
+    from engine.generation.control_preprocess import canny
+
+    photo = _photo(80, 64, seed=8)
+    ours, _ = _ours(canny_set, tmp_path, "--control-image", _save(photo, tmp_path / "c.png"),
+                    "--control-preprocess", "canny")  # fmt: skip
+    pipe = _oracle(FluxControlPipeline, canny_set)
+    theirs = _run(pipe, 80, 64, control_image=canny(photo, 80, 64), guidance_scale=30.0)
+    assert_close(ours, theirs)
