@@ -79,6 +79,8 @@ def check_image(path: str, flag_name: str) -> None:
     decode safely (its size is read from the header: nothing is decoded here)."""
     from PIL import Image
 
+    if not isinstance(path, str) or not path:
+        raise UserError(f"{flag_name} is not a file name: give the path of a PNG or JPEG.")
     if not Path(path).is_file():
         raise UserError(f"{flag_name} {path} does not exist: give the path of a PNG or JPEG.")
     try:
@@ -111,6 +113,10 @@ SCHNELL = ModelDefaults("schnell", steps=4, guidance=0.0, t5_max_length=256)
 
 
 DEVICES = ("auto", "cpu", "cuda")
+CONTROL_PREPROCESS = ("none", "canny", "depth")
+MAX_OUTPAINT = 2048  # pixels added on one side
+# the distilled guidance the edit models were trained with (BFL's cli_fill, cli_control, cli_kontext; diffusers)
+FILL_GUIDANCE, CANNY_GUIDANCE, DEPTH_GUIDANCE, KONTEXT_GUIDANCE = 30.0, 30.0, 10.0, 2.5
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -272,19 +278,50 @@ class GenerateRequest:
     negative: str | None = field(default=None, metadata=flag("negative prompt, used with --cfg above 1"))
     # true CFG: above 1 with a negative prompt runs a second pass
     cfg: float = field(default=1.0, metadata=flag("true CFG scale (1: off)"))
-    width: int = field(default=1024, metadata=flag())
-    height: int = field(default=1024, metadata=flag())
+    # None: the edit image's size (--mask, --outpaint, --control-image, --reference), else 1024
+    width: int | None = field(default=None, metadata=flag("default: 1024, or the edit image's size"))
+    height: int | None = field(default=None, metadata=flag("default: 1024, or the edit image's size"))
     steps: int | None = field(
         default=None, metadata=flag(f"default: {DEV.steps} for [dev], {SCHNELL.steps} for [schnell]")
     )
     # distilled guidance, used by models with guidance_in ([dev])
-    guidance: float = field(default=3.5, metadata=flag("distilled guidance ([dev])"))
+    # None: the model's own (3.5; Fill and Canny 30, Depth 10, Kontext 2.5); the PNG records the value used
+    guidance: float | None = field(
+        default=None,
+        metadata=flag(
+            f"distilled guidance ([dev]); default {DEV.guidance:g}, Fill/Canny {FILL_GUIDANCE:g}, "
+            f"Depth {DEPTH_GUIDANCE:g}, Kontext {KONTEXT_GUIDANCE:g}"
+        ),
+    )
     seed: int = field(default=0, metadata=flag())
     batch: int = field(default=1, metadata=flag())
     # "auto" (shift [dev], not [schnell]), "none", or a number: the mu of the shift
     shift: str = field(default="auto", metadata=flag("auto, none, or the shift's mu"))
     init_image: str | None = field(default=None, metadata=flag("img2img: the starting image"))
     denoise: float = field(default=1.0, metadata=flag("img2img strength (1: ignore the image)"))
+    mask: str | None = field(
+        default=None,
+        metadata=flag("inpainting: white repaints, black keeps (with --init-image)", metavar="IMG"),
+    )
+    outpaint: str | None = field(
+        default=None,
+        metadata=flag(
+            "outpainting: pixels to add on each side (with --init-image, a Fill model)", metavar="L,T,R,B"
+        ),
+    )
+    control_image: str | None = field(
+        default=None, metadata=flag("FLUX.1 Canny/Depth [dev]: the control image", metavar="IMG")
+    )
+    control_preprocess: str = field(
+        default="none",
+        metadata=flag("turn --control-image into a control map first", choices=CONTROL_PREPROCESS),
+    )
+    references: list[str] = field(
+        default_factory=list,
+        metadata=flag(
+            "FLUX.1 Kontext: a reference image (repeatable)", name="reference", metavar="IMG", parse=str
+        ),
+    )
     loras: list[LoraSpec] = field(
         default_factory=list, metadata=flag(name="lora", metavar="FILE[:STRENGTH]", parse=LoraSpec.parse)
     )
@@ -329,6 +366,8 @@ class GenerateRequest:
         for name in ("prompt", "clip_prompt", "negative", "out", "init_image", "shift", "device", "dtype"):
             _check_text(name, getattr(self, name), optional=name not in ("prompt", "out", "shift"))
         for name in ("width", "height"):
+            if getattr(self, name) is None:
+                continue
             value = _check_number(name, getattr(self, name), MIN_SIZE, MAX_SIZE,
                                   f"a size between {MIN_SIZE} and {MAX_SIZE} pixels", whole=True)  # fmt: skip
             if value % SIZE_MULTIPLE:
@@ -344,7 +383,8 @@ class GenerateRequest:
         if self.denoise == 0:
             raise UserError(f"--denoise {self.denoise} is out of range: use a value above 0 and up to 1.")
         _check_number("cfg", self.cfg, 1.0, MAX_CFG, f"1 (off) to {MAX_CFG:g}")
-        _check_number("guidance", self.guidance, 0.0, MAX_GUIDANCE, f"0 to {MAX_GUIDANCE:g}")
+        if self.guidance is not None:
+            _check_number("guidance", self.guidance, 0.0, MAX_GUIDANCE, f"0 to {MAX_GUIDANCE:g}")
         if self.shift not in ("auto", "none"):
             try:
                 mu = float(self.shift)
@@ -395,6 +435,66 @@ class GenerateRequest:
             check_init_image(self.init_image)
         for spec in self.controlnets:
             check_image(spec.image, f"--controlnet {spec.path} image")
+        self._validate_edits()
+
+    def _validate_edits(self) -> None:
+        """--mask, --outpaint, --control-image, --control-preprocess, --reference: each image readable, the
+        margins in range, no two edits that need different models (the model's own checks: engine.generation.edits)."""
+        for name in ("mask", "outpaint", "control_image"):
+            _check_text(name, getattr(self, name), optional=True)
+        if self.mask is not None:
+            if self.init_image is None:
+                raise UserError("--mask needs --init-image: give the image the mask belongs to.")
+            check_image(self.mask, "--mask")
+        if self.outpaint is not None:
+            self.outpaint_margins()
+            if self.init_image is None:
+                raise UserError("--outpaint needs --init-image: give the image to extend.")
+            if self.mask is not None:
+                raise UserError(
+                    "--outpaint and --mask cannot go together: the border is the mask; drop --mask."
+                )
+            if self.denoise != 1:
+                raise UserError("--outpaint starts from noise: leave --denoise at 1.")
+        if self.control_preprocess not in CONTROL_PREPROCESS:
+            raise UserError(
+                f"--control-preprocess {self.control_preprocess!r} is not known: use {_one_of(CONTROL_PREPROCESS)}."
+            )
+        if self.control_preprocess == "depth":
+            raise UserError(
+                "--control-preprocess depth is not available yet: give a depth map with --control-preprocess none."
+            )
+        if self.control_image is not None:
+            check_image(self.control_image, "--control-image")
+            if self.mask is not None or self.outpaint is not None:
+                raise UserError(
+                    "--control-image cannot go with --mask or --outpaint: they need different models; do one at a time."
+                )
+        elif self.control_preprocess != "none":
+            raise UserError(
+                f"--control-preprocess {self.control_preprocess} needs --control-image: give the image."
+            )
+        if not isinstance(self.references, list):
+            raise UserError("The request's references are not a list: give each as --reference IMG.")
+        for path in self.references:
+            check_image(path, "--reference")
+        if self.references and (self.mask is not None or self.outpaint is not None or self.control_image):
+            raise UserError(
+                "--reference cannot go with --mask, --outpaint or --control-image: they need different models; "
+                "do one at a time."
+            )
+
+    def outpaint_margins(self) -> tuple[int, int, int, int]:
+        """--outpaint L,T,R,B as four whole numbers of pixels (left, top, right, bottom)."""
+        wanted = f"four whole numbers of pixels from 0 to {MAX_OUTPAINT}, as L,T,R,B, not all 0"
+        parts = str(self.outpaint).split(",")
+        try:
+            margins = tuple(int(p.strip()) for p in parts)
+        except ValueError:
+            margins = ()
+        if len(margins) != 4 or not all(0 <= m <= MAX_OUTPAINT for m in margins) or not any(margins):
+            raise UserError(f"--outpaint {_shown(self.outpaint)} is not valid: use {wanted}.")
+        return margins  # type: ignore[return-value]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -36,7 +36,7 @@ def denoise(
     velocity = _velocity(transformer, inputs, cache, cancel)
     try:
         return sampling.euler(
-            inputs.x, inputs.times, _retrying(velocity, transformer, memory, on_event), progress
+            inputs.x, inputs.times, _retrying(velocity, transformer, memory, on_event), progress, inputs.blend
         )
     except sampling.NonFiniteLatents as error:
         raise UserError(
@@ -75,7 +75,7 @@ def _velocity(
 
 
 def _per_pass(t: torch.Tensor | None, passes: int) -> torch.Tensor | None:
-    return None if t is None or passes == 1 else t.repeat(passes, *([1] * (t.dim() - 1)))
+    return t if t is None or passes == 1 else t.repeat(passes, *([1] * (t.dim() - 1)))
 
 
 def _retrying(

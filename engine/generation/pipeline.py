@@ -22,7 +22,7 @@ from engine.contract.events import Done, EventSink, Message, Stage, Step, ignore
 from engine.contract.request import GenerateRequest, parse_cache
 from engine.formats.lora import FileHashes, prompt_loras
 from engine.formats.model_files import resolve
-from engine.generation import sampling
+from engine.generation import edits, sampling
 from engine.generation.control import plan_controls, with_controls
 from engine.generation.decode import decode
 from engine.generation.denoise import denoise, nonfinite_cause
@@ -99,6 +99,7 @@ class Engine:
         on_event(Stage("loading", "transformer"))
         transformer = self._transformer(plan, on_event)
         inputs = prepare(plan, text, transformer.params, self.models, on_event)
+        inputs = edits.condition(inputs, plan, transformer.params, self.models, on_event)
         inputs = with_controls(inputs, controls, plan, transformer, self.models, on_event)
 
         on_event(Stage("denoising", f"{len(inputs.times) - 1} steps"))
@@ -115,7 +116,13 @@ class Engine:
         on_event(Stage("saving"))
         model = plan.files.components["transformer"].file.path.stem
         paths = save_images(
-            images, request, out, steps=plan.steps, t5_length=plan.t5_length, model=model, hashes=self.hashes
+            images,
+            plan.request,
+            out,
+            steps=plan.steps,
+            t5_length=plan.t5_length,
+            model=model,
+            hashes=self.hashes,
         )
         mean = sum(step_seconds) / len(step_seconds) if step_seconds else 0.0
         on_event(Done(paths, time.perf_counter() - started, mean))
@@ -127,6 +134,7 @@ class Engine:
         files = resolve(request.files)
         for skipped in files.notes:
             on_event(Message(skipped))
+        request = edits.resolve(request, files)  # the edit's model checks, its size and guidance
         self.models.start_job(device, request.vram_budget)
         schnell = "guidance_in.in_layer.weight" not in files.components["transformer"].shapes()
         return Plan(request, files, device, precision, schnell, files.family)

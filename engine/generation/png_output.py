@@ -33,11 +33,16 @@ def parameters_text(
         "Sampler": "Euler",
         "Schedule type": "Simple",
         "CFG scale": _num(request.cfg),
-        "Distilled CFG Scale": _num(request.guidance),
+        "Distilled CFG Scale": None if request.guidance is None else _num(request.guidance),
         "Seed": request.seed,
         "Size": f"{request.width}x{request.height}",
         "Model": model,
     }
+    # the engine saves the request with its size and guidance filled in (edits.resolve); unresolved, say nothing
+    if request.guidance is None:
+        del fields["Distilled CFG Scale"]
+    if request.width is None or request.height is None:
+        del fields["Size"]
     if request.batch > 1:
         fields["Batch size"] = request.batch
         fields["Batch pos"] = batch_index

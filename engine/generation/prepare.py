@@ -47,6 +47,8 @@ class Inputs:
     ref_img: torch.Tensor | None = None  # (batch, L_ref, 64): Kontext reference tokens, compute dtype
     ref_ids: torch.Tensor | None = None  # (1, L_ref, 3): their positions (set with `with_references`)
     control: Control | None = None  # ControlNets: each step's residuals for every row
+    # latent-blend inpainting: (x after a step, t_next) → x with the kept region put back (InpaintBlend)
+    blend: Callable[[torch.Tensor, float], torch.Tensor] | None = None
 
     @property
     def batch(self) -> int:

@@ -57,16 +57,23 @@ class StepReport:
 
 
 def euler(
-    x: torch.Tensor, times: list[float], velocity: Velocity, on_step: Callable[[StepReport], None]
+    x: torch.Tensor,
+    times: list[float],
+    velocity: Velocity,
+    on_step: Callable[[StepReport], None],
+    after_step: Callable[[torch.Tensor, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """x ← x + (t_next − t)·v(x, t), in float32 between steps whatever the compute dtype. Latents that hold
-    NaN or infinity at the end of a step stop the loop (NonFiniteLatents): nothing good can come of them."""
+    """x ← x + (t_next − t)·v(x, t), in float32 between steps whatever the compute dtype; then
+    x ← after_step(x, t_next) when given (latent-blend inpainting). Latents that hold NaN or infinity at the end
+    of a step stop the loop (NonFiniteLatents): nothing good can come of them."""
     total = len(times) - 1
     for i, (t, t_next) in enumerate(zip(times[:-1], times[1:])):
         start = time.perf_counter()
         v = velocity(x, t).float()
         denoised = x - t * v
         x = x + (t_next - t) * v
+        if after_step is not None:
+            x = after_step(x, t_next)
         if not bool(torch.isfinite(x).all()):
             raise NonFiniteLatents(i + 1, total)
         on_step(StepReport(i + 1, total, time.perf_counter() - start, denoised))
