@@ -33,6 +33,7 @@ from engine.contract.request import (
     GenerateRequest,
 )
 from engine.formats.model_files import ResolvedFiles
+from engine.formats.weights import uncomputable_format
 from engine.generation import conditioning, control_preprocess, sampling
 from engine.generation.model_cache import ModelCache
 from engine.generation.plan import Plan
@@ -51,7 +52,9 @@ def in_channels(files: ResolvedFiles) -> int:
 def resolve(request: GenerateRequest, files: ResolvedFiles) -> GenerateRequest:
     """The request with its size and guidance filled in, after refusing (one sentence) an edit the transformer
     cannot do or a transformer that needs an edit the request does not give."""
-    if files.family == "flux2":  # FLUX.2 checks its own flags (flux2_stages): only the default size applies
+    # FLUX.2 checks its own flags (flux2_stages), and a file in a format the engine does not compute is refused by
+    # name when it loads (its packed shapes say nothing here): only the default size applies to either
+    if files.family == "flux2" or uncomputable_format(files.components["transformer"]):
         return dataclasses.replace(
             request, width=request.width or DEFAULT_SIZE, height=request.height or DEFAULT_SIZE
         )
