@@ -21,15 +21,20 @@ def decode(vae: nn.Module, latents: torch.Tensor, plan: Plan, on_event: EventSin
         unpacked = sampling.unpack(latents, request.height, request.width).to(plan.support)
         for i in range(unpacked.shape[0]):
             pixels = vae_tiling.decode(vae, unpacked[i : i + 1], on_message=lambda t: on_event(Message(t)))
-            pixels = pixels.float().cpu()
-            if not bool(torch.isfinite(pixels).all()):
-                raise UserError(
-                    f"The decoded image holds NaN/infinity: the likely cause is the autoencoder file "
-                    f"{plan.files.components['vae'].file.path} (damaged weights: download it again, or use "
-                    "--dtype fp32)."
-                )
-            images += to_images(pixels)
+            images += checked_images(pixels, plan)
     return images
+
+
+def checked_images(pixels: torch.Tensor, plan: Plan) -> list[Image.Image]:
+    """Decoded [-1, 1] pixels as 8-bit images, after refusing NaN/infinity with its likely cause."""
+    pixels = pixels.float().cpu()
+    if not bool(torch.isfinite(pixels).all()):
+        raise UserError(
+            f"The decoded image holds NaN/infinity: the likely cause is the autoencoder file "
+            f"{plan.files.components['vae'].file.path} (damaged weights: download it again, or use "
+            "--dtype fp32)."
+        )
+    return to_images(pixels)
 
 
 def to_images(pixels: torch.Tensor) -> list[Image.Image]:

@@ -28,7 +28,7 @@ from engine.contract.errors import Cancelled, UserError
 from engine.contract.events import Done, EventSink, Message, Stage, Step
 from engine.contract.request import GenerateRequest, parse_cache
 from engine.generation import sampling
-from engine.generation.decode import to_images
+from engine.generation.decode import checked_images
 from engine.generation.denoise import _retrying, nonfinite_cause
 from engine.generation.encode import _check_encoding
 from engine.generation.plan import Plan
@@ -166,14 +166,7 @@ def generate_flux2(
     with torch.inference_mode():
         unpacked = flux2.unpack(latents, rows, cols).to(plan.support)
         for i in range(batch):
-            pixels = vae.decode(unpacked[i : i + 1]).float().cpu()
-            if not bool(torch.isfinite(pixels).all()):
-                raise UserError(
-                    f"The decoded image holds NaN/infinity: the likely cause is the autoencoder file "
-                    f"{plan.files.components['vae'].file.path} (damaged weights: download it again, or use "
-                    "--dtype fp32)."
-                )
-            images += to_images(pixels)
+            images += checked_images(vae.decode(unpacked[i : i + 1]), plan)
     engine.models.release(("vae",))
 
     on_event(Stage("saving"))

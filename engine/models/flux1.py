@@ -64,8 +64,8 @@ class FluxParams:
 
 class StepCache(Protocol):
     """Decides, per step, whether the blocks after the first must run or an earlier step's result is reused
-    (engine.generation.step_cache). `rest(rows, img, txt)` runs them for some batch rows; `head_residual` is what the first
-    block added to the image stream."""
+    (engine.generation.step_cache). `rest(rows, img, txt)` runs them for some batch rows; `head_residual` is what
+    the first block added to the image stream."""
 
     def run(
         self,
