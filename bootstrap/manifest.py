@@ -63,8 +63,6 @@ class Preset:
     name: str
     title: str
     files: tuple[str, ...]
-    vram_gb: float
-    ram_gb: float
     disk_gb: float
     rank: int = 0
     steps: int = 0
@@ -205,7 +203,7 @@ def _preset(table: dict, where: str) -> Preset:
     files = _get(table, "files", list, at)
     if not all(isinstance(n, str) for n in files):  # type: ignore[union-attr]
         raise BootstrapError(f"files in {at} must be a list of file names.")
-    numbers = {key: _get(table, key, float, at, 0.0) for key in ("vram_gb", "ram_gb", "disk_gb")}
+    numbers = {"disk_gb": _get(table, "disk_gb", float, at, 0.0)}
     counts = {key: _get(table, key, int, at, 0) for key in ("rank", "steps")}
     return Preset(
         name=name,
