@@ -280,3 +280,20 @@ def test_selftest_saves_the_speed_the_wizard_reads(tmp_path):
     assert saved is not None and saved.device == "cpu" and "float32" in saved.flops
     assert f"saved in {path}" in done.stderr
     assert fit.machine_speed(lambda text: pytest.fail(text), path) == saved  # read, not measured again
+
+
+def test_bootstrap_fit_prints_one_verdict_per_preset(tmp_path, monkeypatch, capsys):
+    import json
+
+    from bootstrap.cli import main
+
+    monkeypatch.setattr(fit, "machine_speed", lambda say: CPU)
+    assert main(["fit", "--json", "--cpu", "--models-dir", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["preset"] for r in rows] == list(wizard.verdicts(MANIFEST, machine(None, 8), CPU))
+    assert sum(r["recommended"] for r in rows) == 1
+    assert all(isinstance(r["fits"], bool) and "per 1024x1024 image" in r["verdict"] for r in rows)
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--max-minutes", "nan"])
+    assert stopped.value.code == 2
+    assert "not a number of minutes from 0.1 to 1440" in capsys.readouterr().err
