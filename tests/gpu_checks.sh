@@ -19,7 +19,11 @@ python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0)
 # CHECKS picks parts (default all): cuda offload dequant cache attention cpu-dequant cpu-dtype
 checks=" ${CHECKS:-cuda offload dequant cache attention cpu-dequant cpu-dtype} "
 if [[ $checks == *" cuda "* ]]; then
-  timeout 60 python3 -m engine selftest --device cuda > "$out/selftest-cuda.txt" 2>&1
+  timeout 60 python3 -m engine selftest --device cuda --speed-file "$out/speed-cuda.json" > "$out/selftest-cuda.txt" 2>&1
+  # the fit verdicts and time estimates from the speed just measured (docs/estimates.md)
+  cp "$out/speed-cuda.json" logs/speed.json 2>/dev/null || { mkdir -p logs && cp "$out/speed-cuda.json" logs/speed.json; }
+  timeout 60 python3 -m bootstrap fit --models-dir /tmp > "$out/fit-cuda.txt" 2>&1
+  tail -n 1 "$out/fit-cuda.txt"
   timeout 60 python3 -m tests.gpu_controlnet_check >> "$out/selftest-cuda.txt" 2>&1
   tail -n 1 "$out/selftest-cuda.txt"
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_gguf.py -k "cuda" \
