@@ -21,7 +21,7 @@ checks=" ${CHECKS:-cuda offload dequant cache attention cpu-dequant cpu-dtype} "
 if [[ $checks == *" cuda "* ]]; then
   timeout 60 python3 -m engine selftest --device cuda --speed-file "$out/speed-cuda.json" > "$out/selftest-cuda.txt" 2>&1
   # the fit verdicts and time estimates from the speed just measured (docs/estimates.md)
-  cp "$out/speed-cuda.json" logs/speed.json 2>/dev/null || { mkdir -p logs && cp "$out/speed-cuda.json" logs/speed.json; }
+  mkdir -p logs && cp "$out/speed-cuda.json" logs/speed.json
   timeout 60 python3 -m bootstrap fit --models-dir /tmp > "$out/fit-cuda.txt" 2>&1
   tail -n 1 "$out/fit-cuda.txt"
   timeout 60 python3 -m tests.gpu_controlnet_check >> "$out/selftest-cuda.txt" 2>&1
