@@ -100,7 +100,8 @@ def estimate(
         why = f"streams from pageable memory: {_gb(placed.ram_well)} RAM would let it pin and run faster"
     else:
         fits = False
-        where = "on the CPU it" if not placed.gpu else f"the {placed.largest} streams from RAM and"
+        role = "transformer" if placed.largest in footprint.TRANSFORMER_ARCHITECTURES else "text encoder"
+        where = "on the CPU it" if not placed.gpu else f"streaming the {role} from RAM"
         why = f"{where} needs {_gb(placed.ram_needed)} RAM, this machine has {_gb(machine.ram)}"
     step, image = _times(parts, models, placed, machine, steps, width, height)
     return Estimate(placed, fits, why, step, image)
