@@ -329,3 +329,26 @@ def test_save_as_must_be_a_plain_name(bad):
     text = f'[[file]]\nname="a"\nrepo="r/a"\npath="a"\nfolder="controlnet"\nsave_as={json.dumps(bad)}\n'
     with pytest.raises(BootstrapError, match="save_as of a .* is not a plain file name"):
         parse_manifest(text)
+
+
+def test_an_existing_comfyui_install_lends_its_controlnets_redux_and_siglip(tmp_path):
+    from bootstrap.reuse import ExistingFolder
+
+    models = tmp_path / "ComfyUI" / "models"
+    wanted = {
+        "xlabs-canny-v3": "xlabs/controlnets",
+        "sigclip_vision_384": "clip_vision",
+        "flux1-redux-dev-comfy": "style_models",
+    }
+    comfy = ExistingFolder(models, "ComfyUI")
+    for name, sub in wanted.items():
+        f = MANIFEST.files[name]
+        assert comfy.find(f) is None
+        (models / sub).mkdir(parents=True)
+        target = models / sub / f.filename
+        with open(target, "wb") as out:  # a sparse file of the published size
+            out.truncate(f.size - 1)
+        assert comfy.find(f) is None  # same name, another size: not the manifest's file
+        with open(target, "ab") as out:
+            out.write(b"\0")
+        assert comfy.find(f) == target
