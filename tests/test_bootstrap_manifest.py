@@ -352,3 +352,33 @@ def test_an_existing_comfyui_install_lends_its_controlnets_redux_and_siglip(tmp_
         with open(target, "ab") as out:
             out.write(b"\0")
         assert comfy.find(f) == target
+
+
+def test_save_as_keeps_two_controlnets_with_the_hubs_generic_name_apart(tmp_path):
+    # through the real downloader, against the loopback hub: each lands under its own name, verified
+    from bootstrap import verified
+    from bootstrap.download import Downloader, DownloadOptions
+    from tests.bootstrap_hubserver import FakeHub, HubFile
+
+    with FakeHub() as hub:
+        union = hub.add(HubFile("Shakker-Labs/U", "diffusion_pytorch_model.safetensors", b"u" * 70_000))
+        other = hub.add(HubFile("InstantX/C", "diffusion_pytorch_model.safetensors", b"c" * 50_000))
+        text = "".join(
+            f'[[file]]\nname="{name}"\nrepo="{f.repo}"\npath="{f.path}"\nsave_as="{save_as}"\n'
+            f'size={len(f.data)}\nsha256="{f.sha256}"\nfolder="controlnet"\n'
+            for name, f, save_as in (
+                ("union", union, "Union-Pro-2.0.safetensors"),
+                ("canny", other, "InstantX-Canny.safetensors"),
+            )
+        )
+        manifest = parse_manifest(text)
+        models = tmp_path / "models"
+        options = DownloadOptions(endpoint=hub.endpoint, token=None, backoff_s=0.01, retries=1)
+        down = Downloader(models, options, sleep=lambda s: None, say=lambda s: None)
+        for f in manifest.expand(["union", "canny"]):
+            assert down.fetch(f).status == "downloaded"
+    assert (models / "controlnet" / "Union-Pro-2.0.safetensors").read_bytes() == union.data
+    assert (models / "controlnet" / "InstantX-Canny.safetensors").read_bytes() == other.data
+    assert not (models / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
+    state = verified.VerifiedState.load(models)
+    assert state.files["controlnet/Union-Pro-2.0.safetensors"].sha256 == union.sha256
