@@ -170,11 +170,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     print("presets:")
     for preset in manifest.presets.values():
-        print(
-            _printable(
-                f"  {preset.name:<16} {preset.title} ({preset.disk_gb:g} GB; {preset.vram_gb:g} GB VRAM, {preset.ram_gb:g} GB RAM)"
-            )
+        # the hand-set fit figures only where the manifest gives them; FLUX.2 and edit/control presets say so
+        needs = (
+            f"; {preset.vram_gb:g} GB VRAM, {preset.ram_gb:g} GB RAM"
+            if preset.vram_gb or preset.ram_gb
+            else ""
         )
+        tags = [t for t in (preset.family, preset.kind) if t not in ("flux1", "txt2img")]
+        tag = f" [{', '.join(tags)}]" if tags else ""
+        print(_printable(f"  {preset.name:<16} {preset.title}{tag} ({preset.disk_gb:g} GB{needs})"))
     print("files:")
     for f in manifest.files.values():
         size = human_bytes(f.size) if f.size else "size from the hub"

@@ -382,3 +382,14 @@ def test_save_as_keeps_two_controlnets_with_the_hubs_generic_name_apart(tmp_path
     assert not (models / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
     state = verified.VerifiedState.load(models)
     assert state.files["controlnet/Union-Pro-2.0.safetensors"].sha256 == union.sha256
+
+
+def test_list_shows_family_and_kind_and_no_made_up_fit_figures(capsys):
+    from bootstrap.cli import main
+
+    assert main(["list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "[flux2]" in lines["klein-4b"] and "(12.5 GB)" in lines["klein-4b"]
+    assert "[edit]" in lines["edit"] and "[control]" in lines["control"]
+    assert "VRAM" not in lines["klein-4b"] and "0 GB RAM" not in lines["tokenizers"]
+    assert "(17.3 GB; 8 GB VRAM, 16 GB RAM)" in lines["schnell-fp8"]  # hand-set figures still shown
