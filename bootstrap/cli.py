@@ -16,6 +16,17 @@ from bootstrap.errors import BootstrapError
 BAD_INPUT = 2  # as the engine's UserError and argparse's own errors
 
 
+def _minutes(text: str) -> float:
+    """--max-minutes: a finite number of minutes from 0.1 to a day."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.1 <= value <= 1440:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of minutes from 0.1 to 1440")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bootstrap", description="FluxDeck's setup: environment, models, bundle"
@@ -56,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     wizard.add_argument("--manifest", type=Path)
     wizard.add_argument("--config", type=Path, help="default: config.toml at the project root")
     wizard.add_argument("--yes", action="store_true", help="take the recommendation without asking")
+    wizard.add_argument(
+        "--max-minutes",
+        type=_minutes,
+        default=None,
+        metavar="M",
+        help="the time an image may take: the recommendation stays within it (default 5)",
+    )
 
     bundle = sub.add_parser("bundle", help="write <out>/<name>-windows-portable.7z")
     bundle.add_argument("--out", type=Path, default=None, help="default: dist/")
@@ -170,15 +188,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     print("presets:")
     for preset in manifest.presets.values():
-        # the hand-set fit figures only where the manifest gives them; FLUX.2 and edit/control presets say so
-        needs = (
-            f"; {preset.vram_gb:g} GB VRAM, {preset.ram_gb:g} GB RAM"
-            if preset.vram_gb or preset.ram_gb
-            else ""
-        )
         tags = [t for t in (preset.family, preset.kind) if t not in ("flux1", "txt2img")]
         tag = f" [{', '.join(tags)}]" if tags else ""
-        print(_printable(f"  {preset.name:<16} {preset.title}{tag} ({preset.disk_gb:g} GB{needs})"))
+        print(
+            _printable(
+                f"  {preset.name:<16} {preset.title}{tag} ({preset.disk_gb:g} GB, {preset.steps} steps)"
+            )
+        )
     print("files:")
     for f in manifest.files.values():
         size = human_bytes(f.size) if f.size else "size from the hub"
@@ -198,6 +214,7 @@ def cmd_wizard(args: argparse.Namespace) -> int:
         manifest_path=args.manifest,
         config_path=args.config,
         assume_yes=args.yes,
+        **({} if args.max_minutes is None else {"max_minutes": args.max_minutes}),
     )
 
 

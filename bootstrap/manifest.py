@@ -75,10 +75,7 @@ class Preset:
     name: str
     title: str
     files: tuple[str, ...]
-    disk_gb: float = 0.0
-    # Hand-set fit figures, optional: presets may leave them out (the wizard works fit out from file sizes).
-    vram_gb: float = 0.0
-    ram_gb: float = 0.0
+    disk_gb: float
     rank: int = 0
     steps: int = 0
     note: str = ""
@@ -225,7 +222,7 @@ def _preset(table: dict, where: str) -> Preset:
     files = _get(table, "files", list, at)
     if not all(isinstance(n, str) for n in files):  # type: ignore[union-attr]
         raise BootstrapError(f"files in {at} must be a list of file names.")
-    numbers = {key: _get(table, key, float, at, 0.0) for key in ("vram_gb", "ram_gb", "disk_gb")}
+    numbers = {"disk_gb": _get(table, "disk_gb", float, at, 0.0)}
     counts = {key: _get(table, key, int, at, 0) for key in ("rank", "steps")}
     choices = {}
     for key, allowed, default in (("family", FAMILIES, "flux1"), ("kind", KINDS, "txt2img")):

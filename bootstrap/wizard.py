@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from bootstrap import fit
 from bootstrap.config_file import PROJECT_ROOT, ProjectConfig
 from bootstrap.disk import usable_folder
 from bootstrap.errors import BootstrapError
@@ -20,57 +21,80 @@ from bootstrap.hub import TOKEN_SETTINGS_PAGE, endpoint, find_token, repo_page, 
 from bootstrap.manifest import Manifest, ModelFile, Preset, load_manifest
 from bootstrap.reuse import ExistingFolder, candidate_places, classify, find_existing
 from bootstrap.untrusted import printable, write_private
+from engine.runtime.estimate import duration
+from engine.runtime.speed import Speed
 
-RAM_SLACK = 0.9  # a "16 GB" machine reports about 15.6 GiB
-CPU_MAX_STEPS = 8  # on the CPU a step takes minutes: only few-step models are recommended
+DEFAULT_MAX_MINUTES = 5.0  # the time per image a recommendation stays under, unless told otherwise
+CPU_MAX_STEPS = 8  # without a speed figure: on the CPU only few-step models are recommended
 
 
 # ---- the logic (shared with the TUI) ----
 
 
-def fits(preset: Preset, system: SystemInfo) -> tuple[bool, str]:
-    """Whether the machine can run the preset well, and if not, the first reason."""
-    if system.free_disk_gb < preset.disk_gb:
-        return False, f"needs {preset.disk_gb:g} GB free disk, {system.free_disk_gb:.0f} GB free"
-    if system.gpu is None:
-        ram_needed = preset.vram_gb + preset.ram_gb
-        if system.ram_gb < ram_needed * RAM_SLACK:
-            return (
-                False,
-                f"on the CPU it needs {ram_needed:g} GB RAM, this machine has {system.ram_gb:.0f} GB",
+def runnable(manifest: Manifest) -> list[Preset]:
+    """The presets that bring a model to run (not the tokenizers alone), in the manifest's order."""
+    return [p for p in manifest.presets.values() if p.files and any(fit.preset_parts(manifest, p))]
+
+
+def verdicts(manifest: Manifest, system: SystemInfo, speed: Speed | None) -> dict[str, fit.Verdict]:
+    return {p.name: fit.verdict(manifest, p, system, speed) for p in runnable(manifest)}
+
+
+def recommend(
+    manifest: Manifest,
+    system: SystemInfo,
+    speed: Speed | None = None,
+    max_minutes: float = DEFAULT_MAX_MINUTES,
+    found: dict[str, fit.Verdict] | None = None,
+) -> tuple[Preset, str]:
+    """The best-quality preset (lowest rank) that fits and makes an image within `max_minutes`, and why, in
+    one line. Slower than that everywhere: the fastest that fits. Nothing fits: the one needing least RAM."""
+    found = verdicts(manifest, system, speed) if found is None else found
+    ranked = sorted((v for v in found.values() if v.preset.rank > 0), key=lambda v: v.preset.rank)
+    ranked = ranked or list(found.values())
+    fitting = [v for v in ranked if v.fits]
+    timed = [v for v in fitting if v.image_seconds is not None]
+    limit = max_minutes * 60
+    if timed:
+        quick = [v for v in timed if v.image_seconds <= limit]
+        if quick:
+            best = quick[0]
+            why = (
+                f"the best quality that fits this machine and makes an image in about "
+                f"{duration(best.image_seconds)} (within {max_minutes:g} min)"
             )
-        return True, f"runs on the CPU in {ram_needed:g} GB RAM (slowly)"
-    if system.vram_gb < preset.vram_gb:
-        return (
-            False,
-            f"wants {preset.vram_gb:g} GB VRAM, the GPU has {system.vram_gb:.0f} GB (works, but slower)",
+            better = next((v for v in fitting if v.preset.rank < best.preset.rank), None)
+            if better is not None and better.image_seconds is not None:
+                why += f"; {better.preset.name} fits too but takes about {duration(better.image_seconds)}"
+            return best.preset, why
+        best = min(timed, key=lambda v: v.image_seconds)
+        return best.preset, (
+            f"nothing here makes an image within {max_minutes:g} min; this is the fastest that fits "
+            f"(about {duration(best.image_seconds)})"
         )
-    if system.ram_gb < preset.ram_gb * RAM_SLACK:
-        return False, f"needs {preset.ram_gb:g} GB RAM, this machine has {system.ram_gb:.0f} GB"
-    return True, f"fits {preset.vram_gb:g} GB VRAM and {preset.ram_gb:g} GB RAM"
+    if fitting:
+        if system.gpu is None:  # no speed measured: a few-step model, on the CPU
+            fitting = [v for v in fitting if v.preset.steps <= CPU_MAX_STEPS] or fitting
+        return fitting[0].preset, "the best quality that fits this machine (its speed is not measured yet)"
+    if not ranked:
+        raise BootstrapError("The manifest has no preset with a model to run: check --manifest.")
+    least = min(
+        ranked,
+        key=lambda v: (v.estimate.placement.ram_needed if v.estimate else 0, v.preset.disk_gb),
+    )
+    return least.preset, "nothing fits this machine well; this one needs the least memory"
 
 
-def recommend(manifest: Manifest, system: SystemInfo) -> Preset:
-    """The best-ranked preset that fits; when none does, the smallest one."""
-    ranked = sorted((p for p in manifest.presets.values() if p.rank > 0), key=lambda p: p.rank)
-    if system.gpu is None:
-        ranked = [p for p in ranked if p.steps <= CPU_MAX_STEPS] or ranked
-    for preset in ranked:
-        if fits(preset, system)[0]:
-            return preset
-    return min(ranked or manifest.presets.values(), key=lambda p: (p.vram_gb + p.ram_gb, p.disk_gb))
-
-
-def explain(preset: Preset, system: SystemInfo, manifest: Manifest) -> str:
-    """One line: what it is, what it costs, the trade-off, and whether it fits this machine."""
-    ok, why = fits(preset, system)
+def explain(verdict: fit.Verdict, manifest: Manifest) -> str:
+    """One line: what it is, what it costs, the trade-off, and how it runs on this machine."""
+    preset = verdict.preset
     account = (
         "needs a Hugging Face token"
         if any(f.gated for f in manifest.preset_files(preset.name))
         else "no account"
     )
-    mark = "fits" if ok else "tight"
-    return f"{preset.title}: {preset.disk_gb:g} GB, {account}; {preset.note} [{mark}: {why}]"
+    mark = "fits" if verdict.fits else "tight"
+    return f"{preset.title}: {preset.disk_gb:g} GB, {account}; {preset.note} [{mark}: {verdict.text()}]"
 
 
 def describe_system(system: SystemInfo) -> str:
@@ -186,13 +210,22 @@ def _choose_reuse(io: WizardIO, found: list[ExistingFolder], assume_yes: bool) -
     return folder
 
 
-def _choose_preset(io: WizardIO, manifest: Manifest, system: SystemInfo, assume_yes: bool) -> Preset:
-    best = recommend(manifest, system)
-    presets = [p for p in manifest.presets.values() if p.files and p.name != "tokenizers"]
+def _choose_preset(
+    io: WizardIO,
+    manifest: Manifest,
+    system: SystemInfo,
+    speed: Speed | None,
+    max_minutes: float,
+    assume_yes: bool,
+) -> Preset:
+    found = verdicts(manifest, system, speed)
+    best, why = recommend(manifest, system, speed, max_minutes, found)
+    presets = [found[name].preset for name in found]
     io.say("Model sets:")
     for i, preset in enumerate(presets, 1):
         star = " (recommended)" if preset is best else ""
-        io.say(f"  {i}. {preset.name}{star} - {explain(preset, system, manifest)}")
+        io.say(f"  {i}. {preset.name}{star} - {explain(found[preset.name], manifest)}")
+    io.say(f"Recommended: {best.name}, {why}.")
     if assume_yes:
         return best
     while True:
@@ -241,6 +274,8 @@ def run_wizard(
     assume_yes: bool = False,
     detect: Callable[[Path], SystemInfo] = detect_system,
     places: list[Path] | None = None,
+    speed: Callable[[Callable[[str], None]], Speed | None] | None = None,
+    max_minutes: float = DEFAULT_MAX_MINUTES,
 ) -> int:
     from bootstrap.download import Downloader, DownloadOptions
     from bootstrap.progress import TerminalProgress
@@ -256,7 +291,8 @@ def run_wizard(
         drives = ("C:/", "D:/", "E:/") if Platform.current().windows else ()
         places = candidate_places(Path.home(), PROJECT_ROOT, drives)
     reuse = _choose_reuse(io, find_existing(places, models_dir), assume_yes)
-    preset = _choose_preset(io, manifest, system, assume_yes)
+    measured = (speed or fit.machine_speed)(io.say)
+    preset = _choose_preset(io, manifest, system, measured, max_minutes, assume_yes)
     selection = select(manifest, preset, reuse)
     for name, path in selection.reused.items():
         io.say(f"{name}: reusing {path}")

@@ -197,8 +197,8 @@ def test_manifest_paths_that_could_escape_are_refused(bad):
         ),
         ('[[preset]]\nname="p"\nfiles="abc"', "files in the .*preset.* must be a list"),
         ('[[preset]]\nname="p"\nfiles=[1]', "must be a list of file names"),
-        ('[[preset]]\nname="p"\nfiles=[]\nvram_gb="8"', "vram_gb .* must be a number"),
-        ('[[preset]]\nname="p"\nfiles=[]\nram_gb=nan', "ram_gb .* must be a number 0 or more"),
+        ('[[preset]]\nname="p"\nfiles=[]\ndisk_gb="8"', "disk_gb .* must be a number"),
+        ('[[preset]]\nname="p"\nfiles=[]\ndisk_gb=nan', "disk_gb .* must be a number 0 or more"),
         ('[[preset]]\nname="p"\nfiles=[]\nrank=1.5', "rank .* must be a whole number"),
         ("[[preset]]\nfiles=[]", "lacks name"),
         ("group = [1]", r"\[group\] must map"),
@@ -288,8 +288,6 @@ def test_klein_edit_and_control_presets():
     assert {"controlnet", "loras", "depth/depth-anything-v2-small"} <= {f.folder for f in control}
     for name in ("edit", "control"):  # the smallest ungated forms: no token needed
         assert not any(f.gated for f in MANIFEST.preset_files(name)), name
-    for preset in ("klein-4b", "klein-9b", "edit", "control"):  # fit comes from the file sizes
-        assert (MANIFEST.presets[preset].vram_gb, MANIFEST.presets[preset].ram_gb) == (0.0, 0.0)
     union = MANIFEST.files["flux1-controlnet-union-pro-2"]
     assert union.target(Path("m")) == Path("m/controlnet/FLUX.1-dev-ControlNet-Union-Pro-2.0.safetensors")
     assert union.path == "diffusion_pytorch_model.safetensors"
@@ -297,12 +295,12 @@ def test_klein_edit_and_control_presets():
     assert depth.target(Path("m")) == Path("m/depth/depth-anything-v2-small/config.json")
 
 
-def test_presets_without_fit_figures_and_with_family_and_kind():
+def test_presets_have_a_family_and_a_kind():
     base = '[[file]]\nname="a"\nrepo="r/a"\npath="a.safetensors"\nfolder="diffusion_models"\n[[preset]]\nname="p"\nfiles=["a"]\n'
     preset = parse_manifest(base).presets["p"]
-    assert (preset.vram_gb, preset.ram_gb, preset.family, preset.kind) == (0.0, 0.0, "flux1", "txt2img")
-    preset = parse_manifest(base + 'family="flux2"\nkind="edit"\nvram_gb=8\n').presets["p"]
-    assert (preset.family, preset.kind, preset.vram_gb) == ("flux2", "edit", 8.0)
+    assert (preset.family, preset.kind) == ("flux1", "txt2img")
+    preset = parse_manifest(base + 'family="flux2"\nkind="edit"\n').presets["p"]
+    assert (preset.family, preset.kind) == ("flux2", "edit")
 
 
 @pytest.mark.parametrize(
@@ -384,12 +382,11 @@ def test_save_as_keeps_two_controlnets_with_the_hubs_generic_name_apart(tmp_path
     assert state.files["controlnet/Union-Pro-2.0.safetensors"].sha256 == union.sha256
 
 
-def test_list_shows_family_and_kind_and_no_made_up_fit_figures(capsys):
+def test_list_shows_family_and_kind(capsys):
     from bootstrap.cli import main
 
     assert main(["list"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
-    assert "[flux2]" in lines["klein-4b"] and "(12.5 GB)" in lines["klein-4b"]
+    assert "[flux2]" in lines["klein-4b"]
     assert "[edit]" in lines["edit"] and "[control]" in lines["control"]
-    assert "VRAM" not in lines["klein-4b"] and "0 GB RAM" not in lines["tokenizers"]
-    assert "(17.3 GB; 8 GB VRAM, 16 GB RAM)" in lines["schnell-fp8"]  # hand-set figures still shown
+    assert "(12.5 GB, 4 steps)" in lines["klein-4b"] and "[" not in lines["schnell-fp8"].split("]", 1)[1]

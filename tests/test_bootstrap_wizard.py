@@ -23,35 +23,13 @@ except ModuleNotFoundError:  # Python 3.10
 MANIFEST = load_manifest()
 
 
+def NOT_MEASURED(say):  # noqa: N802 - the wizard's speed source: no figures, so no file is written
+    return None
+
+
 def machine(vram_gb: float | None, ram_gb: float, disk_gb: float = 500) -> SystemInfo:
     gpu = GpuInfo("RTX", int(vram_gb * 1024)) if vram_gb is not None else None
     return SystemInfo(gpu, ram_gb, disk_gb)
-
-
-@pytest.mark.parametrize(
-    ("system", "expected"),
-    [
-        (machine(24, 64), "dev-fp8"),
-        (machine(12, 31.3), "dev-fp8"),
-        (machine(8, 15.6), "schnell-fp8"),  # a "16 GB" machine reports less than 16 GiB
-        (machine(6, 16), "schnell-gguf-q4"),
-        (machine(None, 32), "schnell-fp8"),  # the CPU gets a 4-step model, not [dev]
-        (machine(None, 16), "schnell-gguf-q4"),
-        (machine(4, 8, disk_gb=5), "schnell-gguf-q4"),  # nothing fits: the smallest
-    ],
-)
-def test_recommendation_fits_the_machine(system, expected):
-    assert wizard.recommend(MANIFEST, system).name == expected
-
-
-def test_each_preset_is_explained_in_one_line():
-    system = machine(8, 16)
-    for preset in MANIFEST.presets.values():
-        line = wizard.explain(preset, system, MANIFEST)
-        assert "\n" not in line and preset.title in line and f"{preset.disk_gb:g} GB" in line
-    assert "needs a Hugging Face token" in wizard.explain(MANIFEST.presets["dev-full"], system, MANIFEST)
-    assert "[tight: wants 24 GB VRAM" in wizard.explain(MANIFEST.presets["dev-full"], system, MANIFEST)
-    assert "no account" in wizard.explain(MANIFEST.presets["schnell-fp8"], system, MANIFEST)
 
 
 def make_comfyui(root: Path, files: dict[str, bytes]) -> Path:
@@ -125,10 +103,10 @@ def small_manifest(tmp_path: Path, hub: FakeHub) -> Path:
             f'sha256 = "{f.sha256}"\nfolder = "{folder}"\ngated = {str(f.gated).lower()}\n\n'
         )
     text += (
-        '[[preset]]\nname = "schnell"\ntitle = "[schnell] all-in-one"\nfiles = ["flux1-schnell"]\nvram_gb = 8\n'
-        "ram_gb = 16\ndisk_gb = 0.1\nrank = 2\nsteps = 4\n\n"
-        '[[preset]]\nname = "dev"\ntitle = "[dev] split"\nfiles = ["flux1-dev", "clip_l"]\nvram_gb = 12\n'
-        "ram_gb = 16\ndisk_gb = 0.1\nrank = 1\nsteps = 28\n"
+        '[[preset]]\nname = "schnell"\ntitle = "[schnell] all-in-one"\nfiles = ["flux1-schnell"]\n'
+        "disk_gb = 0.1\nrank = 2\nsteps = 4\n\n"
+        '[[preset]]\nname = "dev"\ntitle = "[dev] split"\nfiles = ["flux1-dev", "clip_l"]\n'
+        "disk_gb = 0.1\nrank = 1\nsteps = 28\n"
     )
     path = tmp_path / "manifest.toml"
     path.write_text(text)
@@ -150,6 +128,7 @@ def test_wizard_reuses_comfyui_asks_for_the_token_and_writes_the_config(tmp_path
         config_path=config,
         detect=lambda path: machine(12, 32),
         places=[tmp_path / "apps"],
+        speed=NOT_MEASURED,
     )
     assert rc == 0, io.lines
     assert any("dev (recommended)" in line for line in io.lines)
@@ -176,6 +155,7 @@ def test_no_token_is_asked_for_an_ungated_preset(tmp_path, fake_hub):
         config_path=tmp_path / "config.toml",
         detect=lambda path: machine(None, 32),
         places=[],
+        speed=NOT_MEASURED,
     )
     assert rc == 0
     assert (tmp_path / "models" / "checkpoints" / "flux1-schnell.safetensors").is_file()
@@ -193,6 +173,7 @@ def test_gated_choice_without_a_token_stops_before_any_download(tmp_path, fake_h
             tmp_path / "config.toml",
             detect=lambda p: machine(12, 32),
             places=[],
+            speed=NOT_MEASURED,
         )
     assert any(f"{fake_hub.endpoint}/bfl/dev" in line and "accept the licence" in line for line in io.lines)
     assert fake_hub.log == [] and not (tmp_path / "models").exists()
@@ -223,6 +204,7 @@ def test_the_saved_token_is_private_and_written_whole(tmp_path, fake_hub):
             tmp_path / "config.toml",
             detect=lambda p: machine(12, 32),
             places=[],
+            speed=NOT_MEASURED,
         )
     finally:
         os.umask(old_umask)

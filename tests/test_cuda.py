@@ -10,7 +10,7 @@ from PIL import Image
 
 from engine.contract.request import GenerateRequest, ModelFiles
 from engine.generation.pipeline import Engine
-from engine.runtime.memory import LOOKAHEAD
+from engine.runtime.placement import LOOKAHEAD
 from tests.metrics import psnr
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -10,7 +10,7 @@ from PIL import Image
 from engine.contract.events import Message
 from engine.contract.request import GenerateRequest, ModelFiles
 from engine.generation.pipeline import Engine, EngineOptions
-from engine.runtime.memory import LOOKAHEAD, make_plan, spread
+from engine.runtime.placement import LOOKAHEAD, make_plan, spread
 
 
 def request(tiny, out, **kw) -> GenerateRequest:

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from engine.runtime import ops
+from engine.runtime.placement import LOOKAHEAD, Plan, make_plan, may_pin, vram_budget
 
 GB = 1024**3
-LOOKAHEAD = 2  # streamed blocks copied ahead of the one that runs
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
@@ -48,35 +48,6 @@ def stored_bytes(layers: list[nn.Module]) -> int:
             if t is not None:
                 total += t.numel() * t.element_size()
     return total
-
-
-def spread(count: int, keep: int) -> list[int]:
-    """`keep` of `count` indices, evenly spread, so streamed copies overlap the compute of resident blocks."""
-    if keep <= 0:
-        return []
-    if keep >= count:
-        return list(range(count))
-    return sorted({math.floor(i * count / keep) for i in range(keep)})
-
-
-@dataclass
-class Plan:
-    resident: set[int]  # block indices kept on the device
-    resident_bytes: int  # every resident byte: kept blocks and the non-block rest
-    streamed_bytes: int  # bytes crossing the bus per forward pass
-
-
-def make_plan(block_bytes: list[int], rest_bytes: int, budget: int | None) -> Plan:
-    """The most blocks that fit `budget` (None: all), with room kept for the streamed blocks in flight."""
-    count, total = len(block_bytes), sum(block_bytes)
-    if budget is None or rest_bytes + total <= budget:
-        return Plan(set(range(count)), rest_bytes + total, 0)
-    largest = max(block_bytes, default=0)
-    room = budget - rest_bytes - (LOOKAHEAD + 1) * largest
-    keep = min(count, max(0, room // max(1, largest)))
-    resident = set(spread(count, keep))
-    streamed = sum(b for i, b in enumerate(block_bytes) if i not in resident)
-    return Plan(resident, rest_bytes + total - streamed, streamed)
 
 
 @dataclass
@@ -367,10 +338,9 @@ def _pin(layers: list[nn.Module]) -> None:
 
 
 def _ram_allows_pinning(nbytes: int) -> bool:
-    """Page-locked memory cannot be paged out: pin only with room to spare, else copy from pageable memory."""
     import psutil
 
-    return psutil.virtual_memory().available > 1.5 * nbytes + 2 * GB
+    return may_pin(psutil.virtual_memory().available, nbytes)
 
 
 def tune_host_allocator() -> None:
@@ -393,5 +363,4 @@ def auto_budget(device: torch.device) -> int | None:
     if device.type != "cuda":
         return None
     free, total = torch.cuda.mem_get_info(device)
-    reserve = max(int(1.5 * GB), int(0.12 * total))
-    return max(0, free - reserve)
+    return vram_budget(free, total)

@@ -1,0 +1,145 @@
+"""Will a set of model files run on this machine, and how long will an image take: the placement rules of
+`placement` applied to the files' bytes spread over their architecture (`footprint`), and a step's FLOPs and
+streamed bytes divided by the speed the selftest measured (`speed`). The wizard, the models screen and
+`python -m bootstrap list` all ask this one function; the formula is in docs/estimates.md."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from engine.formats.gguf_quants import QType, raw_nbytes
+from engine.runtime import footprint
+from engine.runtime.placement import GB, ModelBytes, Placement, place
+from engine.runtime.speed import Speed
+
+TEXT_TOKENS = {"flux1-dev": 512, "flux1-schnell": 256, "klein-4b": 512, "klein-9b": 512}
+ENCODER_TOKENS = {"t5-xxl": None, "clip-l": 77, "qwen3-4b": 512, "qwen3-8b": 512}  # None: the transformer's
+
+
+@dataclass(frozen=True)
+class Part:
+    """One model inside a file: its architecture (footprint.ARCHITECTURES) and stored format."""
+
+    arch: str
+    fmt: str  # "bf16", "fp16", "fp32", "fp8", or a GGUF type name ("Q8_0", "Q4_K", …)
+    file_bytes: int | None = None  # this model's share of its file; None: from the format's bytes per weight
+
+    def model_bytes(self) -> ModelBytes:
+        layout = footprint.layout(self.arch)
+        size = self.file_bytes or round(layout.file_params * bytes_per_weight(self.fmt))
+        return layout.bytes_for(self.arch, size)
+
+
+def bytes_per_weight(fmt: str) -> float:
+    if fmt in ("bf16", "fp16"):
+        return 2.0
+    if fmt == "fp32":
+        return 4.0
+    if fmt == "fp8":
+        return 1.0
+    kind = QType[fmt.removesuffix("_S").removesuffix("_M").removesuffix("_L")]
+    return raw_nbytes(kind, (256,)) / 256
+
+
+@dataclass(frozen=True)
+class Machine:
+    ram: int  # bytes
+    vram: int | None  # bytes of the card; None: the CPU does the work
+    speed: Speed | None = None  # None: no time estimate
+
+
+@dataclass(frozen=True)
+class Estimate:
+    placement: Placement
+    fits: bool
+    why: str  # one clause: what it takes here, or what is short
+    step_seconds: float | None  # None without a speed
+    image_seconds: float | None
+
+    def time_text(self) -> str:
+        if self.step_seconds is None or self.image_seconds is None:
+            return "no time estimate (the selftest has not measured this machine)"
+        # ASCII only: a Windows console redirected to a file writes in the ANSI code page
+        return f"about {duration(self.step_seconds)} per step, {duration(self.image_seconds)} per 1024x1024 image"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 9.5:
+        return f"{seconds:.1f} s"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / GB:.1f} GB"
+
+
+def estimate(
+    parts: list[Part], machine: Machine, steps: int, width: int = 1024, height: int = 1024
+) -> Estimate:
+    """Placement, verdict and time of `steps` steps at `width`×`height` for these models on `machine`."""
+    models = [p.model_bytes() for p in parts]
+    placed = place(models, machine.vram)
+    if machine.ram >= placed.ram_well:
+        fits = True
+        if placed.gpu:
+            streamed = max((placed.streamed_bytes(m.name) for m in models), default=0)
+            why = (
+                f"resident on the GPU, {_gb(placed.ram_needed)} RAM"
+                if not streamed
+                else f"streams up to {_gb(streamed)} per step from {_gb(placed.ram_well)} RAM"
+            )
+        else:
+            why = f"runs on the CPU in {_gb(placed.ram_needed)} RAM"
+    elif machine.ram >= placed.ram_needed:
+        fits = True
+        why = f"streams from pageable memory: {_gb(placed.ram_well)} RAM would let it pin and run faster"
+    else:
+        fits = False
+        where = "on the CPU it" if not placed.gpu else f"the {placed.largest} streams from RAM and"
+        why = f"{where} needs {_gb(placed.ram_needed)} RAM, this machine has {_gb(machine.ram)}"
+    step, image = _times(parts, models, placed, machine, steps, width, height)
+    return Estimate(placed, fits, why, step, image)
+
+
+def _times(parts, models, placed: Placement, machine: Machine, steps: int, width: int, height: int):
+    speed = machine.speed
+    if speed is None or (placed.gpu and speed.device != "cuda"):
+        return None, None
+    flops = speed.compute_flops
+    transformer = next((p for p in parts if p.arch in footprint.TRANSFORMER_ARCHITECTURES), None)
+    if transformer is None:
+        return None, None
+    layout = footprint.layout(transformer.arch)
+    expand = speed.expand.get(_expand_kind(transformer.fmt))
+    step = footprint.transformer_flops(transformer.arch, width, height, TEXT_TOKENS[transformer.arch]) / flops
+    if expand:
+        step += layout.loaded_params / expand  # each weight expands once per pass
+    if placed.gpu and speed.h2d:
+        step = max(step, placed.streamed_bytes(transformer.arch) / speed.h2d)
+    once = 0.0
+    # on the CPU the text encoders and the autoencoder compute in fp32 (engine/runtime/devices.py)
+    other_flops = speed.flops.get("float32", flops) if speed.device == "cpu" else flops
+    for part in parts:
+        if part.arch in ENCODER_TOKENS:
+            tokens = ENCODER_TOKENS[part.arch] or TEXT_TOKENS[transformer.arch]
+            once += footprint.encoder_flops(part.arch, tokens) / other_flops
+        elif part.arch.startswith("ae-"):
+            once += footprint.decode_flops(part.arch, width, height) / other_flops
+    if placed.gpu and speed.h2d:  # the encoders' streamed bytes cross once per image
+        once += sum(placed.streamed_bytes(m.name) for m in models if m.name != transformer.arch) / speed.h2d
+    image = steps * step + once
+    return (step, image) if math.isfinite(image) else (None, None)
+
+
+def _expand_kind(fmt: str) -> str:
+    if fmt in ("bf16", "fp16", "fp32"):
+        return ""
+    if fmt == "fp8":
+        return "fp8"
+    base = fmt.removesuffix("_S").removesuffix("_M").removesuffix("_L")
+    return base if base in ("Q8_0", "Q4_0", "Q4_K") else "Q4_K"  # K-quants alike; Q5/Q6 near Q4_K's cost

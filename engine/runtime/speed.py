@@ -1,0 +1,119 @@
+"""This machine's sustained speed, measured in a few seconds (the selftest does it once and saves it): matrix
+products in each compute dtype, the expansion of stored formats to the compute dtype, and on a GPU the
+pinned host-to-device bandwidth. Time estimates divide a step's FLOPs and bytes by these (docs/estimates.md)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.atomic_write import write_atomic
+from engine.formats.gguf_quants import QType, dequantize, raw_nbytes
+
+# FLUX's own product shape: 1024 tokens through a 3072 → 3072 layer (a 12B block's proj; the others are
+# wider, which only helps the kernels).
+TOKENS, WIDTH = 1024, 3072
+SECONDS = 0.4  # per measurement, after one warm-up call
+FORMATS = ("fp8", "Q8_0", "Q4_0", "Q4_K")  # stored formats that expand before the product
+
+
+@dataclass
+class Speed:
+    device: str  # "cpu" or "cuda"
+    compute_dtype: str  # what the engine computes in there: "bfloat16", "float16", "float32"
+    flops: dict[str, float] = field(default_factory=dict)  # dtype → FLOP/s of a sustained matmul
+    expand: dict[str, float] = field(default_factory=dict)  # format → weights expanded per second
+    h2d: float | None = None  # pinned host → device bytes per second (GPU)
+    gpu: str | None = None
+
+    @property
+    def compute_flops(self) -> float:
+        return self.flops[self.compute_dtype]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Speed:
+        data = json.loads(text)
+        speed = cls(**data)
+        numbers = [*speed.flops.values(), *speed.expand.values(), *([speed.h2d] if speed.h2d else [])]
+        if speed.compute_dtype not in speed.flops or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in numbers
+        ):
+            raise ValueError("a speed file with missing or non-positive figures")
+        return speed
+
+
+def _rate(work: float, run: Callable[[], object], sync: Callable[[], None]) -> float:
+    """`work` units per second of `run`, repeated for SECONDS after a warm-up."""
+    run()
+    sync()
+    count, start = 0, time.perf_counter()
+    while True:
+        run()
+        count += 1
+        sync()
+        elapsed = time.perf_counter() - start
+        if elapsed >= SECONDS:
+            return work * count / elapsed
+
+
+def _expand_case(fmt: str, dtype: torch.dtype, device: torch.device) -> Callable[[], object]:
+    shape = (WIDTH, WIDTH)
+    if fmt == "fp8":
+        weight = torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device)
+        return lambda: weight.to(dtype)
+    qtype = QType[fmt]
+    raw = torch.zeros(raw_nbytes(qtype, shape), dtype=torch.uint8, device=device)  # zero scales: finite
+    return lambda: dequantize(raw, qtype, shape, dtype)
+
+
+def measure(device: torch.device, compute_dtype: torch.dtype) -> Speed:
+    """A few seconds of products and expansions on `device` (the CPU's figures in every dtype it may use)."""
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    dtypes = [compute_dtype] if cuda else sorted({compute_dtype, torch.float32}, key=str)
+    flops = {}
+    for dtype in dtypes:
+        a = torch.randn(TOKENS, WIDTH, device=device).to(dtype)
+        b = torch.randn(WIDTH, WIDTH, device=device).to(dtype)
+        flops[str(dtype).removeprefix("torch.")] = _rate(
+            2 * TOKENS * WIDTH * WIDTH, lambda a=a, b=b: a @ b, sync
+        )
+    expand = {fmt: _rate(WIDTH * WIDTH, _expand_case(fmt, compute_dtype, device), sync) for fmt in FORMATS}
+    speed = Speed("cuda" if cuda else "cpu", str(compute_dtype).removeprefix("torch."), flops, expand)
+    if cuda:
+        host = torch.empty(256 * 2**20, dtype=torch.uint8).pin_memory()
+        target = torch.empty_like(host, device=device)
+        speed.h2d = _rate(host.numel(), lambda: target.copy_(host, non_blocking=True), sync)
+        speed.gpu = torch.cuda.get_device_name(device)
+    return speed
+
+
+def measure_here(device: str = "auto") -> Speed:
+    """The figures for the device and transformer dtype a generation would pick (`--device`)."""
+    from engine.runtime.devices import pick_device
+
+    dev, precision = pick_device(device, "auto")
+    return measure(dev, precision.transformer)
+
+
+def save(speed: Speed, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = speed.to_json().encode("utf-8")
+    write_atomic(path, lambda f: f.write(data), overwrite=True)
+
+
+def load(path: Path) -> Speed | None:
+    """The saved figures, or None when there are none (or they are damaged: measure again)."""
+    try:
+        return Speed.from_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
