@@ -62,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     listing = sub.add_parser("list", help="the manifest's files and presets")
     listing.add_argument("--manifest", type=Path)
 
+    fits = sub.add_parser("fit", help="each preset's verdict and time estimate on this machine")
+    fits.add_argument("--manifest", type=Path)
+    fits.add_argument("--models-dir", type=Path, help="where the downloads would go (for the free disk)")
+    fits.add_argument("--cpu", action="store_true", help="as if the engine ran on the CPU (the TUI's --cpu)")
+    fits.add_argument("--max-minutes", type=_minutes, default=None, metavar="M")
+    fits.add_argument("--json", action="store_true", help="one JSON object per preset (the TUI reads these)")
+
     wizard = sub.add_parser("wizard", help="choose and download a model set for this machine")
     wizard.add_argument("--models-dir", type=Path)
     wizard.add_argument("--manifest", type=Path)
@@ -205,6 +212,38 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fit(args: argparse.Namespace) -> int:
+    import dataclasses
+    import json
+
+    from bootstrap import fit, wizard
+    from bootstrap.hardware import detect_system
+    from bootstrap.manifest import load_manifest
+
+    manifest = load_manifest(args.manifest)
+    system = detect_system(_models_dir(args.models_dir))
+    if args.cpu:
+        system = dataclasses.replace(system, gpu=None)
+    speed = fit.machine_speed(lambda text: print(_printable(text), file=sys.stderr))
+    found = wizard.verdicts(manifest, system, speed)
+    limit = wizard.DEFAULT_MAX_MINUTES if args.max_minutes is None else args.max_minutes
+    best, why = wizard.recommend(manifest, system, speed, limit, found)
+    if not args.json:
+        print(_printable(wizard.describe_system(system)))
+    for name, verdict in found.items():
+        if args.json:
+            row = {"preset": name, "title": verdict.preset.title, "disk_gb": verdict.preset.disk_gb,
+                   "fits": verdict.fits, "verdict": verdict.text(), "recommended": name == best.name,
+                   "image_seconds": verdict.image_seconds}  # fmt: skip
+            print(json.dumps(row))
+        else:
+            star = " (recommended)" if name == best.name else ""
+            print(_printable(f"  {name}{star} - {wizard.explain(verdict, manifest)}"))
+    if not args.json:
+        print(_printable(f"Recommended: {best.name}, {why}."))
+    return 0
+
+
 def cmd_wizard(args: argparse.Namespace) -> int:
     from bootstrap.wizard import TerminalIO, run_wizard
 
@@ -238,6 +277,7 @@ COMMANDS = {
     "download": cmd_download,
     "verify": cmd_verify,
     "list": cmd_list,
+    "fit": cmd_fit,
     "wizard": cmd_wizard,
     "bundle": cmd_bundle,
 }

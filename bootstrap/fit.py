@@ -9,14 +9,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from bootstrap.config_file import PROJECT_ROOT
 from bootstrap.hardware import GIB, SystemInfo
 from bootstrap.manifest import Manifest, ModelFile, Preset
 from engine.runtime import footprint
 from engine.runtime.estimate import Estimate, Machine, Part, estimate
-from engine.runtime.speed import Speed, load, measure_here, save
+from engine.runtime.speed import DEFAULT_FILE, Speed, load, measure_here, save
 
-SPEED_FILE = PROJECT_ROOT / "logs" / "speed.json"  # written by `python -m engine selftest`
 ALL_IN_ONE = ("t5-xxl", "clip-l", "ae-flux1")  # beside the transformer in a FLUX.1 checkpoint
 _GGUF_TYPE = re.compile(r"(?i)(?<![a-z0-9])(q\d_k(?:_[sml])?|q\d_\d|bf16|f16)(?![a-z0-9])")
 
@@ -109,7 +107,9 @@ def verdict(manifest: Manifest, preset: Preset, system: SystemInfo, speed: Speed
     return Verdict(preset, estimate(parts, machine_of(system, speed), preset.steps or 1), disk_short)
 
 
-def machine_speed(say: Callable[[str], None], path: Path = SPEED_FILE, device: str = "auto") -> Speed | None:
+def machine_speed(
+    say: Callable[[str], None], path: Path = DEFAULT_FILE, device: str = "auto"
+) -> Speed | None:
     """The figures the selftest saved; measured now (a few seconds) and saved when there are none."""
     speed = load(path)
     if speed is not None:

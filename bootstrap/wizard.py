@@ -103,7 +103,7 @@ def describe_system(system: SystemInfo) -> str:
         if system.gpu
         else "no NVIDIA GPU (the CPU will do the work)"
     )
-    return f"This machine: {gpu}, {system.ram_gb:.0f} GB RAM, {system.free_disk_gb:.0f} GB free disk."
+    return f"This machine: {gpu}, {system.ram_gb:.1f} GB RAM, {system.free_disk_gb:.0f} GB free disk."
 
 
 @dataclass

@@ -10,6 +10,7 @@ import sys
 import threading
 import traceback
 import typing
+from pathlib import Path
 
 from engine.contract.errors import UserError
 from engine.contract.request import DEVICES, Flag, GenerateRequest
@@ -31,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     test = sub.add_parser("selftest", help="run the whole path on a tiny random model")
     test.add_argument("--device", default="auto", choices=list(DEVICES))
+    test.add_argument(
+        "--speed-file",
+        type=Path,
+        default=None,
+        help="where to save this machine's measured speed (default: logs/speed.json in the project folder)",
+    )
+    test.add_argument("--no-speed", action="store_true", help="skip the speed measurement")
 
     sub.add_parser("serve", help="JSON-lines engine for the TUI (stdin/stdout)")
     return parser
@@ -115,9 +123,10 @@ def main(argv: list[str]) -> int:
 
             return serve([])
         if args.command == "selftest":
+            from engine.runtime.speed import DEFAULT_FILE
             from engine.selftest import run_selftest
 
-            return run_selftest(args.device)
+            return run_selftest(args.device, None if args.no_speed else (args.speed_file or DEFAULT_FILE))
         from engine.generation.pipeline import Engine, EngineOptions, default_cache_dir
         from engine.progress import StderrProgress
 

@@ -13,10 +13,12 @@ from engine.contract.request import GenerateRequest, ModelFiles
 from engine.fixtures import write_tiny_model_set
 from engine.generation.pipeline import Engine
 from engine.progress import StderrProgress
+from engine.runtime import speed
 from engine.runtime.devices import pick_device
 
 
-def run_selftest(device: str = "auto") -> int:
+def run_selftest(device: str = "auto", speed_file: Path | None = speed.DEFAULT_FILE) -> int:
+    """The tiny generation, then this machine's speed for the wizard's estimates (saved to `speed_file`)."""
     dev, precision = pick_device(device, "auto")
     print(f"torch {torch.__version__}, device {dev}, dtype {precision}", file=sys.stderr)
     if dev.type == "cuda":
@@ -39,4 +41,8 @@ def run_selftest(device: str = "auto") -> int:
         paths = Engine().generate(request, StderrProgress())
         size = Path(paths[0]).stat().st_size
         print(f"selftest passed: wrote {paths[0]} ({size} bytes) on {dev}", file=sys.stderr)
+    if speed_file is not None:
+        figures = speed.measure(dev, precision.transformer)
+        speed.save(figures, speed_file)
+        print(f"speed: {speed.summary(figures)} (saved in {speed_file})", file=sys.stderr)
     return 0

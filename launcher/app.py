@@ -188,9 +188,9 @@ class FluxDeckApp(App):
             "generate": self._generate,
             "gallery": GalleryScreen(self.output_dir, renderer).data_bind(folder=FluxDeckApp.output_dir),
             "queue": QueueScreen(self.jobs),
-            "models": ModelsScreen(self.model_roots, self.bootstrap_command).data_bind(
-                roots=FluxDeckApp.model_roots
-            ),
+            "models": ModelsScreen(
+                self.model_roots, self.bootstrap_command, cpu=self.settings.device == "cpu"
+            ).data_bind(roots=FluxDeckApp.model_roots),
             "settings": SettingsScreen(self.config_file.settings, str(self.config_file.path)),
             "log": LogScreen(self.log_lines),
         }

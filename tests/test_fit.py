@@ -16,7 +16,7 @@ from engine.models.flux1 import Flux
 from engine.runtime import footprint
 from engine.runtime.estimate import Machine, Part, bytes_per_weight, estimate
 from engine.runtime.memory import MemoryManager
-from engine.runtime.placement import GB, RUNTIME_RAM, VRAM_IN_USE, may_pin, vram_budget
+from engine.runtime.placement import GB, RSS_PER_LARGEST, RUNTIME_RAM, VRAM_IN_USE, may_pin, vram_budget
 from engine.runtime.speed import Speed
 
 MANIFEST = load_manifest()
@@ -159,7 +159,8 @@ def test_cpu_peak_is_the_largest_stage_and_the_same_for_the_same_format():
     assert a.estimate.placement.ram_needed == pytest.approx(b.estimate.placement.ram_needed, rel=0.01)
     assert a.estimate.placement.largest == "flux1-schnell"
     full = fit.verdict(MANIFEST, MANIFEST.presets["dev-full"], system, CPU)
-    assert not full.fits and "needs 28" in full.text()  # 22 GiB of bf16 × 1.25 + the runtime
+    peak = RSS_PER_LARGEST * MANIFEST.files["flux1-dev"].size + RUNTIME_RAM  # the bf16 transformer's stage
+    assert not full.fits and f"needs {peak / GB:.1f} GB RAM, this machine has 24.0 GB" in full.text()
 
 
 def test_time_estimate_is_flops_over_throughput_plus_expansion():
@@ -290,3 +291,42 @@ def test_placement_rules_are_the_managers():
     """One budget rule for the engine's automatic budget and the prediction."""
     assert vram_budget(8 * GB, 8 * GB) == int(6.5 * GB)
     assert vram_budget(24 * GB, 24 * GB) == 24 * GB - int(0.12 * 24 * GB)
+
+
+def test_selftest_saves_the_speed_the_wizard_reads(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.runtime import speed as speed_module
+
+    path = tmp_path / "logs" / "speed.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "engine", "selftest", "--device", "cpu", "--speed-file", str(path)],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    saved = speed_module.load(path)
+    assert saved is not None and saved.device == "cpu" and "float32" in saved.flops
+    assert f"saved in {path}" in done.stderr
+    assert fit.machine_speed(lambda text: pytest.fail(text), path) == saved  # read, not measured again
+
+
+def test_bootstrap_fit_prints_one_verdict_per_preset(tmp_path, monkeypatch, capsys):
+    import json
+
+    from bootstrap.cli import main
+
+    monkeypatch.setattr(fit, "machine_speed", lambda say: CPU)
+    assert main(["fit", "--json", "--cpu", "--models-dir", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["preset"] for r in rows] == list(wizard.verdicts(MANIFEST, machine(None, 8), CPU))
+    assert sum(r["recommended"] for r in rows) == 1
+    assert all(isinstance(r["fits"], bool) and "per 1024x1024 image" in r["verdict"] for r in rows)
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--max-minutes", "nan"])
+    assert stopped.value.code == 2
+    assert "not a number of minutes from 0.1 to 1440" in capsys.readouterr().err

@@ -201,7 +201,7 @@ async def test_models_screen_lists_files_and_runs_bootstrap(tiny_models, tmp_pat
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("f5")
         screen = app.screen
-        table = screen.query_one(DataTable)
+        table = screen.query_one("#files", DataTable)
         rows = sorted(tuple(str(cell) for cell in table.get_row_at(i)[:2]) for i in range(table.row_count))
         assert rows == [
             ("diffusion_models", "flux-tiny.safetensors"),
@@ -212,6 +212,21 @@ async def test_models_screen_lists_files_and_runs_bootstrap(tiny_models, tmp_pat
         model_options = [v for _, v in form_of(app).query_one("#model")._options]
         assert str(tiny_models / "diffusion_models" / "flux-tiny.safetensors") in model_options
 
+        # the presets' verdicts come from `bootstrap fit --json`; enter on one fills its download
+        presets = screen.query_one("#presets", DataTable)
+        await wait_for(pilot, lambda: presets.row_count == 2, 20)
+        first, second = (tuple(str(c) for c in presets.get_row_at(i)) for i in range(2))
+        assert first == (
+            "schnell-fp8 *",
+            "17.3 GB",
+            "fits: runs on the CPU in 14.6 GB RAM; about 3 min per step",
+        )
+        assert second[2].startswith("tight: on the CPU it needs 27.6 GB RAM")
+        presets.focus()
+        await pilot.press("enter")
+        assert screen.query_one("#names").value == "--preset schnell-fp8"
+        screen.query_one("#names").value = ""
+
         await pilot.press("d")  # nothing typed yet: asks for names
         assert screen.focused is screen.query_one("#names")
         await pilot.press(*"clip_l", "enter")
@@ -220,7 +235,7 @@ async def test_models_screen_lists_files_and_runs_bootstrap(tiny_models, tmp_pat
         )
         log = "\n".join(str(line) for line in screen.query_one(RichLog).lines)
         assert "50% 100 MB / 200 MB" in log and "verified sha256" in log and "Finished." in log
-        screen.query_one(DataTable).focus()
+        screen.query_one("#files", DataTable).focus()
         await pilot.press("v")
         await wait_for(
             pilot, lambda: "exit code 3" in "\n".join(str(x) for x in screen.query_one(RichLog).lines), 20

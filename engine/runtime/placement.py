@@ -20,8 +20,8 @@ VRAM_IN_USE = 0.4 * GB  # what a display and the CUDA context hold before FluxDe
 PIN_FACTOR, PIN_SLACK = 1.5, 2 * GB  # streamed blocks are pinned only when RAM keeps this much room
 # Peak RSS of a CPU generation over the largest component's stored bytes: models are memory-mapped, kept in
 # their stored dtype and released per stage; what is added is the compute-dtype copy of the layer that runs,
-# the activations and the allocator's slack. Measured 1.21 (tests/test_memory_rss.py holds it within 0.1).
-RSS_PER_LARGEST = 1.25
+# the activations and the allocator's slack. Measured 1.17-1.21 (tests/test_memory_rss.py holds it within 0.1).
+RSS_PER_LARGEST = 1.2
 RUNTIME_RAM = 1.0 * GB  # Python, torch, tokenizers and the TUI's engine process before any weight
 
 

@@ -19,6 +19,7 @@ from engine.formats.gguf_quants import QType, dequantize, raw_nbytes
 # FLUX's own product shape: 1024 tokens through a 3072 → 3072 layer (a 12B block's proj; the others are
 # wider, which only helps the kernels).
 TOKENS, WIDTH = 1024, 3072
+DEFAULT_FILE = Path(__file__).resolve().parents[2] / "logs" / "speed.json"  # in the project folder
 SECONDS = 0.4  # per measurement, after one warm-up call
 FORMATS = ("fp8", "Q8_0", "Q4_0", "Q4_K")  # stored formats that expand before the product
 
@@ -95,6 +96,14 @@ def measure(device: torch.device, compute_dtype: torch.dtype) -> Speed:
         speed.h2d = _rate(host.numel(), lambda: target.copy_(host, non_blocking=True), sync)
         speed.gpu = torch.cuda.get_device_name(device)
     return speed
+
+
+def summary(speed: Speed) -> str:
+    """One line: the products per dtype, and the bus on a GPU."""
+    where = speed.gpu or "the CPU"
+    products = ", ".join(f"{flops / 1e9:.0f} GFLOP/s in {dtype}" for dtype, flops in speed.flops.items())
+    bus = f", {speed.h2d / 1e9:.1f} GB/s to the GPU" if speed.h2d else ""
+    return f"{products} on {where}{bus}"
 
 
 def measure_here(device: str = "auto") -> Speed:

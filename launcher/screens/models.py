@@ -1,7 +1,9 @@
-"""Installed model files, and the bootstrap's wizard, downloads (with progress) and verification."""
+"""Installed model files, the presets' verdicts on this machine, and the bootstrap's wizard, downloads (with
+progress) and verification."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -45,6 +47,7 @@ class ModelsScreen(Screen):
     DEFAULT_CSS = """
     ModelsScreen #title { height: 1; padding: 0 1; background: $panel; }
     ModelsScreen #files { height: 1fr; }
+    ModelsScreen #presets { height: auto; max-height: 10; border-top: tall $panel; }
     ModelsScreen #tools { height: 1fr; border-top: tall $panel; padding: 0 1; }
     ModelsScreen #tools Horizontal { height: auto; }
     ModelsScreen #tools Label { margin: 1 1 0 0; width: auto; }
@@ -55,8 +58,9 @@ class ModelsScreen(Screen):
 
     roots: var[list[Path]] = var(list, init=False)  # the model folders (bound to the app's settings)
 
-    def __init__(self, roots: list[Path], bootstrap_command: list[str], **kwargs) -> None:
+    def __init__(self, roots: list[Path], bootstrap_command: list[str], cpu: bool = False, **kwargs) -> None:
         super().__init__(**kwargs)
+        self._cpu = cpu  # verdicts as if there were no GPU (the TUI's --cpu)
         self.set_reactive(ModelsScreen.roots, roots)
         self._bootstrap = bootstrap_command
         self.files: list[InstalledFile] = []
@@ -65,6 +69,7 @@ class ModelsScreen(Screen):
     def compose(self) -> ComposeResult:
         yield Static("", id="title", markup=False)
         yield DataTable(id="files", cursor_type="row", zebra_stripes=True)
+        yield DataTable(id="presets", cursor_type="row")
         with Vertical(id="tools"):
             with Horizontal():
                 yield Label("Download (names or --preset P):")
@@ -74,15 +79,64 @@ class ModelsScreen(Screen):
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one(DataTable).add_columns("Folder", "File", "Size", "Kind")
+        self.query_one("#files", DataTable).add_columns("Folder", "File", "Size", "Kind")
+        self.query_one("#presets", DataTable).add_columns("Preset", "Download", "On this machine")
         self.action_rescan()
+        self._fit_worker()
+
+    # ---- the presets' verdicts: `bootstrap fit`, in its own process (it imports torch; the TUI does not) ----
+
+    @work(thread=True, exclusive=True, group="fit")
+    def _fit_worker(self) -> None:
+        command = [
+            *self._bootstrap,
+            "fit",
+            "--json",
+            *self._models_dir_args(),
+            *(["--cpu"] if self._cpu else []),
+        ]
+        try:
+            done = subprocess.run(
+                command, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                stdin=subprocess.DEVNULL, timeout=300,
+            )  # fmt: skip
+        except (OSError, subprocess.TimeoutExpired) as error:
+            self.app.call_from_thread(self._show_fit, [], f"No verdicts: {error}")
+            return
+        rows = []
+        for line in done.stdout.splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        problem = None if done.returncode == 0 else (done.stderr.strip().splitlines() or ["no output"])[-1]
+        self.app.call_from_thread(self._show_fit, rows, problem)
+
+    def _show_fit(self, rows: list[dict], problem: str | None) -> None:
+        table = self.query_one("#presets", DataTable)
+        table.clear()
+        for row in rows:
+            name = f"{row.get('preset', '?')}{' *' if row.get('recommended') else ''}"
+            mark = "fits" if row.get("fits") else "tight"
+            cells = (name, f"{row.get('disk_gb', 0):g} GB", f"{mark}: {row.get('verdict', '')}")
+            table.add_row(*(Text(str(c)) for c in cells), key=str(row.get("preset")))
+        if problem:
+            table.add_row(Text("-"), Text(""), Text(problem), key="problem")
+
+    @on(DataTable.RowSelected, "#presets")
+    def _preset_chosen(self, event: DataTable.RowSelected) -> None:
+        """Enter on a preset: its download, ready to start with d."""
+        if event.row_key.value and event.row_key.value != "problem":
+            names = self.query_one("#names", Input)
+            names.value = f"--preset {event.row_key.value}"
+            names.focus()
 
     def on_screen_resume(self) -> None:
         self.action_rescan()
 
     def action_rescan(self) -> None:
         self.files = scan_models(self.roots)
-        table = self.query_one(DataTable)
+        table = self.query_one("#files", DataTable)
         table.clear()
         for f in self.files:
             kind = f"FLUX.1 [{defaults_for(f.path.name).variant}]" if f.is_model else "part"
