@@ -195,7 +195,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     manifest = load_manifest(args.manifest)
     print("presets:")
     for preset in manifest.presets.values():
-        print(_printable(f"  {preset.name:<16} {preset.title} ({preset.disk_gb:g} GB, {preset.steps} steps)"))
+        tags = [t for t in (preset.family, preset.kind) if t not in ("flux1", "txt2img")]
+        tag = f" [{', '.join(tags)}]" if tags else ""
+        print(
+            _printable(
+                f"  {preset.name:<16} {preset.title}{tag} ({preset.disk_gb:g} GB, {preset.steps} steps)"
+            )
+        )
     print("files:")
     for f in manifest.files.values():
         size = human_bytes(f.size) if f.size else "size from the hub"

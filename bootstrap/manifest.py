@@ -13,10 +13,12 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package
     import tomli as tomllib  # type: ignore[no-redef]
 
 from bootstrap.errors import BootstrapError
-from bootstrap.untrusted import confine, printable, relative_parts
+from bootstrap.untrusted import confine, name_problem, printable, relative_parts
 
 DEFAULT_MANIFEST = Path(__file__).with_name("manifest.toml")
-# ComfyUI's models layout: where a manifest file may land.
+# ComfyUI's models layout (engine/contract/layout.py): where a manifest file may land. The edit, control and
+# Redux folders and the Qwen3 tokenizer folder are the engine's extra folders; a Depth Anything model is a
+# transformers folder (config.json next to its weights) inside depth/.
 FOLDERS = (
     "checkpoints",
     "diffusion_models",
@@ -25,9 +27,16 @@ FOLDERS = (
     "clip",
     "vae",
     "loras",
+    "controlnet",
+    "style_models",
+    "clip_vision",
+    "depth/depth-anything-v2-small",
     "tokenizers/clip_l",
     "tokenizers/t5xxl",
+    "tokenizers/qwen3",
 )
+FAMILIES = ("flux1", "flux2")  # FLUX.1 (CLIP-L + T5-XXL) or FLUX.2 [klein] (Qwen3)
+KINDS = ("txt2img", "edit", "control")  # what a preset is for: the wizard and the TUI group presets by it
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 GB = 1_000_000_000  # sizes shown and presets' figures are decimal gigabytes, as the hub shows them
 
@@ -43,10 +52,13 @@ class ModelFile:
     sha256: str | None = None
     gated: bool = False
     url: str | None = None  # a file outside the hub (the embeddable Python): fetched from here, no token
+    save_as: str | None = (
+        None  # the name it lands under when the hub's is generic (diffusion_pytorch_model...)
+    )
 
     @property
     def filename(self) -> str:
-        return PurePosixPath(self.path).name
+        return self.save_as or PurePosixPath(self.path).name
 
     @property
     def relpath(self) -> str:
@@ -67,6 +79,8 @@ class Preset:
     rank: int = 0
     steps: int = 0
     note: str = ""
+    family: str = "flux1"
+    kind: str = "txt2img"
 
 
 @dataclass
@@ -183,6 +197,10 @@ def _file(table: dict, where: str) -> ModelFile:
             f"The folder '{printable(folder)}' of {name} in {where} is not one of {', '.join(FOLDERS)}."
         )
     revision = str(_get(table, "revision", str, at, "main") or "main")
+    save_as = _get(table, "save_as", str, at)
+    if save_as is not None:
+        if name_problem(str(save_as)) or "/" in str(save_as) or "\\" in str(save_as):
+            raise BootstrapError(f"The save_as of {name} in {where} is not a plain file name.")
     return ModelFile(
         name=name,
         repo=repo,
@@ -192,6 +210,7 @@ def _file(table: dict, where: str) -> ModelFile:
         size=size,  # type: ignore[arg-type]
         sha256=sha,
         gated=bool(_get(table, "gated", bool, at, False)),
+        save_as=str(save_as) if save_as is not None else None,
     )
 
 
@@ -205,6 +224,14 @@ def _preset(table: dict, where: str) -> Preset:
         raise BootstrapError(f"files in {at} must be a list of file names.")
     numbers = {"disk_gb": _get(table, "disk_gb", float, at, 0.0)}
     counts = {key: _get(table, key, int, at, 0) for key in ("rank", "steps")}
+    choices = {}
+    for key, allowed, default in (("family", FAMILIES, "flux1"), ("kind", KINDS, "txt2img")):
+        value = str(_get(table, key, str, at, default))
+        if value not in allowed:
+            raise BootstrapError(
+                f"{key} in {at} must be one of {', '.join(allowed)}, not '{printable(value)}'."
+            )
+        choices[key] = value
     return Preset(
         name=name,
         title=str(_get(table, "title", str, at, name)),
@@ -212,6 +239,7 @@ def _preset(table: dict, where: str) -> Preset:
         note=str(_get(table, "note", str, at, "")),
         **numbers,  # type: ignore[arg-type]
         **counts,  # type: ignore[arg-type]
+        **choices,
     )
 
 

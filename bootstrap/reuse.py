@@ -16,6 +16,9 @@ COMFYUI_FOLDERS = {
     "clip": ("clip", "text_encoders"),
     "vae": ("vae",),
     "loras": ("loras",),
+    "controlnet": ("controlnet", "xlabs/controlnets"),  # XLabs' own nodes read xlabs/controlnets
+    "style_models": ("style_models",),
+    "clip_vision": ("clip_vision",),
 }
 FORGE_FOLDERS = {
     "checkpoints": ("Stable-diffusion",),
@@ -25,6 +28,7 @@ FORGE_FOLDERS = {
     "clip": ("text_encoder",),
     "vae": ("VAE",),
     "loras": ("Lora",),
+    "controlnet": ("ControlNet",),
 }
 # Install folders people have, relative to a few starting points (home, Desktop, drives, next to FluxDeck).
 INSTALL_NAMES = (

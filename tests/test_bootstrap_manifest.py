@@ -12,9 +12,18 @@ from bootstrap.errors import BootstrapError
 from bootstrap.hub import file_url, find_token, origin, same_origin
 from bootstrap.manifest import FOLDERS, load_manifest, parse_manifest
 from bootstrap.untrusted import confine, name_problem
+from engine.contract import layout
 
 MANIFEST = load_manifest()
 REFERENCE = Path("/work/shared/reference/models.md")
+# the figures of the files beyond FLUX.1's base set, with where each was found (same columns as REFERENCE)
+MODELS_DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
+# the tokenizer folders a preset of each family needs next to its model files
+FAMILY_TOKENIZERS = {
+    "flux1": {layout.CLIP_TOKENIZER, layout.T5_TOKENIZER},
+    "flux2": {layout.QWEN3_TOKENIZER},
+}
+MODEL_FOLDERS = {"checkpoints", "diffusion_models", "unet"}
 
 
 def test_every_file_follows_the_schema():
@@ -32,14 +41,17 @@ def test_presets_name_real_files_and_their_disk_need_adds_up():
             preset.name
         )  # the slack is an unpublished ~11.9 GB file
         if preset.name != "tokenizers":
-            assert {"tokenizers/clip_l", "tokenizers/t5xxl"} <= {f.folder for f in files}
+            assert FAMILY_TOKENIZERS[preset.family] <= {f.folder for f in files}, preset.name
+            other = set().union(*FAMILY_TOKENIZERS.values()) - FAMILY_TOKENIZERS[preset.family]
+            assert not other & {f.folder for f in files}, preset.name
     assert not any(f.gated for f in MANIFEST.preset_files("schnell-fp8"))
     assert any(f.gated for f in MANIFEST.preset_files("dev-full"))
 
 
 @pytest.mark.skipif(not REFERENCE.is_file(), reason="the shared reference is not on this machine")
 def test_figures_match_the_reference_table():
-    table = REFERENCE.read_text()
+    # FLUX.1's base files are in the shared reference; the others in docs/models.md, each with its source
+    table = REFERENCE.read_text() + "\n" + MODELS_DOC.read_text()
     for f in MANIFEST.files.values():
         if f.sha256:
             rows = [line.split("|") for line in table.splitlines() if f.sha256 in line]
@@ -211,3 +223,170 @@ def test_cli_says_a_bad_manifest_in_one_sentence(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
     assert "\x1b" not in err and "\x07" not in err and "\\x1b" in err
+
+
+# ---- the FLUX.2 [klein], edit, control and Redux entries (issues 12, 13, 14) ----
+
+
+def test_every_published_figure_is_a_real_sha256_and_size():
+    hashed = [f for f in MANIFEST.files.values() if f.sha256 is not None]
+    assert len(hashed) >= 40  # the FLUX.1 base set and the additions
+    for f in hashed:
+        assert re.fullmatch(r"[0-9a-f]{64}", f.sha256), f.name
+        assert isinstance(f.size, int) and f.size > 0, f.name
+    for f in MANIFEST.files.values():  # a size without its hash would be a figure from nowhere
+        assert f.size is None or f.sha256 is not None, f.name
+    # one published hash names one set of bytes: copies of a file share their size
+    sizes: dict[str, set[int | None]] = {}
+    for f in hashed:
+        sizes.setdefault(f.sha256, set()).add(f.size)
+    assert all(len(s) == 1 for s in sizes.values())
+
+
+def test_every_preset_names_files_that_exist_once():
+    for preset in MANIFEST.presets.values():
+        files = MANIFEST.preset_files(preset.name)
+        assert files and len({f.relpath for f in files}) == len(files), preset.name
+        for name in preset.files:
+            if not name.startswith("@"):
+                assert name in MANIFEST.files, (preset.name, name)
+        if preset.name != "tokenizers":
+            models = [f for f in files if f.folder in MODEL_FOLDERS]
+            assert len(models) >= 1, preset.name
+
+
+def test_every_folder_is_one_the_engine_searches():
+    searched = {
+        *layout.ROLE_FOLDERS,
+        *layout.EXTRA_FOLDERS,
+        *layout.LORA_FOLDERS,
+        layout.CLIP_TOKENIZER,
+        layout.T5_TOKENIZER,
+        layout.QWEN3_TOKENIZER,
+    }
+    for folder in FOLDERS:
+        # a Depth Anything model is a transformers folder one level inside depth/
+        top = folder.split("/")[0] if folder.startswith(layout.DEPTH + "/") else folder
+        assert top in searched, folder
+    for f in MANIFEST.files.values():
+        if f.folder in MODEL_FOLDERS or f.folder in (layout.TEXT_ENCODERS, layout.VAE, layout.CONTROLNET):
+            assert f.filename.endswith(layout.WEIGHT_SUFFIXES), f.name
+
+
+def test_klein_edit_and_control_presets():
+    klein = MANIFEST.presets["klein-4b"]
+    assert (klein.family, klein.kind, klein.steps) == ("flux2", "txt2img", 4)
+    files = MANIFEST.preset_files("klein-4b")
+    assert not any(f.gated for f in files)  # Apache-2.0: no account
+    assert {f.folder for f in files} >= {"diffusion_models", "text_encoders", "vae", layout.QWEN3_TOKENIZER}
+    assert any(f.gated for f in MANIFEST.preset_files("klein-9b"))  # BFL gates the 9B
+    assert MANIFEST.presets["klein-9b"].family == "flux2"
+    assert MANIFEST.presets["edit"].kind == "edit" and MANIFEST.presets["control"].kind == "control"
+    edit = {f.name for f in MANIFEST.preset_files("edit")}
+    assert {"flux1-fill-dev-Q4_K_S", "flux1-kontext-dev-Q4_K_S"} <= edit
+    control = MANIFEST.preset_files("control")
+    assert {"controlnet", "loras", "depth/depth-anything-v2-small"} <= {f.folder for f in control}
+    for name in ("edit", "control"):  # the smallest ungated forms: no token needed
+        assert not any(f.gated for f in MANIFEST.preset_files(name)), name
+    union = MANIFEST.files["flux1-controlnet-union-pro-2"]
+    assert union.target(Path("m")) == Path("m/controlnet/FLUX.1-dev-ControlNet-Union-Pro-2.0.safetensors")
+    assert union.path == "diffusion_pytorch_model.safetensors"
+    depth = MANIFEST.files["depth-anything-v2-small-config"]
+    assert depth.target(Path("m")) == Path("m/depth/depth-anything-v2-small/config.json")
+
+
+def test_presets_have_a_family_and_a_kind():
+    base = '[[file]]\nname="a"\nrepo="r/a"\npath="a.safetensors"\nfolder="diffusion_models"\n[[preset]]\nname="p"\nfiles=["a"]\n'
+    preset = parse_manifest(base).presets["p"]
+    assert (preset.family, preset.kind) == ("flux1", "txt2img")
+    preset = parse_manifest(base + 'family="flux2"\nkind="edit"\n').presets["p"]
+    assert (preset.family, preset.kind) == ("flux2", "edit")
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        ('family="flux3"', "family in the .*preset.* must be one of flux1, flux2"),
+        ('kind="upscale"', "kind in the .*preset.* must be one of txt2img, edit, control"),
+        ("kind=3", "kind .* must be a string"),
+    ],
+)
+def test_bad_family_or_kind_is_one_sentence(extra, says):
+    text = (
+        '[[file]]\nname="a"\nrepo="r/a"\npath="a"\nfolder="vae"\n[[preset]]\nname="p"\nfiles=["a"]\n' + extra
+    )
+    with pytest.raises(BootstrapError, match=says) as err:
+        parse_manifest(text)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "bad", ["../x.safetensors", "a/b.safetensors", "nul.safetensors", "x.safetensors.", "c:x"]
+)
+def test_save_as_must_be_a_plain_name(bad):
+    text = f'[[file]]\nname="a"\nrepo="r/a"\npath="a"\nfolder="controlnet"\nsave_as={json.dumps(bad)}\n'
+    with pytest.raises(BootstrapError, match="save_as of a .* is not a plain file name"):
+        parse_manifest(text)
+
+
+def test_an_existing_comfyui_install_lends_its_controlnets_redux_and_siglip(tmp_path):
+    from bootstrap.reuse import ExistingFolder
+
+    models = tmp_path / "ComfyUI" / "models"
+    wanted = {
+        "xlabs-canny-v3": "xlabs/controlnets",
+        "sigclip_vision_384": "clip_vision",
+        "flux1-redux-dev-comfy": "style_models",
+    }
+    comfy = ExistingFolder(models, "ComfyUI")
+    for name, sub in wanted.items():
+        f = MANIFEST.files[name]
+        assert comfy.find(f) is None
+        (models / sub).mkdir(parents=True)
+        target = models / sub / f.filename
+        with open(target, "wb") as out:  # a sparse file of the published size
+            out.truncate(f.size - 1)
+        assert comfy.find(f) is None  # same name, another size: not the manifest's file
+        with open(target, "ab") as out:
+            out.write(b"\0")
+        assert comfy.find(f) == target
+
+
+def test_save_as_keeps_two_controlnets_with_the_hubs_generic_name_apart(tmp_path):
+    # through the real downloader, against the loopback hub: each lands under its own name, verified
+    from bootstrap import verified
+    from bootstrap.download import Downloader, DownloadOptions
+    from tests.bootstrap_hubserver import FakeHub, HubFile
+
+    with FakeHub() as hub:
+        union = hub.add(HubFile("Shakker-Labs/U", "diffusion_pytorch_model.safetensors", b"u" * 70_000))
+        other = hub.add(HubFile("InstantX/C", "diffusion_pytorch_model.safetensors", b"c" * 50_000))
+        text = "".join(
+            f'[[file]]\nname="{name}"\nrepo="{f.repo}"\npath="{f.path}"\nsave_as="{save_as}"\n'
+            f'size={len(f.data)}\nsha256="{f.sha256}"\nfolder="controlnet"\n'
+            for name, f, save_as in (
+                ("union", union, "Union-Pro-2.0.safetensors"),
+                ("canny", other, "InstantX-Canny.safetensors"),
+            )
+        )
+        manifest = parse_manifest(text)
+        models = tmp_path / "models"
+        options = DownloadOptions(endpoint=hub.endpoint, token=None, backoff_s=0.01, retries=1)
+        down = Downloader(models, options, sleep=lambda s: None, say=lambda s: None)
+        for f in manifest.expand(["union", "canny"]):
+            assert down.fetch(f).status == "downloaded"
+    assert (models / "controlnet" / "Union-Pro-2.0.safetensors").read_bytes() == union.data
+    assert (models / "controlnet" / "InstantX-Canny.safetensors").read_bytes() == other.data
+    assert not (models / "controlnet" / "diffusion_pytorch_model.safetensors").exists()
+    state = verified.VerifiedState.load(models)
+    assert state.files["controlnet/Union-Pro-2.0.safetensors"].sha256 == union.sha256
+
+
+def test_list_shows_family_and_kind(capsys):
+    from bootstrap.cli import main
+
+    assert main(["list"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "[flux2]" in lines["klein-4b"]
+    assert "[edit]" in lines["edit"] and "[control]" in lines["control"]
+    assert "(12.5 GB, 4 steps)" in lines["klein-4b"] and "[" not in lines["schnell-fp8"].split("]", 1)[1]

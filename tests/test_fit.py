@@ -3,6 +3,7 @@ placement against the memory manager's on the engine's own model code, and the r
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -45,8 +46,13 @@ def test_architecture_counts_reproduce_the_published_file_sizes():
         if not parts or not f.size:
             continue
         predicted = sum(footprint.layout(p.arch).file_params * bytes_per_weight(p.fmt) for p in parts)
-        # all-in-one and T5 files carry T5's embedding twice (+2.8 %); Q4_K_M mixes in Q6_K (+8 %)
+        # all-in-one and T5 files carry T5's embedding twice (+2.8 %); Q4_K_M mixes in Q6_K (+8 %); BFL's
+        # [klein] fp8 files keep some layers in bf16 and fp32 scales (+4-6 %), ComfyUI's fp8mixed more (+15 %)
         tolerance = 0.09 if "Q4_K_M" in f.name else 0.03
+        if "klein" in f.name and "fp8" in f.name:
+            tolerance = 0.07
+        if "fp8mixed" in f.name:
+            tolerance = 0.16
         assert abs(f.size / predicted - 1) < tolerance, (f.name, f.size, predicted)
         checked += 1
     assert checked >= 12
@@ -175,6 +181,11 @@ def test_time_estimate_is_flops_over_throughput_plus_expansion():
 
 # ---- the recommendation ----
 
+# the manifest as it was before FLUX.2 [klein]: the recommendation logic's cases among FLUX.1's presets
+FLUX1_ONLY = dataclasses.replace(
+    MANIFEST, presets={n: p for n, p in MANIFEST.presets.items() if p.family == "flux1"}
+)
+
 
 @pytest.mark.parametrize(
     ("system", "speed", "expected"),
@@ -191,9 +202,31 @@ def test_time_estimate_is_flops_over_throughput_plus_expansion():
     ],
 )
 def test_recommendation(system, speed, expected):
-    best, why = wizard.recommend(MANIFEST, system, speed)
+    # FLUX.1's presets alone (the klein presets take the small machines: test_klein_takes_small_cards_and_cpus)
+    best, why = wizard.recommend(FLUX1_ONLY, system, speed)
     assert best.name == expected, why
     assert "\n" not in why
+
+
+@pytest.mark.parametrize(
+    ("system", "speed", "expected"),
+    [
+        (machine(24, 64), ADA, "dev-fp8"),  # big cards keep [dev]
+        (machine(12, 31.3), ADA, "dev-fp8"),
+        (
+            machine(8, 15.6),
+            PASCAL,
+            "klein-4b",
+        ),  # resident on 8 GB, 4 steps: ~26 s where [schnell] takes ~49 s
+        (machine(6, 8), PASCAL, "klein-4b"),
+        (machine(None, 32), CPU, "klein-4b"),  # the fastest on the CPU (~7 min against ~13)
+        (machine(None, 16), CPU, "klein-4b"),
+        (machine(None, 32), None, "klein-4b"),  # not measured: the best-ranked that fits, few steps on a CPU
+    ],
+)
+def test_klein_takes_small_cards_and_cpus(system, speed, expected):
+    best, why = wizard.recommend(MANIFEST, system, speed)
+    assert best.name == expected, why
 
 
 def test_a_longer_time_limit_buys_quality():
