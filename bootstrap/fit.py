@@ -12,7 +12,7 @@ from pathlib import Path, PurePosixPath
 from bootstrap.hardware import GIB, SystemInfo
 from bootstrap.manifest import Manifest, ModelFile, Preset
 from engine.runtime import footprint
-from engine.runtime.estimate import Estimate, Machine, Part, estimate
+from engine.runtime.estimate import CONTROLNET, Estimate, Machine, Part, estimate
 from engine.runtime.speed import DEFAULT_FILE, Speed, load, measure_here, save
 
 ALL_IN_ONE = ("t5-xxl", "clip-l", "ae-flux1")  # beside the transformer in a FLUX.1 checkpoint
@@ -59,6 +59,9 @@ def parts_of(f: ModelFile) -> list[Part]:
             arch = "qwen3-8b" if "8b" in text else "qwen3-4b"
         else:
             arch = "clip-l" if "clip" in text else "t5-xxl"
+    elif f.folder == "controlnet":
+        fmt = "fp8" if "fp8" in text else ("fp16" if "fp16" in text else "bf16")
+        return [Part(CONTROLNET, fmt, f.size)] if f.size else []
     elif f.folder == "vae":
         arch = "ae-flux2" if ("flux2" in text or "flux.2" in text) else "ae-flux1"
     else:

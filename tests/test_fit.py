@@ -43,7 +43,7 @@ def test_architecture_counts_reproduce_the_published_file_sizes():
     checked = 0
     for f in MANIFEST.files.values():
         parts = fit.parts_of(f)
-        if not parts or not f.size:
+        if not parts or not f.size or parts[0].arch == "controlnet":  # no published shape to count
             continue
         predicted = sum(footprint.layout(p.arch).file_params * bytes_per_weight(p.fmt) for p in parts)
         # all-in-one and T5 files carry T5's embedding twice (+2.8 %); Q4_K_M mixes in Q6_K (+8 %); BFL's
@@ -161,6 +161,20 @@ def test_cpu_peak_is_the_largest_stage_and_the_same_for_the_same_format():
     full = fit.verdict(MANIFEST, MANIFEST.presets["dev-full"], system, CPU)
     peak = RSS_PER_LARGEST * MANIFEST.files["flux1-dev"].size + RUNTIME_RAM  # the bf16 transformer's stage
     assert not full.fits and f"needs {peak / GB:.1f} GB RAM, this machine has 24.0 GB" in full.text()
+
+
+def test_a_controlnet_joins_the_transformers_stage_and_step():
+    """The control preset's net shares the transformer's budget and adds its weights' share of the FLOPs."""
+    base = fit.verdict(MANIFEST, MANIFEST.presets["dev-gguf-q4"], machine(8, 16), PASCAL).estimate
+    control = fit.verdict(MANIFEST, MANIFEST.presets["control"], machine(8, 16), PASCAL).estimate
+    net = next(f for f in MANIFEST.preset_files("control") if f.folder == "controlnet")
+    assert (
+        control.placement.streamed_bytes("flux1-dev")
+        > base.placement.streamed_bytes("flux1-dev") + net.size / 2
+    )
+    share = (net.size / 2) / footprint.layout("flux1-dev").loaded_params  # a bf16 net's weights
+    assert control.step_seconds == pytest.approx(base.step_seconds * (1 + share), rel=0.2)
+    assert control.step_seconds > base.step_seconds
 
 
 def test_time_estimate_is_flops_over_throughput_plus_expansion():

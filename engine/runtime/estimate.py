@@ -17,6 +17,10 @@ TEXT_TOKENS = {"flux1-dev": 512, "flux1-schnell": 256, "klein-4b": 512, "klein-9
 ENCODER_TOKENS = {"t5-xxl": None, "clip-l": 77, "qwen3-4b": 512, "qwen3-8b": 512}  # None: the transformer's
 
 
+CONTROLNET = "controlnet"  # runs beside the transformer every step, in the same budget
+CONTROLNET_BLOCKS = 8
+
+
 @dataclass(frozen=True)
 class Part:
     """One model inside a file: its architecture (footprint.ARCHITECTURES) and stored format."""
@@ -26,6 +30,9 @@ class Part:
     file_bytes: int | None = None  # this model's share of its file; None: from the format's bytes per weight
 
     def model_bytes(self) -> ModelBytes:
+        if self.arch == CONTROLNET:  # no published shape to count: its bytes in equal blocks
+            size = self.file_bytes or 0
+            return ModelBytes(CONTROLNET, (size // CONTROLNET_BLOCKS,) * CONTROLNET_BLOCKS, 0)
         layout = footprint.layout(self.arch)
         size = self.file_bytes or round(layout.file_params * bytes_per_weight(self.fmt))
         return layout.bytes_for(self.arch, size)
@@ -82,14 +89,14 @@ def estimate(
     parts: list[Part], machine: Machine, steps: int, width: int = 1024, height: int = 1024
 ) -> Estimate:
     """Placement, verdict and time of `steps` steps at `width`×`height` for these models on `machine`."""
-    models = [p.model_bytes() for p in parts]
+    models = _stages([p.model_bytes() for p in parts])
     placed = place(models, machine.vram)
     if machine.ram >= placed.ram_well:
         fits = True
         if placed.gpu:
             streamed = max((placed.streamed_bytes(m.name) for m in models), default=0)
             why = (
-                f"resident on the GPU, {_gb(placed.ram_needed)} RAM"
+                "resident on the GPU: nothing streams"
                 if not streamed
                 else f"streams up to {_gb(streamed)} per step from {_gb(placed.ram_well)} RAM"
             )
@@ -107,6 +114,20 @@ def estimate(
     return Estimate(placed, fits, why, step, image)
 
 
+def _stages(models: list[ModelBytes]) -> list[ModelBytes]:
+    """ControlNets join the transformer's stage: they run with it every step and share its budget."""
+    nets = [m for m in models if m.name == CONTROLNET]
+    if not nets:
+        return models
+    rest = [m for m in models if m.name != CONTROLNET]
+    for i, m in enumerate(rest):
+        if m.name in footprint.TRANSFORMER_ARCHITECTURES:
+            blocks = m.block_bytes + tuple(b for net in nets for b in net.block_bytes)
+            rest[i] = ModelBytes(m.name, blocks, m.rest_bytes + sum(net.rest_bytes for net in nets))
+            break
+    return rest
+
+
 def _times(parts, models, placed: Placement, machine: Machine, steps: int, width: int, height: int):
     speed = machine.speed
     if speed is None or (placed.gpu and speed.device != "cuda"):
@@ -118,6 +139,9 @@ def _times(parts, models, placed: Placement, machine: Machine, steps: int, width
     layout = footprint.layout(transformer.arch)
     expand = speed.expand.get(_expand_kind(transformer.fmt))
     step = footprint.transformer_flops(transformer.arch, width, height, TEXT_TOKENS[transformer.arch]) / flops
+    # a ControlNet of the base's width costs its weights' share of the base's FLOPs (same tokens, same layers)
+    net_weights = sum((p.file_bytes or 0) / bytes_per_weight(p.fmt) for p in parts if p.arch == CONTROLNET)
+    step *= 1 + net_weights / layout.loaded_params
     if expand:
         step += layout.loaded_params / expand  # each weight expands once per pass
     if placed.gpu and speed.h2d:
