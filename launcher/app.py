@@ -29,6 +29,7 @@ from engine.contract import events
 from engine.contract.protocol import Cancel, Generate
 from launcher.cli import LaunchOptions
 from launcher.config import PROJECT_ROOT, ConfigFile, Settings
+from launcher.controlnets import write_maps
 from launcher.edits import INPUTS_FOLDER, EditMode, edit_from_request, find_input, recorded_inputs
 from launcher.engine_client import EngineExit, EngineProcess, default_engine_command
 from launcher.form import AUTO_MODEL, FormError, FormValues, build_requests
@@ -287,6 +288,12 @@ class FluxDeckApp(App):
             values = self._generate.submit()
         if values is None:
             return
+        if values.controlnets:
+            try:  # a preprocessor's map, made at the job's size, is what the engine gets
+                write_maps(values.controlnets, (values.width, values.height), self.output_dir / INPUTS_FOLDER)
+            except (FormError, OSError) as error:
+                self.notify(str(error), severity="error", markup=False)
+                return
         requests = build_requests(values, self.settings, self.output_dir, self.models_root(values), self.rng)
         self.post_message(GenerateRequested(requests, values.hunt, values))
 

@@ -8,15 +8,19 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.contract import layout
-from engine.contract.request import DEV, GenerateRequest, LoraSpec, ModelFiles
+from engine.contract.request import DEV, ControlNetSpec, GenerateRequest, LoraSpec, ModelFiles
 from launcher.config import Settings
 from launcher.edits import EditMode, EditValues
 from launcher.loras import loras_in_request
 from launcher.metadata import ImageParams
 from launcher.models import is_all_in_one
 from launcher.seeds import SeedMode, seeds_for
+
+if TYPE_CHECKING:
+    from launcher.controlnets import ControlNetValue
 
 AUTO_MODEL = "auto"  # let the engine find the parts in the models folder
 
@@ -44,6 +48,7 @@ class FormValues:
     denoise: float = 1.0
     loras: list[tuple[str, float]] = field(default_factory=list)  # (path, strength) of the enabled LoRAs
     edit: EditValues | None = None  # sent from the Edit screen: inpaint, outpaint, Kontext or control
+    controlnets: list[ControlNetValue] = field(default_factory=list)  # checked, their maps made (panel)
     edit_guidance: float | None = None  # an edit's guidance; None: the model's own (Fill 30, Kontext 2.5...)
 
     def with_params(self, params: ImageParams) -> FormValues:
@@ -57,6 +62,7 @@ class FormValues:
                 setattr(values, name, value)
         values.seed_mode = SeedMode.FIXED
         values.init_image, values.denoise, values.edit = "", 1.0, None
+        values.controlnets = []  # the panel's choices are restored from the request (GenerateScreen.use_params)
         # Our PNGs hold the request with its LoRAs; others carry theirs as <lora:name:w> tags in the prompt,
         # which the engine reads, so the panel's LoRAs are turned off for them.
         values.loras = loras_in_request(params.request)
@@ -134,6 +140,9 @@ def build_request(values: FormValues, settings: Settings, seed: int, out: Path, 
         control_preprocess=preprocess,
         references=references,
         loras=[LoraSpec(str(path), float(strength)) for path, strength in values.loras],
+        controlnets=[
+            ControlNetSpec(c.path, c.image, c.strength, c.start, c.end, c.mode) for c in values.controlnets
+        ],
         files=files,
         device=settings.device,
         dtype=settings.dtype,

@@ -279,3 +279,122 @@ async def test_reuse_restores_an_inpaint_edit_with_its_mask(tmp_path):
         assert edit.query_one("#edit_seed", Input).value == "99"
         assert edit.query_one("#edit_denoise", Input).value == "0.75"
         assert canvas.painter.image.tobytes() == painted
+
+
+# -- the ControlNet panel ----------------------------------------------------------------------------------
+def controlnet_files(models: Path) -> tuple[Path, Path]:
+    folder = models / "controlnet"
+    folder.mkdir(parents=True, exist_ok=True)
+    union, xlabs = folder / "union-pro2.safetensors", folder / "xlabs-canny.safetensors"
+    union.write_bytes(b"net")
+    xlabs.write_bytes(b"net")
+    return union, xlabs
+
+
+async def test_controlnet_panel_values_reach_the_request_and_metadata_and_reuse_restores_them(tmp_path):
+    from engine.generation.control_preprocess import canny
+    from launcher.screens.controlnets import ControlNetScreen
+
+    union, xlabs = controlnet_files(tmp_path / "models")
+    photo = source_image(tmp_path / "photo.png")
+    depth = source_image(tmp_path / "depth.png")
+    app = make_app(tmp_path, engine=FAKE_ENGINE)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+t")
+        panel = app.screen
+        assert isinstance(panel, ControlNetScreen) and [r[1] for r in panel.rows] == [
+            "union-pro2",
+            "xlabs-canny",
+        ]
+        await pilot.press("space")  # the first row on
+        panel.query_one("#image-0", Input).value = str(photo)
+        panel.query_one("#pre-0", Select).value = "canny"
+        panel.query_one("#mode-0", Select).value = "depth"
+        await wait_for(pilot, lambda: panel.preview is not None, 10)  # the engine's Canny, shown in the panel
+        with Image.open(photo) as image:
+            assert panel.preview.tobytes() == canny(image, W, H).tobytes()
+        # every number is checked for range and finiteness, one sentence, and the panel stays open
+        for field, text, words in (
+            ("strength", "nan", "finite"),
+            ("strength", "11", "out of range"),
+            ("start", "-0.1", "out of range"),
+            ("end", "inf", "finite"),
+        ):
+            panel.query_one(f"#{field}-0", Input).value = text
+            await pilot.press("escape")
+            assert app.screen is panel and words in panel.error_text(), (field, text, panel.error_text())
+            panel.query_one(f"#{field}-0", Input).value = {"strength": "0.7", "start": "0.1", "end": "0.8"}[
+                field
+            ]
+        panel.query_one("#start-0", Input).value = "0.9"
+        await pilot.press("escape")
+        assert app.screen is panel and "is not before end" in panel.error_text()
+        panel.query_one("#start-0", Input).value = "0.1"
+        # a second net, stacked, its image already a map
+        panel.query_one("#on-1", Checkbox).value = True
+        panel.query_one("#image-1", Input).value = str(depth)
+        panel.query_one("#strength-1", Input).value = "0.4"
+        await pilot.press("escape")
+        assert app.screen is app.get_screen("generate")
+        assert "union-pro2 0.7 depth, xlabs-canny 0.4" in str(
+            app._generate.form.query_one("#controlnets").render()
+        )
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: app.jobs.jobs and app.jobs.jobs[0].finished, 30)
+        job = app.jobs.jobs[0]
+        assert job.state is JobState.DONE, job.error
+        nets = job.request["controlnets"]
+        map_path = Path(nets[0]["image"])
+        assert nets == [
+            {
+                "path": str(union),
+                "image": str(map_path),
+                "strength": 0.7,
+                "start": 0.1,
+                "end": 0.8,
+                "mode": "depth",
+            },
+            {
+                "path": str(xlabs),
+                "image": str(depth),
+                "strength": 0.4,
+                "start": 0.0,
+                "end": 1.0,
+                "mode": None,
+            },
+        ]
+        # the map is the engine's Canny at the job's size (64x64), written beside the outputs
+        assert map_path.parent == tmp_path / "outputs" / "inputs"
+        with Image.open(photo) as image, Image.open(map_path) as made:
+            assert made.convert("RGB").tobytes() == canny(image, 64, 64).tobytes()
+        GenerateRequest.from_dict(job.request).validate()  # the engine takes what the panel built
+        request = read_png_params(Path(job.paths[0])).request
+        assert request["controlnets"] == nets
+        hashes = {
+            item["path"]: item["sha256"] for item in request["inputs"] if item["role"] == "controlnet_image"
+        }
+        assert hashes == {str(p): hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (map_path, depth)}
+        # reuse: everything off and changed, then the image's ControlNets come back, the photo and Canny too
+        choices = app._generate.form.controlnet_choices
+        for choice in choices.values():
+            choice.enabled, choice.strength, choice.image = False, "1", ""
+        await pilot.press("f3")
+        gallery = app.get_screen("gallery")
+        await wait_for(pilot, lambda: gallery.selected() == job.paths[0], 5)
+        await pilot.press("u")
+        await wait_for(pilot, lambda: choices[str(union)].enabled, 5)
+        first, second = choices[str(union)], choices[str(xlabs)]
+        assert (first.image, first.preprocess, first.strength, first.start, first.end, first.mode) == (
+            str(photo),
+            "canny",
+            "0.7",
+            "0.1",
+            "0.8",
+            "depth",
+        )
+        assert (second.enabled, second.image, second.preprocess, second.strength) == (
+            True,
+            str(depth),
+            "none",
+            "0.4",
+        )

@@ -20,6 +20,7 @@ from textual.reactive import var
 from textual.screen import Screen
 from textual.widgets import Checkbox, Footer, Input, Label, Select, Static, TextArea
 
+from launcher.controlnets import control_map
 from launcher.edits import (
     MODE_HELP,
     PREPROCESSORS,
@@ -58,18 +59,6 @@ class PreviewReady(Message):
     error: str | None = None
 
 
-def control_map(path: str, preprocess: str) -> Image.Image:
-    """The control image as the engine will see it: itself, or its Canny edges computed by the engine's own
-    function at the size the engine uses (the image's, floored to 16). Imports numpy/OpenCV, never torch."""
-    picture = load_picture(Path(path))
-    if preprocess == "none":
-        return picture
-    from engine.generation.control_preprocess import canny
-
-    width, height = (max(16, side - side % 16) for side in picture.size)
-    return canny(picture, width, height)
-
-
 class EditScreen(Screen):
     BINDINGS = [
         KEYS.binding("edit_mode", "next_mode", "Mode"),
@@ -85,6 +74,7 @@ class EditScreen(Screen):
     EditScreen .row > .short { width: 8; }
     EditScreen .row > Checkbox { width: auto; }
     EditScreen .title, EditScreen .help { color: $text-muted; }
+    EditScreen .help { width: 100%; }
     EditScreen .box { height: auto; }
     EditScreen #edit-error { color: $error; height: auto; }
     EditScreen #right { width: 1fr; }
