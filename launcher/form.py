@@ -16,7 +16,7 @@ from launcher.config import Settings
 from launcher.edits import EditMode, EditValues
 from launcher.loras import loras_in_request
 from launcher.metadata import ImageParams
-from launcher.models import is_all_in_one
+from launcher.models import family_for_file, is_all_in_one
 from launcher.seeds import SeedMode, seeds_for
 
 if TYPE_CHECKING:
@@ -102,6 +102,8 @@ def build_request(values: FormValues, settings: Settings, seed: int, out: Path, 
         else:
             files.transformer = values.model
     with_cfg = values.cfg > 1
+    if values.model != AUTO_MODEL and family_for_file(values.model).flux2:
+        values = dataclasses.replace(values, guidance=None)  # klein has no guidance: the engine's default
     edit = values.edit
     init_image, denoise = values.init_image or None, values.denoise if values.init_image else 1.0
     width, height, guidance = values.width, values.height, values.guidance

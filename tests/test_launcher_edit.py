@@ -398,3 +398,69 @@ async def test_controlnet_panel_values_reach_the_request_and_metadata_and_reuse_
             "none",
             "0.4",
         )
+
+
+# -- the model family ------------------------------------------------------------------------------------
+def test_the_tui_reads_the_family_the_engine_reads_from_tiny_real_files(tmp_path):
+    """Tiny random transformers in the real layouts (FLUX.1 [dev] and [schnell], FLUX.2 [klein], an all-in-one
+    checkpoint's prefix): the TUI's header read and the engine's own detection agree on each."""
+    from safetensors.torch import save_file
+
+    from engine.contract import families
+    from engine.fixtures import SCHNELL as TINY_SCHNELL
+    from engine.fixtures import TinySpec, flux_state
+    from engine.fixtures_flux2 import Flux2Spec, flux2_state
+    from engine.formats.model_files import family_of
+    from engine.formats.weights import component_from
+    from engine.models import flux2
+    from launcher.models import DEV, KLEIN, SCHNELL, family_for_file
+
+    assert flux2.is_flux2 is families.is_flux2  # one detection, imported by both sides
+    files = {
+        "dev": (flux_state(TinySpec()), "FLUX.1 [dev]", DEV, "flux1"),
+        "schnell": (flux_state(TINY_SCHNELL), "FLUX.1 [schnell]", SCHNELL, "flux1"),
+        "klein": (flux2_state(Flux2Spec()), "FLUX.2 [klein]", KLEIN, "flux2"),
+    }
+    for name, (state, shown, defaults, engine_family) in files.items():
+        path = tmp_path / f"model-{name}.safetensors"  # names that say nothing: the tensors decide
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+        family = family_for_file(path)
+        assert (family.name, family.defaults, family.known) == (shown, defaults, True)
+        assert family_of(component_from(str(path), "transformer", "--transformer")) == engine_family
+    prefixed = tmp_path / "checkpoint.safetensors"
+    save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in files["klein"][0].items()}, prefixed)
+    assert family_for_file(prefixed).name == "FLUX.2 [klein]"
+    gguf = tmp_path / "flux-2-klein-4b-Q4_K_M.gguf"  # no safetensors header: by the name, and it says so
+    gguf.write_bytes(b"GGUF")
+    assert family_for_file(gguf).name == "FLUX.2 [klein]" and "guessed" in family_for_file(gguf).describe()
+
+
+async def test_choosing_a_klein_file_shows_its_family_and_applies_its_defaults(tmp_path):
+    from tests.test_launcher_loras import header_only
+
+    klein = header_only(
+        tmp_path / "models" / "diffusion_models" / "k.safetensors", ["single_stream_modulation.lin.weight"]
+    )
+    dev = header_only(
+        tmp_path / "models" / "diffusion_models" / "d.safetensors", ["guidance_in.in_layer.weight"]
+    )
+    app = make_app(tmp_path, start_engine=False)
+    async with app.run_test(size=SIZE) as pilot:
+        form = app._generate.form
+        form.query_one("#model", Select).value = str(klein)
+        await pilot.pause()
+        assert "FLUX.2 [klein]: 4 steps" in str(form.query_one("#family").render())
+        assert form.query_one("#steps", Input).value == "4"
+        form.query_one("#model", Select).value = str(dev)
+        await pilot.pause()
+        assert "FLUX.1 [dev]: 28 steps, guidance 3.5" in str(form.query_one("#family").render())
+        assert (form.query_one("#steps", Input).value, form.query_one("#guidance", Input).value) == (
+            "28",
+            "3.5",
+        )
+        await pilot.press("f8")
+        edit = app._edit
+        edit.query_one("#edit_model", Select).value = str(klein)
+        await pilot.pause()
+        assert "FLUX.2 [klein]" in str(edit.query_one("#family").render())
+        assert edit.query_one("#edit_steps", Input).value == "4"

@@ -323,9 +323,12 @@ class EditScreen(Screen):
             self._error(f"{path} does not exist: give the path of a PNG or JPEG.")
             return False
         self.source, self.source_size = path, picture.size
-        self.query_one(MaskCanvas).set_image(picture)
+        canvas = self.query_one(MaskCanvas)
+        canvas.set_image(picture)
         self._error("")
         self._refresh_picture()
+        if self.mode is EditMode.INPAINT:
+            canvas.focus()  # ready to paint; tab goes on to the fields
         return True
 
     @on(Input.Submitted, "#source")
@@ -361,7 +364,7 @@ class EditScreen(Screen):
         tool = "erase" if canvas.erase else "paint"
         corner = " · rectangle: r again at the other corner" if canvas.anchor is not None else ""
         self.query_one("#canvas-caption", Static).update(
-            f"{tool} · brush {canvas.radius:g} px · mask {100 * canvas.painter.coverage():.0f}%{corner}"
+            f"mask {100 * canvas.painter.coverage():.0f}% · {tool} · brush {canvas.radius:g} px{corner}"
         )
 
     def _error(self, text: str) -> None:
