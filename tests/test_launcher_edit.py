@@ -208,6 +208,19 @@ async def test_outpaint_margins_reach_the_request_and_bad_ones_are_refused(tmp_p
         assert (job.request["outpaint"], job.request["init_image"]) == ("32,0,0,16", str(src))
         with Image.open(job.paths[0]) as result:
             assert result.size == (W + 32, H + 16)
+        # reuse restores the outpaint: mode, source and each margin
+        edit.query_one("#mode", Select).value = EditMode.KONTEXT.value
+        for side in ("left", "bottom"):
+            edit.query_one(f"#margin_{side}", Input).value = "0"
+        await pilot.press("f3")
+        gallery = app.get_screen("gallery")
+        await wait_for(pilot, lambda: gallery.selected() == job.paths[0], 5)
+        await pilot.press("u")
+        await wait_for(pilot, lambda: app.screen is edit and edit.mode is EditMode.OUTPAINT, 5)
+        margins = [
+            edit.query_one(f"#margin_{side}", Input).value for side in ("left", "top", "right", "bottom")
+        ]
+        assert margins == ["32", "0", "0", "16"] and edit.source == str(src)
 
 
 async def test_kontext_chain_makes_the_result_the_next_source(tmp_path):
@@ -464,3 +477,56 @@ async def test_choosing_a_klein_file_shows_its_family_and_applies_its_defaults(t
         await pilot.pause()
         assert "FLUX.2 [klein]" in str(edit.query_one("#family").render())
         assert edit.query_one("#edit_steps", Input).value == "4"
+
+
+def test_the_engine_records_every_input_image_by_name_and_sha256(tmp_path):
+    from engine.contract.request import ControlNetSpec
+    from engine.generation.png_output import input_records
+
+    src, mask, ref, net_image = (source_image(tmp_path / f"{n}.png") for n in ("src", "mask", "ref", "map"))
+    mask.write_bytes(mask.read_bytes() + b"-")  # another file, another hash
+    request = GenerateRequest(
+        prompt="p",
+        out=str(tmp_path / "o.png"),
+        init_image=str(src),
+        mask=str(mask),
+        references=[str(ref)],
+        controlnets=[
+            ControlNetSpec("net.safetensors", str(net_image)),
+            ControlNetSpec("n2", str(tmp_path / "gone.png")),
+        ],
+    )
+    records = input_records(request)
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (src, mask, ref, net_image)}
+    assert records == [
+        {"role": "init_image", "name": "src.png", "path": str(src), "sha256": digest[src]},
+        {"role": "mask", "name": "mask.png", "path": str(mask), "sha256": digest[mask]},
+        {"role": "reference", "name": "ref.png", "path": str(ref), "sha256": digest[ref]},
+        {"role": "controlnet_image", "name": "map.png", "path": str(net_image), "sha256": digest[net_image]},
+        {
+            "role": "controlnet_image",
+            "name": "gone.png",
+            "path": str(tmp_path / "gone.png"),
+        },  # unreadable: no hash
+    ]
+    # the PNG's record reads back as the same request (the inputs are not a request field)
+    again = GenerateRequest.from_dict(request.to_dict() | {"inputs": records, "batch_index": 0})
+    assert again == request
+
+
+async def test_an_engine_crash_during_an_edit_leaves_the_ui_standing(tmp_path):
+    src = source_image(tmp_path / "outputs" / "photo.png")
+    app = make_app(tmp_path, engine=FAKE_ENGINE)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_edit(app, pilot, src)
+        edit = app._edit
+        edit.query_one(MaskCanvas).painter.rectangle((0, 0), (10, 10))
+        edit.query_one("#edit_prompt", TextArea).text = "crash"  # the fake engine exits with 137
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: app.jobs.jobs and app.jobs.jobs[0].finished, 30)
+        assert app.jobs.jobs[0].state is JobState.FAILED and "signal 9" in app.jobs.jobs[0].error
+        assert app.is_running and app.screen is edit
+        edit.query_one("#edit_prompt", TextArea).text = "a door"  # the next edit restarts the engine
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: len(app.jobs.jobs) == 2 and app.jobs.jobs[1].finished, 30)
+        assert app.jobs.jobs[1].state is JobState.DONE, app.jobs.jobs[1].error
