@@ -19,7 +19,7 @@ from pathlib import Path
 from PIL import Image, ImageChops, ImageDraw
 
 from engine.contract.request import CONTROL_PREPROCESS, MAX_OUTPAINT, MAX_SIZE
-from launcher.metadata import MAX_PIXELS, UnreadableImage, load_picture
+from launcher.metadata import MAX_PIXELS, UnreadableImage, load_picture, plain_text
 
 INPUTS_FOLDER = "inputs"  # under the outputs folder: masks and control maps written for jobs
 SIDES = ("left", "top", "right", "bottom")
@@ -162,7 +162,8 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def _text(value: object) -> str | None:
-    return value if isinstance(value, str) and value else None
+    """A path from an image's metadata: text, without control characters (escape codes), or None."""
+    return plain_text(value, 4096) if isinstance(value, str) and value.strip() else None
 
 
 def edit_from_request(request: dict | None) -> EditValues | None:
@@ -173,11 +174,11 @@ def edit_from_request(request: dict | None) -> EditValues | None:
     init, mask = _text(request.get("init_image")), _text(request.get("mask"))
     outpaint, control = _text(request.get("outpaint")), _text(request.get("control_image"))
     references = request.get("references")
-    references = [r for r in references if _text(r)] if isinstance(references, list) else []
+    references = [_text(r) for r in references if _text(r)] if isinstance(references, list) else []
     if init and mask:
         return EditValues(EditMode.INPAINT, init, mask=mask)
     if init and outpaint:
-        parts = outpaint.split(",")
+        parts = outpaint.split(",")[:5]
         try:
             margins = tuple(int(p) for p in parts)
         except ValueError:
@@ -199,8 +200,12 @@ def recorded_inputs(request: dict | None) -> dict[str, str]:
     items = request.get("inputs") if isinstance(request, dict) else None
     found: dict[str, str] = {}
     for item in items if isinstance(items, list) else []:
-        if isinstance(item, dict) and _text(item.get("path")) and _text(item.get("sha256")):
-            found[item["path"]] = item["sha256"]
+        if (
+            isinstance(item, dict)
+            and (path := _text(item.get("path")))
+            and (digest := _text(item.get("sha256")))
+        ):
+            found[path] = digest
     return found
 
 

@@ -530,3 +530,20 @@ async def test_an_engine_crash_during_an_edit_leaves_the_ui_standing(tmp_path):
         await pilot.press("ctrl+g")
         await wait_for(pilot, lambda: len(app.jobs.jobs) == 2 and app.jobs.jobs[1].finished, 30)
         assert app.jobs.jobs[1].state is JobState.DONE, app.jobs.jobs[1].error
+
+
+def test_an_edit_read_from_a_hostile_png_is_checked_not_trusted():
+    assert edit_from_request({"init_image": 5, "mask": ["x"]}) is None
+    assert edit_from_request({"init_image": "a.png", "outpaint": "1,2,3"}) is None
+    assert edit_from_request({"init_image": "a.png", "outpaint": "1,2,3,99999"}) is None
+    assert edit_from_request({"init_image": "a.png", "outpaint": "1," * 10**6}) is None
+    kontext = edit_from_request({"references": [1, None, "", "a\x1b[31m.png", "b.png"]})
+    assert (kontext.mode, kontext.source, kontext.references) == (EditMode.KONTEXT, "a[31m.png", ["b.png"])
+    control = edit_from_request({"control_image": "c.png", "control_preprocess": "rm -rf"})
+    assert (control.mode, control.preprocess) == (EditMode.CONTROL, "none")
+    from launcher.edits import recorded_inputs
+
+    assert recorded_inputs(
+        {"inputs": [{"path": "a.png", "sha256": 3}, "x", {"path": "b.png", "sha256": "ab"}]}
+    ) == {"b.png": "ab"}
+    assert recorded_inputs({"inputs": "nope"}) == {} and recorded_inputs(None) == {}

@@ -34,6 +34,7 @@ from launcher.edits import (
 from launcher.form import AUTO_MODEL, FormError, FormValues, output_path, parse_number
 from launcher.keymap import KEYS
 from launcher.limits import RANGES
+from launcher.loras import summary as lora_summary
 from launcher.messages import JobFinished
 from launcher.metadata import UnreadableImage, load_picture, plain_text
 from launcher.models import InstalledFile, family_for_file
@@ -135,6 +136,7 @@ class EditScreen(Screen):
                 with Horizontal(classes="row"):
                     yield Label("Seed")
                     yield Input("0", id="edit_seed", type="integer", compact=True)
+                yield Label("", id="edit-loras", classes="help", markup=False)
                 with Vertical(id="inpaint-box", classes="box"):
                     with Horizontal(classes="row"):
                         yield Label("Denoise")
@@ -182,9 +184,22 @@ class EditScreen(Screen):
 
     def on_mount(self) -> None:
         self._show_mode()
+        self._show_loras()
         if self._pending is not None:
             pending, self._pending = self._pending, None
             self.call_after_refresh(pending)
+
+    def on_screen_resume(self) -> None:
+        self._show_loras()  # the LoRA panel may have changed them
+
+    def _show_loras(self) -> None:
+        try:
+            choices = self.app.get_screen("generate").form.lora_choices  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a screen used on its own (tests): no LoRAs to show
+            choices = {}
+        self.query_one("#edit-loras", Label).update(
+            f"LoRAs: {lora_summary(choices)} · {self._key_for('loras')}: choose (e.g. a Canny/Depth LoRA for Control)"
+        )
 
     # -- models ------------------------------------------------------------------------------------------
     def _model_options(self) -> list[tuple[str, str]]:
