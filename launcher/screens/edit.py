@@ -481,16 +481,23 @@ class EditScreen(Screen):
     # -- results -----------------------------------------------------------------------------------------
     @on(JobFinished)
     def _job_finished(self, message: JobFinished) -> None:
-        job = message.job
-        references = job.request.get("references") or []
-        if not job.paths or not self.source:
-            return
+        """A result of this screen's source: shown here (Inpaint: named), or, with chain, the next source."""
+        job, request = message.job, message.job.request
+        references = request.get("references") or []
+        sources = (request.get("init_image"), request.get("control_image"), *references[:1])
+        if not job.paths or not self.source or self.source not in sources:
+            return  # not an edit of this image (a job from the generate screen, an older source)
         result = job.paths[-1]
-        if references and references[0] == self.source and self.query_one("#chain", Checkbox).value:
+        if references and self.query_one("#chain", Checkbox).value:
             self._load(result)
             self.query_one("#source", Input).value = result
             self.notify(f"Chained: {Path(result).name} is the next source.", markup=False)
-        elif self.mode is not EditMode.INPAINT:
+        elif self.mode is EditMode.INPAINT:
+            self.notify(
+                f"Done: {Path(result).name} is in the gallery ({self._key_for('show_gallery')}).",
+                markup=False,
+            )
+        else:
             self.query_one("#edit-image", ImagePane).show(result, f"result: {Path(result).name}")
 
     def action_loras(self) -> None:
