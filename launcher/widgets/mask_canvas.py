@@ -69,6 +69,7 @@ class MaskCanvas(Widget, can_focus=True):
         self._last: tuple[float, float] | None = None  # the previous point of a mouse drag
         self._drag_paint = True
         self._shown: Image.Image | None = None  # the composite at the cell size, remade after each change
+        self._base: Image.Image | None = None  # the source at the cell size
         self._layout: tuple[float, int, int, int, int] = (
             1.0,
             1,
@@ -81,6 +82,7 @@ class MaskCanvas(Widget, can_focus=True):
     def set_image(self, image: Image.Image | None, painter: MaskPainter | None = None) -> None:
         """Show this image with a new empty mask (or `painter`'s); None shows nothing."""
         self.source = image.convert("RGB") if image is not None else None
+        self._base = None
         self.painter = painter or (MaskPainter(image.size) if image is not None else None)
         if image is not None:
             self.cursor = (image.size[0] / 2, image.size[1] / 2)
@@ -98,7 +100,9 @@ class MaskCanvas(Widget, can_focus=True):
             return None
         if self._shown is None:
             scale, width, height = fit(self.source.size, (self.size.width, self.size.height))
-            base = self.source.resize((width, height), Image.Resampling.BILINEAR)
+            if self._base is None or self._base.size != (width, height):  # only the mask changes per stroke
+                self._base = self.source.resize((width, height), Image.Resampling.BILINEAR)
+            base = self._base
             mask = self.painter.image.resize((width, height), Image.Resampling.BILINEAR)
             tinted = Image.blend(base, Image.new("RGB", base.size, TINT), 0.55)
             self._shown = Image.composite(tinted, base, mask)
