@@ -29,11 +29,14 @@ from engine.contract import events
 from engine.contract.protocol import Cancel, Generate
 from launcher.cli import LaunchOptions
 from launcher.config import PROJECT_ROOT, ConfigFile, Settings
+from launcher.controlnets import write_maps
+from launcher.edits import INPUTS_FOLDER, EditMode, edit_from_request, find_input, recorded_inputs
 from launcher.engine_client import EngineExit, EngineProcess, default_engine_command
-from launcher.form import AUTO_MODEL, FormValues, build_requests
+from launcher.form import AUTO_MODEL, FormError, FormValues, build_requests
 from launcher.jobs import Job, JobQueue, JobState
 from launcher.keymap import KEYS
 from launcher.messages import (
+    EditRequested,
     EngineExited,
     EngineLog,
     EngineReported,
@@ -50,6 +53,7 @@ from launcher.messages import (
 )
 from launcher.metadata import ImageParams
 from launcher.models import InstalledFile, defaults_for_file, root_of, scan_models
+from launcher.screens.edit import EditScreen
 from launcher.screens.gallery import GalleryScreen
 from launcher.screens.generate import GenerateScreen
 from launcher.screens.load_png import LoadPngScreen
@@ -79,6 +83,7 @@ class FluxDeckApp(App):
         KEYS.binding("show_models", "show('models')", "Models"),
         KEYS.binding("show_settings", "show('settings')", "Settings"),
         KEYS.binding("show_log", "show('log')", "Log"),
+        KEYS.binding("show_edit", "show('edit')", "Edit"),
     ]
 
     # State the screens show; they bind to it (data_bind) instead of being told.
@@ -87,6 +92,7 @@ class FluxDeckApp(App):
     output_dir: var[Path] = var(Path, init=False)
     status: var[str] = var("", init=False)
     _generate: GenerateScreen  # made in on_mount
+    _edit: EditScreen
 
     def __init__(
         self,
@@ -184,8 +190,10 @@ class FluxDeckApp(App):
         self._generate = GenerateScreen(
             self.initial_values(), self.models, renderer, key_for=self.key_for
         ).data_bind(FluxDeckApp.models, FluxDeckApp.model_roots, FluxDeckApp.status)
+        self._edit = EditScreen(self.models, renderer, key_for=self.key_for).data_bind(FluxDeckApp.models)
         screens = {
             "generate": self._generate,
+            "edit": self._edit,
             "gallery": GalleryScreen(self.output_dir, renderer).data_bind(folder=FluxDeckApp.output_dir),
             "queue": QueueScreen(self.jobs),
             "models": ModelsScreen(
@@ -253,7 +261,7 @@ class FluxDeckApp(App):
         yield SystemCommand(
             "Load PNG parameters", "Fill the form from a PNG's metadata", self.action_load_png
         )
-        for name in ("generate", "gallery", "queue", "models", "settings", "log"):
+        for name in ("generate", "edit", "gallery", "queue", "models", "settings", "log"):
             yield SystemCommand(
                 f"Show {name}", f"Switch to the {name} screen", lambda n=name: self.action_show(n)
             )
@@ -274,11 +282,41 @@ class FluxDeckApp(App):
 
     # -- generating ------------------------------------------------------------------------------------
     def action_generate(self) -> None:
-        values = self._generate.submit()
+        if self._is_showing("edit"):
+            values = self._edit_values()
+        else:
+            values = self._generate.submit()
         if values is None:
             return
+        if values.controlnets:
+            try:  # a preprocessor's map, made at the job's size, is what the engine gets
+                write_maps(values.controlnets, (values.width, values.height), self.output_dir / INPUTS_FOLDER)
+            except (FormError, OSError) as error:
+                self.notify(str(error), severity="error", markup=False)
+                return
         requests = build_requests(values, self.settings, self.output_dir, self.models_root(values), self.rng)
         self.post_message(GenerateRequested(requests, values.hunt, values))
+
+    def _edit_values(self) -> FormValues | None:
+        """The Edit screen's edit, with the LoRAs chosen in the LoRA panel (a Canny/Depth LoRA, a style)."""
+        try:
+            loras = self._generate.form.lora_values()
+        except FormError as error:
+            self.notify(str(error), severity="error", markup=False)
+            return None
+        values = self._edit.submit(self.output_dir / INPUTS_FOLDER)
+        if values is not None:
+            values.loras = loras
+        return values
+
+    @on(EditRequested)
+    def _edit_requested(self, message: EditRequested) -> None:
+        try:
+            values = self._generate.form.values()
+        except FormError:
+            values = None
+        self.action_show("edit")
+        self._edit.open(message.path, values)
 
     @on(GenerateRequested)
     def _enqueue(self, message: GenerateRequested) -> None:
@@ -454,8 +492,46 @@ class FluxDeckApp(App):
 
     @on(UseParams)
     def _use_params(self, message: UseParams) -> None:
+        edit = edit_from_request(message.params.request) if message.refine_from is None else None
+        if edit is not None:
+            self._restore_edit(message, edit)
+            return
         self.action_show("generate")
         self._generate.use_params(message.params, message.refine_from, REFINE_DENOISE)
+
+    def _restore_edit(self, message: UseParams, edit) -> None:
+        """Reuse an edited image: the Edit screen with its mode, inputs (found again by path, else by name
+        beside the outputs; checked against the SHA-256 the PNG recorded), prompt, model and sampling."""
+        params = message.params
+        request = params.request or {}
+        recorded = recorded_inputs(request)
+        folders = [self.output_dir / INPUTS_FOLDER, self.output_dir]
+        if message.image:
+            folders += [Path(message.image).parent, Path(message.image).parent / INPUTS_FOLDER]
+        notes: list[str] = []
+
+        def found(path: str) -> str:
+            where, note = find_input(path, recorded.get(path), folders)
+            if note:
+                notes.append(note)
+            return where or path
+
+        edit.source = found(edit.source)
+        edit.references = [found(ref) for ref in edit.references]
+        mask = found(edit.mask) if edit.mode is EditMode.INPAINT else None
+        values = FormValues().with_params(params)
+        files = request.get("files") if isinstance(request.get("files"), dict) else {}
+        model = files.get("transformer") or files.get("checkpoint")
+        values.model = model if isinstance(model, str) else AUTO_MODEL
+        values.denoise = params.denoise if params.denoise is not None else 1.0
+        missing = self._generate.form.set_loras(values.loras)
+        self.action_show("edit")
+        self._edit.restore(values, edit, mask, params.guidance)
+        self.notify(f"Edit restored: press {self.key_for('generate')} to run it again.", markup=False)
+        if missing:
+            notes.append(f"LoRA(s) not found in the models folders, left off: {', '.join(missing)}.")
+        for note in notes:
+            self.notify(note, severity="warning", timeout=10, markup=False)
 
     # -- model files about to be replaced -------------------------------------------------------------
     def release_model_files(self) -> str | None:

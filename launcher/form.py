@@ -8,14 +8,19 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.contract import layout
-from engine.contract.request import DEV, GenerateRequest, LoraSpec, ModelFiles
+from engine.contract.request import DEV, ControlNetSpec, GenerateRequest, LoraSpec, ModelFiles
 from launcher.config import Settings
+from launcher.edits import EditMode, EditValues
 from launcher.loras import loras_in_request
 from launcher.metadata import ImageParams
-from launcher.models import is_all_in_one
+from launcher.models import family_for_file, is_all_in_one
 from launcher.seeds import SeedMode, seeds_for
+
+if TYPE_CHECKING:
+    from launcher.controlnets import ControlNetValue
 
 AUTO_MODEL = "auto"  # let the engine find the parts in the models folder
 
@@ -42,6 +47,9 @@ class FormValues:
     init_image: str = ""
     denoise: float = 1.0
     loras: list[tuple[str, float]] = field(default_factory=list)  # (path, strength) of the enabled LoRAs
+    edit: EditValues | None = None  # sent from the Edit screen: inpaint, outpaint, Kontext or control
+    controlnets: list[ControlNetValue] = field(default_factory=list)  # checked, their maps made (panel)
+    edit_guidance: float | None = None  # an edit's guidance; None: the model's own (Fill 30, Kontext 2.5...)
 
     def with_params(self, params: ImageParams) -> FormValues:
         """These values with everything the image's metadata says (what it does not say stays)."""
@@ -53,7 +61,8 @@ class FormValues:
             if value is not None:
                 setattr(values, name, value)
         values.seed_mode = SeedMode.FIXED
-        values.init_image, values.denoise = "", 1.0
+        values.init_image, values.denoise, values.edit = "", 1.0, None
+        values.controlnets = []  # the panel's choices are restored from the request (GenerateScreen.use_params)
         # Our PNGs hold the request with its LoRAs; others carry theirs as <lora:name:w> tags in the prompt,
         # which the engine reads, so the panel's LoRAs are turned off for them.
         values.loras = loras_in_request(params.request)
@@ -93,20 +102,49 @@ def build_request(values: FormValues, settings: Settings, seed: int, out: Path, 
         else:
             files.transformer = values.model
     with_cfg = values.cfg > 1
+    if values.model != AUTO_MODEL and family_for_file(values.model).flux2:
+        values = dataclasses.replace(values, guidance=None)  # klein has no guidance: the engine's default
+    edit = values.edit
+    init_image, denoise = values.init_image or None, values.denoise if values.init_image else 1.0
+    width, height, guidance = values.width, values.height, values.guidance
+    mask = outpaint = control_image = None
+    references: list[str] = []
+    preprocess = "none"
+    if edit is not None:
+        # the size is the edit image's (the engine resolves it), the guidance the model's own unless given
+        width = height = None
+        guidance = values.edit_guidance
+        init_image, denoise = None, 1.0
+        if edit.mode is EditMode.INPAINT:
+            init_image, mask, denoise = edit.source, edit.mask or None, values.denoise
+        elif edit.mode is EditMode.OUTPAINT:
+            init_image, outpaint = edit.source, ",".join(str(m) for m in edit.margins)
+        elif edit.mode is EditMode.KONTEXT:
+            references = [edit.source, *edit.references]
+        else:
+            control_image, preprocess = edit.source, edit.preprocess
     return GenerateRequest(
         prompt=values.prompt,
         out=str(out),
         clip_prompt=values.clip_prompt or None,
         negative=(values.negative or None) if with_cfg else None,
         cfg=values.cfg,
-        width=values.width,
-        height=values.height,
+        width=width,
+        height=height,
         steps=values.steps,
-        guidance=values.guidance,
+        guidance=guidance,
         seed=seed,
-        init_image=values.init_image or None,
-        denoise=values.denoise if values.init_image else 1.0,
+        init_image=init_image,
+        denoise=denoise,
+        mask=mask,
+        outpaint=outpaint,
+        control_image=control_image,
+        control_preprocess=preprocess,
+        references=references,
         loras=[LoraSpec(str(path), float(strength)) for path, strength in values.loras],
+        controlnets=[
+            ControlNetSpec(c.path, c.image, c.strength, c.start, c.end, c.mode) for c in values.controlnets
+        ],
         files=files,
         device=settings.device,
         dtype=settings.dtype,

@@ -21,14 +21,19 @@ class Keymap:
     show_models: str = "f5"
     show_settings: str = "f6"
     show_log: str = "f7"
+    show_edit: str = "f8"
     # generate screen
     random_seed: str = "ctrl+r"
     toggle_hunt: str = "ctrl+e"
     loras: str = "ctrl+l"  # the LoRA panel (the same key closes it)
+    controlnets: str = "ctrl+t"  # the ControlNet panel (the same key closes it)
+    # edit screen
+    edit_mode: str = "f9"  # the next mode: inpaint, outpaint, Kontext, control
     # gallery
     reuse: str = "enter,u"
     refine: str = "r"
     open_image: str = "o"
+    edit_image: str = "e"  # the selected image in the Edit screen
     # queue
     cancel_selected: str = "delete,x"
     # models

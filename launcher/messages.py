@@ -56,6 +56,14 @@ class UseParams(Message):
 
     params: ImageParams
     refine_from: str | None = None
+    image: str | None = None  # the image they were read from (an edit's inputs are looked for beside it)
+
+
+@dataclass
+class EditRequested(Message):
+    """Open this image in the Edit screen."""
+
+    path: str
 
 
 @dataclass

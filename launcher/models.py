@@ -7,7 +7,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.contract import layout
+from engine.contract import families, layout
 from engine.contract.request import DEV, SCHNELL, ModelDefaults
 
 
@@ -16,10 +16,34 @@ def defaults_for(name: str) -> ModelDefaults:
     return SCHNELL if "schnell" in name.lower() else DEV
 
 
-# [dev] has a guidance embedder, [schnell] has none; all-in-one checkpoints prefix the transformer's names.
-GUIDANCE_TENSOR = "guidance_in.in_layer.weight"
+# all-in-one checkpoints prefix the transformer's names
 TRANSFORMER_PREFIXES = ("", "model.diffusion_model.", "diffusion_model.")
 MAX_HEADER_BYTES = 100 * 2**20  # FLUX's headers are ~100 KB; more than this is not a safetensors file
+# FLUX.2 [klein]: no guidance embedding, so the engine runs it with [schnell]'s step count (its distilled
+# models are made for 4 steps); guidance is not used, true CFG (--cfg above 1 with a negative) is.
+KLEIN = ModelDefaults("klein", steps=SCHNELL.steps, guidance=0.0, t5_max_length=SCHNELL.t5_max_length)
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What the TUI shows for a chosen model file, and the defaults it applies."""
+
+    name: str  # "FLUX.1 [dev]", "FLUX.1 [schnell]", "FLUX.2 [klein]"
+    defaults: ModelDefaults
+    known: bool = True  # False: guessed from the file name (GGUF, unreadable header)
+
+    @property
+    def flux2(self) -> bool:
+        return self.defaults is KLEIN
+
+    def describe(self) -> str:
+        how = "" if self.known else " (guessed from the file name)"
+        if self.flux2:
+            return (
+                f"{self.name}{how}: {self.defaults.steps} steps, no guidance (CFG above 1 uses the negative)"
+            )
+        guidance = f"guidance {self.defaults.guidance:g}" if self.defaults.guidance else "no guidance"
+        return f"{self.name}{how}: {self.defaults.steps} steps, {guidance}"
 
 
 def safetensors_names(path: Path) -> set[str] | None:
@@ -47,23 +71,47 @@ def safetensors_names(path: Path) -> set[str] | None:
     return {name for name in header if name != "__metadata__"}
 
 
-def is_dev_transformer(path: Path) -> bool | None:
-    """True for [dev] (a guidance embedder), False for [schnell], None when the file cannot tell (GGUF, not
-    a safetensors file, unreadable)."""
+def transformer_names(path: Path) -> set[str] | None:
+    """The transformer's tensor names in a safetensors file, its checkpoint prefix taken off (None when the file
+    cannot tell: GGUF, not a safetensors file, unreadable)."""
     if Path(path).suffix.lower() not in layout.SAFETENSORS_SUFFIXES:
         return None
     names = safetensors_names(path)
     if names is None:
         return None
-    return any(prefix + GUIDANCE_TENSOR in names for prefix in TRANSFORMER_PREFIXES)
+    for prefix in TRANSFORMER_PREFIXES[1:]:
+        if any(name.startswith(prefix) for name in names):
+            return {name[len(prefix) :] for name in names if name.startswith(prefix)}
+    return names
+
+
+def is_dev_transformer(path: Path) -> bool | None:
+    """True for [dev] (a guidance embedder), False for [schnell], None when the file cannot tell (GGUF, not
+    a safetensors file, unreadable)."""
+    names = transformer_names(Path(path))
+    return None if names is None else families.has_guidance_embedding(names)
+
+
+def family_for_file(path: Path | str) -> ModelFamily:
+    """The family of a model file from its tensor names, asked the engine's way (engine/contract/families.py);
+    by its name when the header cannot tell."""
+    names = transformer_names(Path(path))
+    if names is None:
+        lowered = Path(path).name.lower()
+        if "klein" in lowered or "flux2" in lowered or "flux.2" in lowered or "flux-2" in lowered:
+            return ModelFamily("FLUX.2 [klein]", KLEIN, known=False)
+        defaults = defaults_for(lowered)
+        return ModelFamily(f"FLUX.1 [{defaults.variant}]", defaults, known=False)
+    if families.is_flux2(names):
+        return ModelFamily("FLUX.2 [klein]", KLEIN)
+    if families.has_guidance_embedding(names):
+        return ModelFamily("FLUX.1 [dev]", DEV)
+    return ModelFamily("FLUX.1 [schnell]", SCHNELL)
 
 
 def defaults_for_file(path: Path | str) -> ModelDefaults:
-    """[dev] or [schnell] defaults read from the file's tensor names; by its name when they cannot tell."""
-    dev = is_dev_transformer(Path(path))
-    if dev is None:
-        return defaults_for(Path(path).name)
-    return DEV if dev else SCHNELL
+    """The defaults of the file's family (see family_for_file)."""
+    return family_for_file(path).defaults
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Run as a script: python tests/launcher_fake_engine.py. The prompt steers it: "sl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -18,6 +19,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.contract.errors import Cancelled, UserError  # noqa: E402
 from engine.contract.events import Done, Preview, Stage, Step  # noqa: E402
 from engine.server import main  # noqa: E402
+
+
+def sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def edit_size(request) -> tuple[int, int]:
+    """The size the real engine gives an edit without --width/--height: the edit image's (plus the outpaint
+    margins); else the request's, or 1024."""
+    from PIL import Image
+
+    edit_image = request.init_image or request.control_image or (request.references or [None])[0]
+    if request.width is not None or edit_image is None:
+        return request.width or 1024, request.height or 1024
+    with Image.open(edit_image) as image:
+        width, height = image.size
+    if request.outpaint:
+        left, top, right, bottom = request.outpaint_margins()
+        width, height = width + left + right, height + top + bottom
+    return width, height
 
 
 class FakeEngine:
@@ -57,10 +78,18 @@ class FakeEngine:
             "parameters",
             f"{prompt}\nSteps: {steps}, Seed: {request.seed}, Size: {request.width}x{request.height}",
         )
-        info.add_text("fluxdeck", json.dumps(request.to_dict()))
-        Image.new("RGB", (request.width, request.height), (request.seed % 256, 80, 160)).save(
-            out, pnginfo=info
-        )
+        record = request.to_dict()
+        if (
+            inputs := request.input_images()
+        ):  # recorded as the real engine does (engine/generation/png_output.py)
+            record["inputs"] = [
+                {"role": role, "name": Path(path).name, "path": path, "sha256": sha256(path)}
+                for role, path in inputs
+            ]
+        width, height = edit_size(request)
+        record["width"], record["height"] = width, height
+        info.add_text("fluxdeck", json.dumps(record))
+        Image.new("RGB", (width, height), (request.seed % 256, 80, 160)).save(out, pnginfo=info)
         on_event(Done([str(out)], time.perf_counter() - start, 0.01))
         return [str(out)]
 

@@ -71,3 +71,20 @@ def test_models_screen(base, snap_compare):
 
 def test_settings_screen(base, snap_compare):
     assert snap_compare(app_for(base), press=["f6"], terminal_size=SIZE)
+
+
+def test_edit_screen_with_a_painted_mask(base, snap_compare):
+    picture = write_png(base / "outputs" / "photo.png", (30, 140, 60), size=(96, 64))
+    app = app_for(base)
+
+    async def paint(pilot):
+        await pilot.press("f3", "e")
+        await pilot.pause()
+        canvas = app._edit.query_one("MaskCanvas")
+        canvas.painter.rectangle((10, 10), (40, 30))
+        canvas.cursor = (60.0, 40.0)
+        canvas.focus()
+        await pilot.press("space")  # a dab at the cursor, and the caption's coverage
+
+    assert picture.is_file()
+    assert snap_compare(app, run_before=paint, terminal_size=SIZE)

@@ -82,3 +82,59 @@ def test_the_tui_never_imports_torch(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[0] == "False", "the TUI process imported torch"
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("engine.generation.pipeline") is None,
+    reason="engine.generation.pipeline is not written yet",
+)
+def test_open_an_image_paint_a_mask_and_inpaint_in_tmux(tmp_path):
+    """The real app and the real engine (tiny random model): the gallery's image opened in Edit (e), a mask
+    painted with keys, ctrl+g, and an inpainted PNG on disk whose metadata names the mask by its SHA-256."""
+    import hashlib
+
+    from PIL import Image
+
+    from engine.fixtures import write_tiny_model_set
+
+    write_tiny_model_set(tmp_path / "models")
+    (tmp_path / "outputs").mkdir()
+    source = tmp_path / "outputs" / "photo.png"
+    Image.new("RGB", (64, 64), (30, 140, 60)).save(source)
+    session = f"fluxdeck-edit-{tmp_path.name}"
+    launch(session, tmp_path, "--prompt 'a red door' --steps 2 --seed 3 --images halfcell")
+    try:
+        wait_for_screen(session, "^g Generate", timeout=20)
+        tmux("send-keys", "-t", session, "F3")
+        wait_for_screen(session, "photo.png", timeout=10)
+        time.sleep(0.5)  # the table takes the keys once listed
+        tmux("send-keys", "-t", session, "e")  # open the selected image in Edit: the canvas takes the keys
+        try:
+            wait_for_screen(session, "mask 0%", timeout=10)
+        except TimeoutError:
+            raise AssertionError(tmux("capture-pane", "-p", "-t", session)) from None
+        tmux("send-keys", "-t", session, "r", "Left", "Left", "Up", "Up", "r", "Right", "Right", "Space")
+        deadline = time.monotonic() + 10
+        while "mask 0%" in tmux("capture-pane", "-p", "-t", session) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "mask 0%" not in tmux("capture-pane", "-p", "-t", session)
+        tmux("send-keys", "-t", session, "C-g")
+        deadline = time.monotonic() + 90
+        while not list((tmp_path / "outputs").glob("*.png"))[1:] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        results = [p for p in (tmp_path / "outputs").glob("*.png") if p != source]
+        assert len(results) == 1, tmux("capture-pane", "-p", "-t", session)
+        request = read_png_params(results[0]).request
+        mask = Path(request["mask"])
+        assert mask.parent == tmp_path / "outputs" / "inputs" and request["init_image"] == str(source)
+        with Image.open(mask) as painted:
+            assert painted.size == (64, 64) and painted.getextrema() == (0, 255)
+        recorded = {item["role"]: item["sha256"] for item in request["inputs"]}
+        assert recorded["mask"] == hashlib.sha256(mask.read_bytes()).hexdigest()
+        with Image.open(results[0]) as result:
+            assert result.size == (64, 64)
+        tmux("send-keys", "-t", session, "C-q")
+        tui_process(session).wait(timeout=15)
+    finally:
+        tmux("kill-session", "-t", session)

@@ -496,17 +496,26 @@ class GenerateRequest:
             raise UserError(f"--outpaint {_shown(self.outpaint)} is not valid: use {wanted}.")
         return margins  # type: ignore[return-value]
 
+    def input_images(self) -> list[tuple[str, str]]:
+        """(role, path) of every input image: the init image, mask, control image, references and ControlNet
+        images (the PNG records each one's name and SHA-256: engine/generation/png_output.py)."""
+        inputs = [("init_image", self.init_image), ("mask", self.mask), ("control_image", self.control_image)]
+        inputs += [("reference", path) for path in self.references]
+        inputs += [("controlnet_image", spec.image) for spec in self.controlnets]
+        return [(role, path) for role, path in inputs if path]
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> GenerateRequest:
         """A request from to_dict's output, or from the JSON a PNG of ours carries (whose batch_index, the
-        image's place in its batch, is not part of the request)."""
+        image's place in its batch, and inputs, its input images' hashes, are not part of the request)."""
         if not isinstance(data, dict):
             raise UserError("The request is not a JSON object: send the fields of a generation as an object.")
         data = dict(data)
         data.pop("batch_index", None)
+        data.pop("inputs", None)  # the PNG's record of the input images' names and hashes (png_output)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from engine.contract import layout
+from engine.contract import families, layout
 from engine.contract.events import Done, EventSink, Message, Stage, Step, ignore
 from engine.contract.request import GenerateRequest, parse_cache
 from engine.formats.lora import FileHashes, prompt_loras
@@ -136,7 +136,7 @@ class Engine:
             on_event(Message(skipped))
         request = edits.resolve(request, files)  # the edit's model checks, its size and guidance
         self.models.start_job(device, request.vram_budget)
-        schnell = "guidance_in.in_layer.weight" not in files.components["transformer"].shapes()
+        schnell = not families.has_guidance_embedding(files.components["transformer"].shapes())
         return Plan(request, files, device, precision, schnell, files.family)
 
     def _transformer(self, plan: Plan, on_event: EventSink) -> nn.Module:

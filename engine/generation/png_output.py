@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
@@ -151,6 +152,27 @@ def read_request(path: str | Path) -> dict:
     return json.loads(text)
 
 
+def input_records(request: GenerateRequest, hashes: FileHashes | None = None) -> list[dict]:
+    """Every input image of the request (init image, mask, control image, references, ControlNet images): its
+    role, file name, path and SHA-256, so that reusing the PNG finds the same inputs again and can tell when
+    one has changed. A file that cannot be read is recorded without a hash."""
+    hashes = hashes or FileHashes()
+    records = []
+    for role, path in request.input_images():
+        records.append(input_record(role, path, hashes.sha256))
+    return records
+
+
+def input_record(role: str, path: str, sha256: Callable[[str], str]) -> dict:
+    """One input image's record: role, file name, path and SHA-256 (left out when the file cannot be read)."""
+    record = {"role": role, "name": Path(path.replace("\\", "/")).name, "path": path}
+    try:
+        record["sha256"] = sha256(path)
+    except OSError:
+        pass
+    return record
+
+
 def save_images(
     images: list[Image.Image],
     request: GenerateRequest,
@@ -164,8 +186,11 @@ def save_images(
     """The save stage: each image of the batch as a PNG carrying its parameters and the whole request (with the
     steps and T5 length the job resolved, and its place in the batch)."""
     paths = []
+    inputs = input_records(request, hashes)
     for i, image in enumerate(images):
         record = request.to_dict() | {"batch_index": i, "steps": steps, "t5_max_length": t5_length}
+        if inputs:
+            record["inputs"] = inputs
         text = parameters_text(request, steps=steps, model=model, batch_index=i, hashes=hashes)
         paths.append(str(save_png(image, out, text, record)))
     return paths

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.contract import families
 from engine.formats.weights import count_indexed
 from engine.models.flux1 import (
     LastLayer,
@@ -73,9 +74,8 @@ class Flux2Params:
         )
 
 
-def is_flux2(names) -> bool:
-    """FLUX.2's transformer has a shared single-stream modulation; FLUX.1's blocks each have their own."""
-    return "single_stream_modulation.lin.weight" in names
+# FLUX.2's transformer by its tensor names: in the contract, so that the TUI asks the same question without torch
+is_flux2 = families.is_flux2
 
 
 # ---- position ids and token packing (the layout the model was trained on) ----

@@ -15,8 +15,9 @@ from textual.reactive import var
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Static
 
+from launcher.edits import INPUTS_FOLDER
 from launcher.keymap import KEYS
-from launcher.messages import JobFinished, UseParams
+from launcher.messages import EditRequested, JobFinished, UseParams
 from launcher.metadata import ImageParams, load_picture, plain_text, read_png_params
 from launcher.widgets.image_pane import ImagePane
 
@@ -24,13 +25,15 @@ IMAGE_SUFFIXES = (".png",)
 
 
 def list_images(folder: Path) -> list[Path]:
-    """PNG files in the folder (and its subfolders), newest first; a file that vanishes meanwhile is left out."""
+    """PNG files in the folder (and its subfolders), newest first; a file that vanishes meanwhile is left out,
+    and so are the masks and control maps written for edits (`inputs/`)."""
     if not folder.is_dir():
         return []
     found: list[tuple[float, str, Path]] = []
+    inputs = folder / INPUTS_FOLDER
     try:
         for path in folder.rglob("*"):
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if path.suffix.lower() not in IMAGE_SUFFIXES or path.is_relative_to(inputs):
                 continue
             try:
                 if path.is_file():
@@ -56,6 +59,7 @@ class GalleryScreen(Screen):
         KEYS.binding("reuse", "reuse", "Reuse"),
         KEYS.binding("refine", "refine", "Refine"),
         KEYS.binding("open_image", "open_image", "Open"),
+        KEYS.binding("edit_image", "edit_image", "Edit"),
     ]
     DEFAULT_CSS = """
     GalleryScreen #title { height: 1; padding: 0 1; background: $panel; }
@@ -170,7 +174,14 @@ class GalleryScreen(Screen):
 
     def action_reuse(self) -> None:
         if picked := self._selected_params():
-            self.post_message(UseParams(picked[1]))
+            self.post_message(UseParams(picked[1], image=picked[0]))
+
+    def action_edit_image(self) -> None:
+        key = self.selected()
+        if key is None:
+            self.notify("No image selected.", severity="warning", markup=False)
+            return
+        self.post_message(EditRequested(key))
 
     def action_refine(self) -> None:
         if picked := self._selected_params():

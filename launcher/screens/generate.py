@@ -14,12 +14,14 @@ from textual.screen import Screen
 from textual.widgets import Footer, Static
 
 from engine.contract import events
+from launcher.controlnets import ControlNetFile, controlnet_folders, controlnets_in_request, scan_controlnets
 from launcher.form import FormError, FormValues
 from launcher.keymap import KEYS
 from launcher.loras import LoraFile, lora_folders, scan_loras
 from launcher.messages import JobFinished, JobProgress, JobStarted
 from launcher.metadata import ImageParams
 from launcher.models import InstalledFile
+from launcher.screens.controlnets import ControlNetScreen
 from launcher.screens.loras import LoraScreen
 from launcher.seeds import MAX_RANDOM_SEED, SeedMode
 from launcher.widgets.image_pane import ImagePane, preview_image
@@ -32,6 +34,7 @@ class GenerateScreen(Screen):
         KEYS.binding("random_seed", "random_seed", "New seed"),
         KEYS.binding("toggle_hunt", "toggle_hunt", "Hunt"),
         KEYS.binding("loras", "loras", "LoRAs"),
+        KEYS.binding("controlnets", "controlnets", "ControlNets"),
     ]
     DEFAULT_CSS = """
     GenerateScreen #right { width: 1fr; }
@@ -60,7 +63,13 @@ class GenerateScreen(Screen):
     def compose(self) -> ComposeResult:
         with Horizontal():
             yield PromptForm(
-                self._values, self.models, self._find_loras, lora_key=self._key_for("loras"), id="form"
+                self._values,
+                self.models,
+                self._find_loras,
+                lora_key=self._key_for("loras"),
+                find_controlnets=self._find_controlnets,
+                controlnet_key=self._key_for("controlnets"),
+                id="form",
             ).data_bind(GenerateScreen.models)
             with Vertical(id="right"):
                 yield ProgressPanel(id="progress")
@@ -93,6 +102,23 @@ class GenerateScreen(Screen):
         self.app.push_screen(
             LoraScreen(files, form.lora_choices, lora_folders(self.model_roots), form.refresh_loras),
             lambda _: form.refresh_loras(),
+        )
+
+    def _find_controlnets(self) -> list[ControlNetFile]:
+        return scan_controlnets(self.model_roots)
+
+    def action_controlnets(self) -> None:
+        """The ControlNet panel: files, control images, preprocessors, strengths, ranges, modes (for the session)."""
+        form = self.form
+        self.app.push_screen(
+            ControlNetScreen(
+                self._find_controlnets(),
+                form.controlnet_choices,
+                controlnet_folders(self.model_roots),
+                self._renderer,
+                form.refresh_controlnets,
+            ),
+            lambda _: form.refresh_controlnets(),
         )
 
     def action_toggle_hunt(self) -> None:
@@ -129,11 +155,12 @@ class GenerateScreen(Screen):
             values.init_image, values.denoise = refine_from, denoise
             values.hunt = False
         missing = self.form.set_values(values)
+        missing += self.form.set_controlnets(controlnets_in_request(params.request))
         what = f"Refining {Path(refine_from).name}" if refine_from else "Parameters loaded"
         self.notify(f"{what}: press {self._key_for('generate')} to generate.", markup=False)
         if missing:
             self.notify(
-                f"LoRA(s) not found in the models folders, left off: {', '.join(missing)}.",
+                f"LoRA(s) or ControlNet(s) not found in the models folders, left off: {', '.join(missing)}.",
                 severity="warning",
                 timeout=10,
                 markup=False,

@@ -12,11 +12,13 @@ from textual.reactive import var
 from textual.widgets import Checkbox, Input, Label, Select, Static, TextArea
 
 from engine.contract.request import SIZE_MULTIPLE
+from launcher import controlnets
+from launcher.controlnets import ControlNetChoice, ControlNetFile, ControlNetValue
 from launcher.form import AUTO_MODEL, FormError, FormValues, parse_number
 from launcher.keymap import KEYS
 from launcher.limits import RANGES
 from launcher.loras import STRENGTH_RANGE, LoraChoice, LoraFile, choose, lora_label, match_loras, summary
-from launcher.models import InstalledFile, defaults_for_file
+from launcher.models import InstalledFile, defaults_for_file, family_for_file
 from launcher.seeds import SeedMode
 from launcher.sizes import ASPECTS, MEGAPIXELS, aspect_label, parse_aspect, size_for
 
@@ -34,7 +36,8 @@ class PromptForm(VerticalScroll):
     PromptForm .row > .short { width: 8; }
     PromptForm .row > Checkbox { width: auto; }
     PromptForm .title { color: $text-muted; }
-    PromptForm .row > #loras { width: 1fr; }
+    PromptForm .row > #loras, PromptForm .row > #controlnets { width: 1fr; }
+    PromptForm #family { color: $text-muted; margin-bottom: 1; width: 100%; }
     """
 
     models: var[list[InstalledFile]] = var(list, init=False)  # the model files the model choice offers
@@ -45,6 +48,8 @@ class PromptForm(VerticalScroll):
         models: list[InstalledFile],
         find_loras: Callable[[], list[LoraFile]] = list,
         lora_key: str = KEYS.loras,
+        find_controlnets: Callable[[], list[ControlNetFile]] = list,
+        controlnet_key: str = KEYS.controlnets,
         **kwargs,
     ) -> None:
         super().__init__(**kwargs)
@@ -56,6 +61,10 @@ class PromptForm(VerticalScroll):
         # path -> on/off and strength, for every LoRA seen this session (the LoRA panel edits it in place)
         self.lora_choices: dict[str, LoraChoice] = {}
         choose(self.lora_choices, values.loras)
+        self.find_controlnets = find_controlnets
+        self._controlnet_key = controlnet_key
+        # path -> the ControlNet panel's fields for every ControlNet seen this session (edited in place)
+        self.controlnet_choices: dict[str, ControlNetChoice] = {}
 
     def compose(self) -> ComposeResult:
         v = self._initial
@@ -76,6 +85,7 @@ class PromptForm(VerticalScroll):
             yield Select(
                 self._model_options(), value=self._model, allow_blank=False, id="model", compact=True
             )
+        yield Label(self._family_text(self._model), id="family", markup=False)
         with Horizontal(classes="row"):
             yield Label("Size")
             aspects = [(aspect_label(a), aspect_label(a)) for a in ASPECTS] + [("custom", CUSTOM)]
@@ -117,6 +127,9 @@ class PromptForm(VerticalScroll):
         with Horizontal(classes="row"):
             yield Label("LoRAs")
             yield Static(self._lora_summary(), id="loras", markup=False)
+        with Horizontal(classes="row"):
+            yield Label("ControlNets")
+            yield Static(self._controlnet_summary(), id="controlnets", markup=False)
 
     # -- models ---------------------------------------------------------------------------------------
     def _model_options(self) -> list[tuple[str, str]]:
@@ -137,6 +150,31 @@ class PromptForm(VerticalScroll):
             select.set_options(self._model_options())
             self._model = self._model_value(str(current))
             select.value = self._model
+
+    @staticmethod
+    def _family_text(model: str) -> str:
+        """The chosen file's family and the defaults it brings (read from its tensor names)."""
+        if model == AUTO_MODEL:
+            return "family: read by the engine from the models folder"
+        return family_for_file(model).describe()
+
+    # -- ControlNets -----------------------------------------------------------------------------------
+    def _controlnet_summary(self) -> str:
+        return f"{controlnets.summary(self.controlnet_choices)} · {self._controlnet_key}: choose"
+
+    def refresh_controlnets(self) -> None:
+        self.query_one("#controlnets", Static).update(self._controlnet_summary())
+
+    def controlnet_values(self) -> list[ControlNetValue]:
+        """The enabled ControlNets, checked; FormError names the first field that does not pass."""
+        return controlnets.checked(self.controlnet_choices)
+
+    def set_controlnets(self, wanted: list[tuple[str, ControlNetChoice]]) -> list[str]:
+        """Turn on exactly these ControlNets (those whose files are here); returns the names of the missing."""
+        found, missing = controlnets.match(wanted, self.find_controlnets())
+        controlnets.choose(self.controlnet_choices, found)
+        self.refresh_controlnets()
+        return missing
 
     # -- LoRAs ----------------------------------------------------------------------------------------
     def _lora_summary(self) -> str:
@@ -203,6 +241,7 @@ class PromptForm(VerticalScroll):
             init_image=str(Path(init_image).expanduser()) if init_image else "",
             denoise=float(number("denoise", "Denoise")),
             loras=self.lora_values(),
+            controlnets=self.controlnet_values(),
         )
 
     def set_values(self, v: FormValues) -> list[str]:
@@ -217,6 +256,7 @@ class PromptForm(VerticalScroll):
                 self.query_one(f"#{name}", Input).value = f"{getattr(v, name):g}"
             self._model = self._model_value(v.model)
             self.query_one("#model", Select).value = self._model
+            self.query_one("#family", Label).update(self._family_text(self._model))
             self.query_one("#seed_mode", Select).value = v.seed_mode
             self.query_one("#hunt", Checkbox).value = v.hunt
             self.query_one("#aspect", Select).value = CUSTOM
@@ -242,6 +282,7 @@ class PromptForm(VerticalScroll):
         defaults = defaults_for_file(str(event.value))
         self.query_one("#steps", Input).value = str(defaults.steps)
         self.query_one("#guidance", Input).value = f"{defaults.guidance:g}"
+        self.query_one("#family", Label).update(self._family_text(self._model))
 
     @on(Select.Changed, "#aspect")
     @on(Select.Changed, "#megapixels")
