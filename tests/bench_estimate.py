@@ -75,8 +75,11 @@ def main() -> None:
     measured = speed.measure(device, dtype)
     print(f"speed: {speed.summary(measured)}")
     flops = flops_of(args.size, args.text)
-    params = sum(p.numel() for p in Flux(PARAMS).to("meta").parameters())
-    print(f"{args.size}² with {args.text} text tokens: {flops / 1e12:.3f} TFLOP per pass, {params / 1e6:.0f} M weights")
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Flux(PARAMS).parameters())
+    print(
+        f"{args.size}² with {args.text} text tokens: {flops / 1e12:.3f} TFLOP per pass, {params / 1e6:.0f} M weights"
+    )
     print(f"{'format':8} {'measured s':>10} {'estimated s':>11} {'measured/est':>12} {'peak RSS MB':>11}")
     for fmt in ("bf16", "fp8"):
         model = model_in(fmt, dtype)
