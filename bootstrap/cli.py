@@ -1,6 +1,6 @@
 """`python -m bootstrap env|download|verify|list|wizard|bundle`. Exit codes as the engine's: bad input (a
 BootstrapError, a folder that cannot be written, a wrong flag) is one sentence and 2; files that failed to download
-or verify are 1; Ctrl+C is 130.
+or verify are 1; Ctrl+C is 130. No answer at a prompt (its input ended) is one sentence and 2, Ctrl+C there 130.
 
 Only the standard library is imported here: `env` must run on a Python that has nothing installed yet.
 """

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 from bootstrap.errors import BootstrapError
 from bootstrap.hardware import GpuInfo, Platform, detect_gpu
-from bootstrap.pip_output import BuildLog, PipWatcher, lines_that_matter, pip_supports_raw
+from bootstrap.pip_output import BuildLog, PipWatcher, lines_that_matter, progress_bar_choice
 from bootstrap.preflight import (
     folder_writable,
     long_path_problem,
@@ -532,7 +532,7 @@ class EnvironmentBuilder:
                 argv = [self.options.base_python, "-m", "venv", str(py.env_dir)]
                 if self._logged(argv) != 0:
                     raise self._failed(
-                        f"Python could not create a virtual environment in {py.env_dir}", "its messages"
+                        f"Python could not create a virtual environment in {py.env_dir}", "Python"
                     )
                 self.step(f"Python: {py.python} (a new virtual environment from {self.options.base_python}).")
                 self._python_said = True
@@ -552,7 +552,7 @@ class EnvironmentBuilder:
         get_pip = py.env_dir / "get-pip.py"
         (self.fetch_url or _download_to)(GET_PIP_URL, get_pip)
         if self._logged([py.python, str(get_pip), "--no-warn-script-location"]) != 0:
-            raise self._failed("get-pip.py could not install pip into the embedded Python", "its messages")
+            raise self._failed("get-pip.py could not install pip into the embedded Python", "get-pip.py")
         self.step(f"Python: {py.python} (embedded; pip installed).")
         self._python_said = True
 
@@ -590,17 +590,16 @@ class EnvironmentBuilder:
             if self._logged(command, watcher.feed) != 0:
                 raise self._failed(
                     f"pip could not install {', '.join(r.spec for r in reqs)}",
-                    "pip's last messages",
+                    "pip",
                     "; the packages already there were kept",
                 )
         self.step(watcher.summary())
 
     def _pip_progress_flags(self, py: PythonChoice) -> list[str]:
-        """`--progress-bar raw` (byte counts for the bar) where this pip has it (24.1+); nothing elsewhere."""
+        """`--progress-bar raw` (byte counts for the bar) where this pip has it (24.1+), else `off`."""
         done = self.runner.run([py.python, "-m", "pip", "install", "--help"], capture=True)
-        return (
-            ["--progress-bar", "raw"] if done.returncode == 0 and pip_supports_raw(done.stdout or "") else []
-        )
+        choice = progress_bar_choice(done.stdout or "") if done.returncode == 0 else None
+        return ["--progress-bar", choice] if choice else []
 
     def _logged(
         self, argv: list[str], on_line: Callable[[str], None] | None = None, cwd: Path | None = None
@@ -621,15 +620,15 @@ class EnvironmentBuilder:
         self.log.end(code)
         return code
 
-    def _failed(self, what: str, whose: str, after: str = "") -> BootstrapError:
+    def _failed(self, what: str, who: str, after: str = "") -> BootstrapError:
         """The lines that matter of the command that just failed, then one sentence naming the log."""
         self.bar.clear()
         lines = lines_that_matter(list(self.log.tail))
         if lines:
-            self.say(f"{whose[0].upper()}{whose[1:]}:")
-            for line in lines:
-                self.say("  " + printable(line))
-        shown = f"{whose} are above, " if lines else ""
+            self.say(f"What {who} said last:")
+            for line in lines:  # pip draws boxes (×, ╰─>) that a redirected Windows stdout cannot encode
+                self.say("  " + _encodable(printable(line)))
+        shown = f"what {who} said last is above, " if lines else ""
         return BootstrapError(f"{what} ({shown}{self.log.where()}){after}.")
 
     def _prove(self, py: PythonChoice, device: str, torch: TorchChoice) -> tuple[str, bool]:
@@ -639,7 +638,7 @@ class EnvironmentBuilder:
             self.log.line(line)
         self.log.end(done.returncode)
         if done.returncode != 0:
-            raise self._failed(f"torch does not import in {py.env_dir}", "its last messages")
+            raise self._failed(f"torch does not import in {py.env_dir}", "Python")
         probe = TorchProbe(**json.loads(done.stdout.strip().splitlines()[-1]))
         selftest_device, verdict = gpu_verdict(probe, self.gpu, device, torch)
         if device == "gpu" and torch.variant == "cuda" and selftest_device != "cuda":
@@ -651,7 +650,7 @@ class EnvironmentBuilder:
         start = time.monotonic()
         argv = [py.python, "-m", "engine", "selftest", "--device", selftest_device]
         if self._logged(argv, cwd=self.options.root) != 0:
-            raise self._failed(f"The engine's selftest failed on {selftest_device}", "its last messages")
+            raise self._failed(f"The engine's selftest failed on {selftest_device}", "the selftest")
         self.step(f"Selftest: passed on {selftest_device} in {human_duration(time.monotonic() - start)}.")
         return verdict, True
 
@@ -663,6 +662,14 @@ class EnvironmentBuilder:
 
     def _write_stamp(self, py: PythonChoice, data: dict) -> None:
         (py.env_dir / STAMP_NAME).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
+def _encodable(text: str) -> str:
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        return text.encode(encoding, "replace").decode(encoding)
+    except LookupError:
+        return text
 
 
 def _command_groups(plan: InstallPlan) -> list[list[Requirement]]:

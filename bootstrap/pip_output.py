@@ -23,18 +23,23 @@ TAIL_LINES = 15  # what a failure shows when no line says ERROR
 KEEP_LINES = 400  # kept in memory for that, should the log file not be writable
 
 
-def pip_supports_raw(help_text: str) -> bool:
-    """Whether `pip install --help` lists `raw` among --progress-bar's choices (pip 24.1 and newer; older
-    ones exit with "invalid choice" when given it, so it is asked, never assumed)."""
+def progress_bar_choice(help_text: str) -> str | None:
+    """What to pass to --progress-bar, read from `pip install --help`: `raw` (byte counts for our bar) where it
+    is listed (pip 24.1 and newer; older ones exit with "invalid choice" when given it, so it is asked, never
+    assumed), else `off` (pip 23 draws its own bar even into a pipe, i.e. into the log), else nothing."""
     match = re.search(r"--progress-bar\b(.*?)(?:\n\s*-{1,2}[a-z]|\Z)", help_text, re.S)
-    return bool(match and re.search(r"\braw\b", match.group(1)))
+    for choice in ("raw", "off"):
+        if match and re.search(rf"\b{choice}\b", match.group(1)):
+            return choice
+    return None
 
 
-def lines_that_matter(lines: list[str], limit: int = TAIL_LINES) -> list[str]:
-    """The ERROR lines (pip's, or `error:` from a build or the engine), else the last `limit` lines."""
+def lines_that_matter(lines: list[str], limit: int = TAIL_LINES, width: int = 400) -> list[str]:
+    """The ERROR lines (pip's, or `error:` from a build or the engine), else the last `limit` lines; each cut
+    to `width` characters (pip lists every version there is in one line)."""
     errors = [line for line in lines if re.match(r"\s*(ERROR|error)\b:?", line)]
     chosen = errors or [line for line in lines if line.strip()]
-    return chosen[-limit:]
+    return [line if len(line) <= width else line[: width - 3] + "..." for line in chosen[-limit:]]
 
 
 class BuildLog:

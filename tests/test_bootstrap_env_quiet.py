@@ -16,7 +16,7 @@ import pytest
 from bootstrap import environment as env
 from bootstrap.errors import BootstrapError
 from bootstrap.hardware import Platform
-from bootstrap.pip_output import BuildLog, PipWatcher, lines_that_matter, pip_supports_raw
+from bootstrap.pip_output import BuildLog, PipWatcher, lines_that_matter, progress_bar_choice
 from bootstrap.progress import TerminalProgress
 
 FAKE = Path(__file__).resolve().parent / "fake_env_python.py"
@@ -146,6 +146,8 @@ def test_an_older_pip_gets_no_raw_flag_and_no_bar(tmp_path):
     assert "downloading torch 2.13.0 (184.5 MB)" in shown and "%)" not in shown
     assert "Packages: 4 of 4 installed, with 3 dependencies." in shown
     assert not any(line.startswith("Progress ") for line in transcript(state_file))
+    log = (root / "logs" / "environment.log").read_text()
+    assert log.count("-m pip install --disable-pip-version-check --no-input --progress-bar off ") == 2
 
 
 def test_a_failed_install_shows_the_error_lines_and_the_log(tmp_path):
@@ -155,10 +157,10 @@ def test_a_failed_install_shows_the_error_lines_and_the_log(tmp_path):
         build(root, screen).build()
     log_path = root / "logs" / "environment.log"
     message = str(caught.value)
-    assert message.startswith("pip could not install torch==2.13.0 (pip's last messages are above, ")
+    assert message.startswith("pip could not install torch==2.13.0 (what pip said last is above, ")
     assert f"the whole output is in {log_path}" in message and "already there were kept" in message
     lines = screen.getvalue().splitlines()
-    at = lines.index("Pip's last messages:")
+    at = lines.index("What pip said last:")
     assert lines[at + 1 :] == [
         "  ERROR: Could not find a version that satisfies the requirement torch==2.13.0 (from versions: none)",
         "  ERROR: No matching distribution found for torch==2.13.0",
@@ -173,11 +175,11 @@ def test_a_failed_selftest_shows_its_last_lines(tmp_path):
     root, state_file = project(tmp_path, selftest="crash")
     screen = Screen(tty=False)
     with pytest.raises(
-        BootstrapError, match=r"selftest failed on cpu \(its last messages are above, the whole"
+        BootstrapError, match=r"selftest failed on cpu \(what the selftest said last is above, the whole"
     ):
         build(root, screen).build()
     lines = screen.getvalue().splitlines()
-    shown = lines[lines.index("Its last messages:") + 1 :]
+    shown = lines[lines.index("What the selftest said last:") + 1 :]
     assert len(shown) == 15 and shown[-1].endswith(
         "RuntimeError: mat1 and mat2 shapes cannot be multiplied (1x64 and 32x64)"
     )
@@ -224,11 +226,12 @@ def test_raw_progress_is_recognised_in_pips_own_help_texts():
     text = FAKE.read_text()
     new_help = text.split('NEW_HELP = """', 1)[1].split('"""', 1)[0]
     old_help = text.split('OLD_HELP = """', 1)[1].split('"""', 1)[0]
-    assert pip_supports_raw(new_help)  # pip 26.3: "[auto, on,\n off, raw]" across lines
-    assert not pip_supports_raw(old_help)  # pip 23.2: "[on, off]"
+    assert progress_bar_choice(new_help) == "raw"  # pip 26.3: "[auto, on,\n off, raw]" across lines
+    assert progress_bar_choice(old_help) == "off"  # pip 23.2: "[on, off]"
     # 'raw' in another option's text does not count
-    assert not pip_supports_raw(old_help + "  --raw-mode   raw output\n")
-    assert not pip_supports_raw("")
+    assert progress_bar_choice(old_help + "  --raw-mode   raw output\n") == "off"
+    assert progress_bar_choice("  --progress-bar <progress_bar>  [off|on|ascii|pretty|emoji]\n") == "off"
+    assert progress_bar_choice("") is None
 
 
 def test_lines_that_matter():
