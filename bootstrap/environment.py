@@ -389,9 +389,8 @@ class Runner:
             for raw in proc.stdout:
                 on_line(raw.decode("utf-8", "replace").rstrip("\r\n"))
             return proc.wait()
-        except (
-            BaseException
-        ):  # Ctrl+C reached pip too: give it a moment to clean up, then make sure it is gone
+        except BaseException:
+            # Ctrl+C reached pip too (the whole console gets it): a moment to clean up, then make sure it is gone
             try:
                 proc.wait(timeout=5)
             except subprocess.TimeoutExpired:

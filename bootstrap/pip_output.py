@@ -86,7 +86,10 @@ class BuildLog:
         self.close()
 
     def note(self, text: str) -> None:
-        """A line of our own, outside any command (e.g. why the build stopped)."""
+        """A line of our own, outside any command (e.g. why the build stopped); only in a log this build
+        started (a check that stops it before anything is written leaves no file either)."""
+        if not self._started:
+            return
         if self._handle is None:
             self._handle = self._open()
         self._put(text)
@@ -147,7 +150,6 @@ class PipWatcher:
     seen: list[str] = field(default_factory=list)  # planned packages pip got to, in order
     dependencies: set[str] = field(default_factory=set)
     installed: list[str] = field(default_factory=list)  # "name-version", from "Successfully installed"
-    current: str = ""
     _bar_file: str | None = None
     _bar_done: int = 0
 
@@ -180,7 +182,6 @@ class PipWatcher:
                     first_time = True
             else:
                 self.dependencies.add(key)
-            self.current = name
             self._status(f"{self.counts()}: {name}", always=first_time)
             return
         match = re.match(r"(Downloading|Using cached|Resuming download)\s+(\S+)\s*(\(.*\))?", text)

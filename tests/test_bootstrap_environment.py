@@ -219,7 +219,7 @@ def test_a_long_path_or_a_read_only_folder_stops_before_anything_is_written(
     root.mkdir()
     with pytest.raises(BootstrapError, match=sentence):
         builder(root, WINDOWS, RTX, runner, long_paths=long_paths, writable=writable).build()
-    assert runner.commands == [] and not (root / ".venv").exists()
+    assert runner.commands == [] and not (root / ".venv").exists() and not (root / "logs").exists()
 
 
 CUDA_PROBE = {"version": "2.13.0+cu126", "cuda": "12.6", "available": True, "device_name": "RTX 3060"}
