@@ -1,6 +1,6 @@
 """`python -m bootstrap env|download|verify|list|wizard|bundle`. Exit codes as the engine's: bad input (a
 BootstrapError, a folder that cannot be written, a wrong flag) is one sentence and 2; files that failed to download
-or verify are 1; Ctrl+C is 130.
+or verify are 1; Ctrl+C is 130. No answer at a prompt (its input ended) is one sentence and 2, Ctrl+C there 130.
 
 Only the standard library is imported here: `env` must run on a Python that has nothing installed yet.
 """
@@ -11,9 +11,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from bootstrap.errors import BootstrapError
+from bootstrap.errors import BootstrapError, InputEnded
 
 BAD_INPUT = 2  # as the engine's UserError and argparse's own errors
+INTERRUPTED = 130  # Ctrl+C, as a shell reports SIGINT
 
 
 def _minutes(text: str) -> float:
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with console_modes():  # Windows: progress redraws, a click does not freeze pip or a download
             return COMMANDS[args.command](args)
+    except InputEnded as exc:  # no answer at a prompt: how to come back, not an error with a traceback
+        print(_no_choice(args.command, exc.interrupted), file=sys.stderr)
+        return INTERRUPTED if exc.interrupted else BAD_INPUT
     except BootstrapError as exc:
         print(f"error: {_printable(exc)}", file=sys.stderr)
         return BAD_INPUT
@@ -115,7 +119,19 @@ def main(argv: list[str] | None = None) -> int:
         return BAD_INPUT
     except KeyboardInterrupt:
         print("stopped: run the same command again to continue where it left off.", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+
+
+def _no_choice(command: str, interrupted: bool) -> str:
+    """e.g. 'No choice made; run the wizard again with `.venv/bin/python -m bootstrap wizard` (or start
+    run_gpu or run_cpu again) when ready.'"""
+    python = sys.executable or "python"
+    python = f'"{python}"' if " " in python else python
+    start = "Stopped at the question, no choice made" if interrupted else "No choice made"
+    return (
+        f"{start}; run the {command} again with `{python} -m bootstrap {command}` (or start run_gpu or run_cpu "
+        "again) when ready."
+    )
 
 
 def _printable(text: object) -> str:

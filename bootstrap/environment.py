@@ -9,29 +9,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import TextIO
 from urllib.parse import urlsplit
 
 from bootstrap.errors import BootstrapError
 from bootstrap.hardware import GpuInfo, Platform, detect_gpu
+from bootstrap.pip_output import BuildLog, PipWatcher, lines_that_matter, progress_bar_choice
 from bootstrap.preflight import (
     folder_writable,
     long_path_problem,
     windows_long_paths_enabled,
     writable_problem,
 )
+from bootstrap.progress import TerminalProgress, human_duration
+from bootstrap.untrusted import printable
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_DIR = "python_embeded"  # the folder name ComfyUI's portable build made familiar
 VENV_DIR = ".venv"
 STAMP_NAME = "fluxdeck-env.json"
+LOG_PATH = Path("logs") / "environment.log"  # under the project root: pip's whole output, the selftest's too
 TORCH_INDEX = "https://download.pytorch.org/whl"
 # The CUDA builds of the pinned torch (2.13.0 ships exactly these two; 2.15 drops cu126, which Maxwell, Pascal
 # and Volta need: keep the pin where cu126 exists). Each: the driver CUDA it needs (nvidia-smi's "CUDA Version";
@@ -361,6 +368,38 @@ class Runner:
         except OSError as exc:
             return subprocess.CompletedProcess(argv, 127, "", str(exc))
 
+    def stream(self, argv: list[str], on_line: Callable[[str], None], cwd: Path | None = None) -> int:
+        """Runs argv with its stdout and stderr, merged, handed over line by line as they come; the exit code.
+        Python children write unbuffered UTF-8 (whatever the console's code page), and read nothing."""
+        child_env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=child_env,
+            )
+        except OSError as exc:
+            on_line(f"could not start {argv[0]}: {exc}")
+            return 127
+        assert proc.stdout is not None
+        try:
+            for raw in proc.stdout:
+                on_line(raw.decode("utf-8", "replace").rstrip("\r\n"))
+            return proc.wait()
+        except BaseException:
+            # Ctrl+C reached pip too (the whole console gets it): a moment to clean up, then make sure it is gone
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            raise
+        finally:
+            proc.stdout.close()
+
 
 def reach(host: str, timeout: float = 10.0) -> str | None:
     """None when the host answers HTTPS at all (any status, through any proxy); else why not."""
@@ -392,10 +431,29 @@ class EnvironmentBuilder:
     say: Callable[[str], None] = print
     writable: Callable[[Path], bool] = folder_writable
     long_paths: Callable[[], bool] = windows_long_paths_enabled
+    stream: TextIO | None = None  # where the redrawn status line and the bars go (default: stdout, as `say`)
+    log: BuildLog = field(init=False)
+    bar: TerminalProgress = field(init=False)
+    _python_said: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        self.log = BuildLog(self.options.root / LOG_PATH)
+        # in a log or a pipe a big download is a line per quarter, not one per percent
+        self.bar = TerminalProgress(stream=self.stream or sys.stdout, log_every=30.0, log_percent=25)
 
     @property
     def requirements_file(self) -> Path:
         return self.options.requirements or self.options.root / "requirements.txt"
+
+    def _live(self, text: str) -> None:
+        """What a step is doing while it runs: on a terminal only (a log or a pipe gets the step's result)."""
+        if self.bar.stream.isatty():
+            self.bar.status(text)
+
+    def step(self, text: str) -> None:
+        """One of the build's lines (the status line being redrawn, if any, gives way)."""
+        self.bar.clear()
+        self.say(text)
 
     def choice(self) -> PythonChoice:
         embedded = (self.options.root / EMBEDDED_DIR / "python.exe").is_file()
@@ -415,6 +473,14 @@ class EnvironmentBuilder:
         return 0
 
     def build(self) -> int:
+        try:
+            return self._build()
+        except BaseException as exc:
+            self.bar.clear()
+            self.log.note(f"stopped: {type(exc).__name__}: {exc}")
+            raise
+
+    def _build(self) -> int:
         py = self.choice()
         text = self.requirements_file.read_text(encoding="utf-8")
         reqs = parse_requirements(text)
@@ -437,9 +503,13 @@ class EnvironmentBuilder:
         ):
             self.say(f"The environment in {py.env_dir} is ready. {stamp.get('verdict', '')}".strip())
             return 0
+        if not self._python_said:
+            self.step(f"Python: {py.python} ({'virtual environment' if py.venv else 'embedded'}).")
         if not plan.empty:
             self._preflight(py)
             self._install(py, plan, torch)
+        else:
+            self.step(f"Packages: all {len(reqs)} in place.")
         verdict, passed = self._prove(py, self.options.device, torch)
         self._write_stamp(py, {"key": stamp_key, "selftest": passed, "verdict": verdict})
         return 0
@@ -457,12 +527,14 @@ class EnvironmentBuilder:
     def _ensure_interpreter(self, py: PythonChoice) -> None:
         if py.venv:
             if not (py.env_dir / "pyvenv.cfg").is_file():
-                self.say(f"Creating a virtual environment in {py.env_dir} from {self.options.base_python}.")
-                done = self.runner.run([self.options.base_python, "-m", "venv", str(py.env_dir)])
-                if done.returncode != 0:
-                    raise BootstrapError(
-                        f"Python could not create a virtual environment in {py.env_dir}: see the message above."
+                self._live(f"Python: creating a virtual environment in {py.env_dir}")
+                argv = [self.options.base_python, "-m", "venv", str(py.env_dir)]
+                if self._logged(argv) != 0:
+                    raise self._failed(
+                        f"Python could not create a virtual environment in {py.env_dir}", "Python"
                     )
+                self.step(f"Python: {py.python} (a new virtual environment from {self.options.base_python}).")
+                self._python_said = True
             return
         for pth in sorted(py.env_dir.glob("python3*._pth")):
             patched = patch_pth(pth.read_text(encoding="utf-8"))
@@ -475,12 +547,13 @@ class EnvironmentBuilder:
             raise BootstrapError(
                 f"Could not reach {urlsplit(GET_PIP_URL).hostname} to install pip ({problem}): check the connection and run this again."
             )
+        self._live("Python: installing pip into the embedded Python (get-pip.py)")
         get_pip = py.env_dir / "get-pip.py"
         (self.fetch_url or _download_to)(GET_PIP_URL, get_pip)
-        if self.runner.run([py.python, str(get_pip), "--no-warn-script-location"]).returncode != 0:
-            raise BootstrapError(
-                "get-pip.py could not install pip into the embedded Python: see the message above."
-            )
+        if self._logged([py.python, str(get_pip), "--no-warn-script-location"]) != 0:
+            raise self._failed("get-pip.py could not install pip into the embedded Python", "get-pip.py")
+        self.step(f"Python: {py.python} (embedded; pip installed).")
+        self._python_said = True
 
     def _installed(self, py: PythonChoice) -> dict[str, str]:
         done = self.runner.run([py.python, "-c", INSTALLED_CODE], capture=True)
@@ -503,34 +576,81 @@ class EnvironmentBuilder:
                     f"Could not reach {host} ({problem}): check the internet connection or proxy (HTTPS_PROXY) and "
                     "run this again; the environment was left as it was."
                 )
-        names = ([plan.torch.spec] if plan.torch else []) + [r.spec for r in plan.others]
-        self.say(f"Installing {', '.join(names)} ({torch.reason}).")
-        for command in pip_commands(py.python, plan, torch):
-            if self.runner.run(command).returncode != 0:
-                raise BootstrapError(
-                    f"pip could not install {' '.join(c for c in command[6:] if not c.startswith('-'))}: see pip's message "
-                    "above; the packages already there were kept."
+        if plan.torch is not None:
+            where = f"{torch.tag or 'default'} build from {torch.host or 'PyPI'}"
+            self.step(f"torch: the {where} ({torch.reason}).")
+        else:
+            self.step("torch: the build in place is the one wanted.")
+        flags = self._pip_progress_flags(py)
+        planned = ([plan.torch] if plan.torch else []) + plan.others
+        watcher = PipWatcher([r.name for r in planned], self.bar)
+        for command, reqs in zip(pip_commands(py.python, plan, torch), _command_groups(plan), strict=True):
+            command = command[:6] + flags + command[6:]
+            if self._logged(command, watcher.feed) != 0:
+                raise self._failed(
+                    f"pip could not install {', '.join(r.spec for r in reqs)}",
+                    "pip",
+                    "; the packages already there were kept",
                 )
+        self.step(watcher.summary())
+
+    def _pip_progress_flags(self, py: PythonChoice) -> list[str]:
+        """`--progress-bar raw` (byte counts for the bar) where this pip has it (24.1+), else `off`."""
+        done = self.runner.run([py.python, "-m", "pip", "install", "--help"], capture=True)
+        choice = progress_bar_choice(done.stdout or "") if done.returncode == 0 else None
+        return ["--progress-bar", choice] if choice else []
+
+    def _logged(
+        self, argv: list[str], on_line: Callable[[str], None] | None = None, cwd: Path | None = None
+    ) -> int:
+        """Runs argv with its output going to the log (and to on_line), not to the terminal."""
+        self.log.begin(argv)
+
+        def take(line: str) -> None:
+            self.log.line(line)
+            if on_line is not None:
+                on_line(line)
+
+        try:
+            code = self.runner.stream(argv, take, cwd)
+        except BaseException:
+            self.log.close()
+            raise
+        self.log.end(code)
+        return code
+
+    def _failed(self, what: str, who: str, after: str = "") -> BootstrapError:
+        """The lines that matter of the command that just failed, then one sentence naming the log."""
+        self.bar.clear()
+        lines = lines_that_matter(list(self.log.tail))
+        if lines:
+            self.say(f"What {who} said last:")
+            for line in lines:  # pip draws boxes (×, ╰─>) that a redirected Windows stdout cannot encode
+                self.say("  " + _encodable(printable(line)))
+        shown = f"what {who} said last is above, " if lines else ""
+        return BootstrapError(f"{what} ({shown}{self.log.where()}){after}.")
 
     def _prove(self, py: PythonChoice, device: str, torch: TorchChoice) -> tuple[str, bool]:
         done = self.runner.run([py.python, "-c", PROBE_CODE], capture=True)
+        self.log.begin([py.python, "-c", "<the GPU probe>"])
+        for line in (done.stdout or "").splitlines() + (done.stderr or "").splitlines():
+            self.log.line(line)
+        self.log.end(done.returncode)
         if done.returncode != 0:
-            raise BootstrapError(
-                f"torch does not import in {py.env_dir}: {(done.stderr or '').strip().splitlines()[-1:]}."
-            )
+            raise self._failed(f"torch does not import in {py.env_dir}", "Python")
         probe = TorchProbe(**json.loads(done.stdout.strip().splitlines()[-1]))
         selftest_device, verdict = gpu_verdict(probe, self.gpu, device, torch)
         if device == "gpu" and torch.variant == "cuda" and selftest_device != "cuda":
             raise BootstrapError(verdict)  # an NVIDIA GPU that torch cannot use: the sentence says the fix
-        self.say(verdict)
+        self.step(verdict)
         if not self.options.selftest:
             return verdict, False
-        done = self.runner.run(
-            [py.python, "-m", "engine", "selftest", "--device", selftest_device], cwd=self.options.root
-        )
-        if done.returncode != 0:
-            raise BootstrapError(f"The engine's selftest failed on {selftest_device}: see its message above.")
-        self.say(f"The engine's selftest passed on {selftest_device}.")
+        self._live(f"Selftest: a tiny model end to end on {selftest_device}")
+        start = time.monotonic()
+        argv = [py.python, "-m", "engine", "selftest", "--device", selftest_device]
+        if self._logged(argv, cwd=self.options.root) != 0:
+            raise self._failed(f"The engine's selftest failed on {selftest_device}", "the selftest")
+        self.step(f"Selftest: passed on {selftest_device} in {human_duration(time.monotonic() - start)}.")
         return verdict, True
 
     def _read_stamp(self, py: PythonChoice) -> dict:
@@ -541,6 +661,20 @@ class EnvironmentBuilder:
 
     def _write_stamp(self, py: PythonChoice, data: dict) -> None:
         (py.env_dir / STAMP_NAME).write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+
+
+def _encodable(text: str) -> str:
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    try:
+        return text.encode(encoding, "replace").decode(encoding)
+    except LookupError:
+        return text
+
+
+def _command_groups(plan: InstallPlan) -> list[list[Requirement]]:
+    """The requirements of each of pip_commands' commands, in the same order."""
+    groups = [[plan.torch]] if plan.torch is not None else []
+    return groups + ([plan.others] if plan.others else [])
 
 
 def describe_plan(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -52,12 +53,14 @@ def progress_line(name: str, done: int, total: int | None, speed: float | None) 
 
 @dataclass
 class TerminalProgress:
-    """Rewrites one line on a terminal; elsewhere prints a line every `log_every` seconds."""
+    """Rewrites one line on a terminal; elsewhere prints a line every `log_every` seconds, or when the
+    percentage reaches the next multiple of `log_percent` (at most one a second)."""
 
     stream: TextIO = field(default_factory=lambda: sys.stderr)
     clock: Callable[[], float] = time.monotonic
     refresh: float = 0.25
     log_every: float = 10.0
+    log_percent: int = 1
     name: str = ""
     total: int | None = None
     done: int = 0
@@ -65,6 +68,7 @@ class TerminalProgress:
     _base: int = 0
     _shown: float = 0.0
     _percent: int | None = None
+    _live: bool = False  # a line is being redrawn on the terminal
 
     def start(self, name: str, total: int | None, done: int, what: str = "downloading") -> None:
         self.name, self.total, self.done, self._base = name, total, done, done
@@ -82,7 +86,7 @@ class TerminalProgress:
         if self.stream.isatty():
             due = now - self._shown >= self.refresh
         else:  # a log or a pipe (the TUI reads the percentage): a line per percent, at most one a second
-            percent = 100 * self.done // self.total if self.total else None
+            percent = 100 * self.done // self.total // self.log_percent if self.total else None
             due = now - self._shown >= self.log_every or (
                 percent != self._percent and now - self._shown >= 1.0
             )
@@ -97,9 +101,25 @@ class TerminalProgress:
     def finish(self, message: str) -> None:
         self._write(message, final=True)
 
+    def status(self, text: str) -> None:
+        """A line of what is happening: redrawn in place on a terminal (the next status or bar replaces it),
+        printed as a plain line elsewhere."""
+        self._shown = self.clock()
+        self._write(text, final=not self.stream.isatty())
+
+    def clear(self) -> None:
+        """Removes the line being redrawn on a terminal, so that what is printed next starts on a clean line."""
+        if self._live:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._live = False
+
     def _write(self, text: str, final: bool) -> None:
         if self.stream.isatty():
+            if not final:  # a line wider than the window would wrap, and \r only returns to its last row
+                text = text[: max(20, shutil.get_terminal_size((80, 24)).columns - 1)]
             self.stream.write("\r\x1b[K" + text + ("\n" if final else ""))
+            self._live = not final
         else:
             self.stream.write(text + "\n")
         self.stream.flush()

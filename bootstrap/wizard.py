@@ -15,7 +15,7 @@ from typing import Protocol
 from bootstrap import fit
 from bootstrap.config_file import PROJECT_ROOT, ProjectConfig
 from bootstrap.disk import usable_folder
-from bootstrap.errors import BootstrapError
+from bootstrap.errors import BootstrapError, InputEnded
 from bootstrap.hardware import Platform, SystemInfo, detect_system
 from bootstrap.hub import TOKEN_SETTINGS_PAGE, endpoint, find_token, repo_page, token_file
 from bootstrap.manifest import Manifest, ModelFile, Preset, load_manifest
@@ -171,16 +171,37 @@ class WizardIO(Protocol):
     def secret(self, question: str) -> str: ...
 
 
+END_OF_INPUT = "\x1a"  # Ctrl+Z: what getpass hands back on Windows, where it reads keys, not lines
+
+
 class TerminalIO:
+    """Prompts on the terminal. Input that ends, or Ctrl+C, at any prompt is InputEnded (the CLI's sentence)."""
+
     def say(self, text: str) -> None:
         print(printable(text))
 
     def ask(self, question: str, default: str = "") -> str:
-        answer = input(f"{question} " + (f"[{default}] " if default else "")).strip()
+        answer = _answer(lambda: input(f"{question} " + (f"[{default}] " if default else "")))
         return answer or default
 
     def secret(self, question: str) -> str:
-        return getpass.getpass(f"{question} ").strip()
+        return _answer(lambda: getpass.getpass(f"{question} "))
+
+
+def _answer(read: Callable[[], str]) -> str:
+    if sys.stdin is None:  # started without a stdin at all (input() would raise RuntimeError)
+        raise InputEnded()
+    try:
+        answer = read()
+    except KeyboardInterrupt:
+        print(flush=True)  # the prompt's line stays unfinished otherwise
+        raise InputEnded(interrupted=True) from None
+    except (EOFError, OSError):  # Ctrl+D / Ctrl+Z+Enter, /dev/null, or a console that went away
+        print(flush=True)
+        raise InputEnded() from None
+    if answer.startswith(END_OF_INPUT):
+        raise InputEnded()
+    return answer.strip()
 
 
 def _yes(answer: str) -> bool:

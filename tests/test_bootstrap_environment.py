@@ -157,6 +157,8 @@ class FakeRunner(env.Runner):
             out = json.dumps(self.installed)
         elif argv[1:] == ["-c", env.PROBE_CODE]:
             out = json.dumps(self.probe)
+        elif argv[1:5] == ["-m", "pip", "install", "--help"]:
+            out = ""  # a pip without --progress-bar raw
         elif argv[1:4] == ["-m", "pip", "install"]:
             for spec in argv[6:]:
                 if spec.startswith("-"):
@@ -169,8 +171,14 @@ class FakeRunner(env.Runner):
             rc = 0
         return subprocess.CompletedProcess(argv, rc, out, "")
 
+    def stream(self, argv, on_line, cwd=None):
+        done = self.run(argv, cwd, capture=True)
+        for line in done.stdout.splitlines():
+            on_line(line)
+        return done.returncode
+
     def pip_installs(self) -> list[list[str]]:
-        return [c for c in self.commands if c[1:4] == ["-m", "pip", "install"]]
+        return [c for c in self.commands if c[1:4] == ["-m", "pip", "install"] and "--help" not in c]
 
 
 def builder(
@@ -211,7 +219,7 @@ def test_a_long_path_or_a_read_only_folder_stops_before_anything_is_written(
     root.mkdir()
     with pytest.raises(BootstrapError, match=sentence):
         builder(root, WINDOWS, RTX, runner, long_paths=long_paths, writable=writable).build()
-    assert runner.commands == [] and not (root / ".venv").exists()
+    assert runner.commands == [] and not (root / ".venv").exists() and not (root / "logs").exists()
 
 
 CUDA_PROBE = {"version": "2.13.0+cu126", "cuda": "12.6", "available": True, "device_name": "RTX 3060"}
