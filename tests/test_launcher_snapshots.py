@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from launcher.jobs import JobState
-from tests.launcher_helpers import SIZE, fluxdeck_png, make_app, write_png
+from tests.launcher_helpers import SIZE, fluxdeck_png, make_app, wait_for, write_png
 
 # A fixed folder: paths shown on screen must not change between runs.
 BASE = Path("/tmp/fluxdeck-launcher-snapshots")
@@ -66,7 +66,14 @@ def test_queue_screen(base, snap_compare):
 
 
 def test_models_screen(base, snap_compare):
-    assert snap_compare(app_for(base), press=["f5"], terminal_size=SIZE)
+    app = app_for(base)
+
+    async def open_models(pilot):
+        await pilot.press("f5")
+        presets = app.screen.query_one("#presets")
+        await wait_for(pilot, lambda: presets.row_count == 2, 20)  # the fake bootstrap's two verdicts
+
+    assert snap_compare(app, run_before=open_models, terminal_size=SIZE)
 
 
 def test_settings_screen(base, snap_compare):
