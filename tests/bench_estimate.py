@@ -90,7 +90,7 @@ def main() -> None:
             for _ in range(args.repeats):
                 model(*args_)
             seconds = (time.perf_counter() - start) / args.repeats
-        estimate = flops / measured.compute_flops
+        estimate = flops / measured.block_flops
         if fmt == "fp8":
             estimate += params / measured.expand["fp8"]
         rss = psutil.Process().memory_info().rss / 2**20

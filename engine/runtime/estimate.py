@@ -138,7 +138,9 @@ def _times(parts, models, placed: Placement, machine: Machine, steps: int, width
         return None, None
     layout = footprint.layout(transformer.arch)
     expand = speed.expand.get(_expand_kind(transformer.fmt))
-    step = footprint.transformer_flops(transformer.arch, width, height, TEXT_TOKENS[transformer.arch]) / flops
+    # the whole block's rate (products, attention, norms), not the bare product's
+    step = footprint.transformer_flops(transformer.arch, width, height, TEXT_TOKENS[transformer.arch])
+    step /= speed.block_flops
     # a ControlNet of the base's width costs its weights' share of the base's FLOPs (same tokens, same layers)
     net_weights = sum((p.file_bytes or 0) / bytes_per_weight(p.fmt) for p in parts if p.arch == CONTROLNET)
     step *= 1 + net_weights / layout.loaded_params
@@ -162,7 +164,10 @@ def _times(parts, models, placed: Placement, machine: Machine, steps: int, width
 
 
 def _expand_kind(fmt: str) -> str:
-    if fmt in ("bf16", "fp16", "fp32"):
+    """The measured expansion standing for `fmt` (16-bit files: none where they compute as stored)."""
+    if fmt in ("bf16", "fp16"):
+        return "bf16"
+    if fmt == "fp32":
         return ""
     if fmt == "fp8":
         return "fp8"
