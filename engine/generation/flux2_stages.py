@@ -11,7 +11,9 @@ hands a job here when the transformer's tensor names say FLUX.2 (plan.family).
 - Schedule: sigmas linspace(1, 1/N, N) in float32, shifted by the exponential time shift with
   mu = compute_empirical_mu(tokens, N), then 0; the transformer sees t = sigma. --shift, --guidance are not used
   (klein has no guidance embedding: --guidance is ignored with a note).
-- Not yet: --init-image, LoRAs (refused), tiled decoding (the whole latent decodes at once).
+- References (--reference, flux2_references): encoded by the FLUX.2 autoencoder before the transformer loads,
+  attended at t = 10, 20, ... in both CFG passes.
+- Not taken: --init-image (Flux2KleinPipeline has no img2img), --mask/--outpaint/--control-image/--controlnet.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from engine.contract.errors import Cancelled, UserError
 from engine.contract.events import Done, EventSink, Message, Stage, Step
 from engine.contract.request import GenerateRequest, parse_cache
-from engine.generation import sampling
+from engine.generation import edits, flux2_references, sampling
 from engine.generation.decode import checked_images
 from engine.generation.denoise import _retrying, nonfinite_cause
 from engine.generation.encode import _check_encoding
@@ -73,14 +75,17 @@ def check_request(plan: Plan, on_event: EventSink) -> None:
     """What FLUX.2 does not take yet is refused in one sentence; --guidance is ignored with a note."""
     request = plan.request
     model = plan.files.components["transformer"].file.path.name
-    if request.init_image:
-        raise UserError(f"--init-image is not supported with the FLUX.2 [klein] model {model} yet.")
+    for name in ("controlnets", "mask", "outpaint", "control_image"):
+        if getattr(request, name, None):
+            flag = "--" + name.replace("_", "-").removesuffix("s")
+            raise UserError(f"{flag} is not supported with the FLUX.2 [klein] model {model}: leave it out.")
     if request.loras:
         raise UserError(f"LoRAs are not supported with the FLUX.2 [klein] model {model} yet.")
-    for name in ("controlnets", "mask", "control_image", "references"):
-        if getattr(request, name, None):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} is not supported with the FLUX.2 [klein] model {model} yet.")
+    if request.init_image:
+        raise UserError(
+            f"--init-image is not supported with the FLUX.2 [klein] model {model} (it has no img2img): "
+            "give the image as --reference instead."
+        )
     if request.guidance != DEFAULT_GUIDANCE:
         on_event(Message("--guidance is ignored: FLUX.2 [klein] has no guidance embedding (use --cfg)."))
 
@@ -117,6 +122,13 @@ def generate_flux2(
     states = encode(plan, engine, texts)
     engine.models.release(("text_encoder",))
 
+    refs = None
+    if request.references:
+        vae = engine.models.use(plan.files.components["vae"], plan.support, device)
+        images = [(path, edits._open(path, "--reference")) for path in request.references]
+        with torch.inference_mode():
+            refs = flux2_references.reference_tokens(vae, images, device, plan.support)
+
     on_event(Stage("loading", "transformer"))
     transformer = engine.models.use(plan.files.components["transformer"], plan.dtype, device)
     rows, cols = request.height // DOWNSCALE, request.width // DOWNSCALE
@@ -125,7 +137,10 @@ def generate_flux2(
     times = schedule(plan.steps, rows * cols)
     img_ids = flux2.image_ids(1, rows, cols).to(device)
     txt_ids = flux2.text_ids(1, MAX_LENGTH).to(device)
-    pe = transformer.position_embedding(torch.cat((txt_ids, img_ids), 1))
+    ids = [txt_ids, img_ids] + ([refs.ids] if refs is not None else [])
+    pe = transformer.position_embedding(torch.cat(ids, 1))
+    ref_img = None if refs is None else refs.tokens.to(plan.dtype).expand(passes * batch, -1, -1)
+    ref_ids = None if refs is None else refs.ids
     txt = torch.cat([s.to(device, plan.dtype).expand(batch, -1, -1) for s in states])
     threshold = parse_cache(request.cache)
     step_cache = None if threshold is None else FirstBlockCache(threshold, groups=passes)
@@ -136,7 +151,7 @@ def generate_flux2(
             raise Cancelled("cancelled")
         timesteps = torch.full((passes * batch,), t, device=device, dtype=torch.float32)
         img = x.to(plan.dtype).repeat(passes, 1, 1)
-        v = transformer(img, img_ids, txt, txt_ids, timesteps, None, pe, cache=step_cache).float()
+        v = transformer(img, img_ids, txt, txt_ids, timesteps, None, pe, ref_img, ref_ids, step_cache).float()
         if passes == 1:
             return v
         positive, negative = v.chunk(2)
