@@ -46,11 +46,11 @@ def klein(tmp_path_factory):
     return root, tokenizer, states, paths
 
 
-def _png(tmp_path, name: str, paths: dict, tokenizer) -> np.ndarray:
+def _png(tmp_path, name: str, paths: dict, tokenizer, *extra: str) -> np.ndarray:
     out = tmp_path / f"{name}.png"
     files = [arg for role, path in paths.items() for arg in (f"--{role.replace('_', '-')}", str(path))]
     code = main(["generate", *files, "--text-tokenizer", str(tokenizer), *ARGS, "--dtype", "fp32",
-                 "--device", "cpu", "--out", str(out)])  # fmt: skip
+                 "--device", "cpu", "--out", str(out), *extra])  # fmt: skip
     assert code == 0
     return np.asarray(Image.open(out).convert("RGB"))
 

@@ -13,6 +13,8 @@ hands a job here when the transformer's tensor names say FLUX.2 (plan.family).
   (klein has no guidance embedding: --guidance is ignored with a note).
 - References (--reference, flux2_references): encoded by the FLUX.2 autoencoder before the transformer loads,
   attended at t = 10, 20, ... in both CFG passes.
+- LoRAs (--lora, <lora:...> tags): at FLUX.1's chokepoint (engine/formats/lora), FLUX.2's diffusers names in
+  flux2_layouts; a tensor that fits no layer refuses the LoRA by name.
 - Not taken: --init-image (Flux2KleinPipeline has no img2img), --mask/--outpaint/--control-image/--controlnet.
 """
 
@@ -29,6 +31,7 @@ import torch
 from engine.contract.errors import Cancelled, UserError
 from engine.contract.events import Done, EventSink, Message, Stage, Step
 from engine.contract.request import GenerateRequest, parse_cache
+from engine.formats.lora.flux2_layouts import unknown_keys
 from engine.generation import edits, flux2_references, sampling
 from engine.generation.decode import checked_images
 from engine.generation.denoise import _retrying, nonfinite_cause
@@ -79,8 +82,6 @@ def check_request(plan: Plan, on_event: EventSink) -> None:
         if getattr(request, name, None):
             flag = "--" + name.replace("_", "-").removesuffix("s")
             raise UserError(f"{flag} is not supported with the FLUX.2 [klein] model {model}: leave it out.")
-    if request.loras:
-        raise UserError(f"LoRAs are not supported with the FLUX.2 [klein] model {model} yet.")
     if request.init_image:
         raise UserError(
             f"--init-image is not supported with the FLUX.2 [klein] model {model} (it has no img2img): "
@@ -88,6 +89,30 @@ def check_request(plan: Plan, on_event: EventSink) -> None:
         )
     if request.guidance != DEFAULT_GUIDANCE:
         on_event(Message("--guidance is ignored: FLUX.2 [klein] has no guidance embedding (use --cfg)."))
+
+
+def apply_loras(engine, plan: Plan, transformer, on_event: EventSink) -> None:
+    """The job's LoRAs on the transformer (the FLUX.1 chokepoint, with FLUX.2's diffusers names), or none: the
+    previous job's are taken off. A LoRA with a tensor that fits no layer is refused by that name."""
+    model = plan.files.components["transformer"].file.path.name
+    for spec in plan.request.loras:
+        lora = engine.models.loras.load(spec.path)
+        unknown, text = unknown_keys(transformer, lora)
+        if unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise UserError(
+                f"LoRA {lora.path} has {unknown[0]}{more}, which fits no layer of the FLUX.2 [klein] transformer "
+                f"{model}: use a LoRA made for this model."
+            )
+        if text:
+            on_event(
+                Message(
+                    f"LoRA {lora.name}: its text-encoder part ({len(text)} layers) was not applied: LoRAs apply "
+                    "to the FLUX.2 transformer only"
+                )
+            )
+    for note in engine.models.loras.apply(transformer, None, plan.request.loras, parts=("transformer",)):
+        on_event(Message(note))
 
 
 def encode(plan: Plan, engine, texts: list[str]) -> list[torch.Tensor]:
@@ -131,6 +156,7 @@ def generate_flux2(
 
     on_event(Stage("loading", "transformer"))
     transformer = engine.models.use(plan.files.components["transformer"], plan.dtype, device)
+    apply_loras(engine, plan, transformer, on_event)
     rows, cols = request.height // DOWNSCALE, request.width // DOWNSCALE
     batch = request.batch
     x = flux2.pack(make_noise(request.seed, batch, request.height, request.width)).to(device)
@@ -186,7 +212,9 @@ def generate_flux2(
 
     on_event(Stage("saving"))
     model = plan.files.components["transformer"].file.path.stem
-    paths = save_images(images, request, out, steps=plan.steps, t5_length=MAX_LENGTH, model=model)
+    paths = save_images(
+        images, request, out, steps=plan.steps, t5_length=MAX_LENGTH, model=model, hashes=engine.hashes
+    )
     mean = sum(step_seconds) / len(step_seconds) if step_seconds else 0.0
     on_event(Done(paths, time.perf_counter() - started, mean))
     return paths
