@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from engine.contract.errors import UserError
+from engine.generation import vae_tiling
 from engine.models import flux2
 
 TARGET_AREA = 1024 * 1024  # references above this many pixels are scaled down to about it
@@ -101,7 +102,7 @@ def reference_tokens(vae, images: Sequence[tuple[str, Image.Image]], device, dty
         check_reference(path, image.size)
         prepared = prepare(image)
         pixels = to_pixels(prepared).to(device, dtype)
-        latent = vae.encode(pixels)  # (1, 128, H/16, W/16)
+        latent = vae_tiling.encode(vae, pixels)  # (1, 128, H/16, W/16); tiled only if memory is short
         tokens.append(flux2.pack(latent))
         sizes.append(prepared.size)
         latent_sizes.append(tuple(latent.shape[-2:]))

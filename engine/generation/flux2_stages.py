@@ -15,6 +15,8 @@ hands a job here when the transformer's tensor names say FLUX.2 (plan.family).
   attended at t = 10, 20, ... in both CFG passes.
 - LoRAs (--lora, <lora:...> tags): at FLUX.1's chokepoint (engine/formats/lora), FLUX.2's diffusers names in
   flux2_layouts; a tensor that fits no layer refuses the LoRA by name.
+- Decode through vae_tiling (tiled for big images or when memory runs out, as FLUX.1's, 512-pixel tiles);
+  previews (EngineOptions.previews) through a 128→RGB projection fitted to this autoencoder, one pixel a token.
 - Not taken: --init-image (Flux2KleinPipeline has no img2img), --mask/--outpaint/--control-image/--controlnet.
 """
 
@@ -32,12 +34,13 @@ from engine.contract.errors import Cancelled, UserError
 from engine.contract.events import Done, EventSink, Message, Stage, Step
 from engine.contract.request import GenerateRequest, parse_cache
 from engine.formats.lora.flux2_layouts import unknown_keys
-from engine.generation import edits, flux2_references, sampling
+from engine.generation import edits, flux2_references, sampling, vae_tiling
 from engine.generation.decode import checked_images
 from engine.generation.denoise import _retrying, nonfinite_cause
 from engine.generation.encode import _check_encoding
 from engine.generation.plan import Plan
 from engine.generation.png_output import save_images
+from engine.generation.preview import latent_preview
 from engine.generation.step_cache import FirstBlockCache
 from engine.models import flux2
 from engine.models.qwen3_encoder import MAX_LENGTH, encode_qwen3, qwen3_tokenizer_identity
@@ -45,6 +48,8 @@ from engine.models.qwen3_encoder import MAX_LENGTH, encode_qwen3, qwen3_tokenize
 LATENT_CHANNELS = 128  # 32 latent channels × a 2×2 patch
 DOWNSCALE = 16  # pixels per latent token along each side
 DEFAULT_GUIDANCE = GenerateRequest.__dataclass_fields__["guidance"].default
+# Decode tiles in latent tokens: FLUX.1's 512-pixel tiles overlapping by 128 pixels, at 16 pixels a token
+DECODE_TILE, DECODE_OVERLAP = vae_tiling.DECODE_TILE // 2, vae_tiling.DECODE_OVERLAP // 2
 
 
 def make_noise(seed: int, batch: int, height: int, width: int) -> torch.Tensor:
@@ -184,10 +189,17 @@ def generate_flux2(
         return negative + request.cfg * (positive - negative)
 
     step_seconds: list[float] = []
+    projection = None
+    if engine.options.previews:
+        projection = engine.models.preview_projection(plan.files.components["vae"], plan.support, device)
 
     def progress(report: sampling.StepReport) -> None:
         step_seconds.append(report.seconds)
-        on_event(Step(report.step, report.total, report.seconds, False))
+        cached = step_cache is not None and not any(step_cache.decisions[-1])
+        on_event(Step(report.step, report.total, report.seconds, cached))
+        if projection is not None:
+            latent = flux2.unpack(report.denoised[:1].float().cpu(), rows, cols)[0]
+            on_event(latent_preview(report.step, latent, projection))
 
     on_event(Stage("denoising", f"{len(times) - 1} steps"))
     try:
@@ -207,7 +219,14 @@ def generate_flux2(
     with torch.inference_mode():
         unpacked = flux2.unpack(latents, rows, cols).to(plan.support)
         for i in range(batch):
-            images += checked_images(vae.decode(unpacked[i : i + 1]), plan)
+            pixels = vae_tiling.decode(
+                vae,
+                unpacked[i : i + 1],
+                on_message=lambda text: on_event(Message(text)),
+                tile=DECODE_TILE,
+                overlap=DECODE_OVERLAP,
+            )
+            images += checked_images(pixels, plan)
     engine.models.release(("vae",))
 
     on_event(Stage("saving"))
