@@ -89,6 +89,32 @@ def test_one_reference_matches_the_pipeline(klein, reference, tmp_path):  # noqa
     assert psnr(dropped, theirs) < MIN_PSNR - 5
 
 
+def test_two_references_match_the_pipeline(klein, reference, tmp_path):  # noqa: F811
+    """Repeated --reference: both encoded, at t = 10 and 20, in the order given; dropping the second is caught.
+    (Their order, t = 10 against 20, moves this tiny random model too little to be caught: ~53 dB.)"""
+    root, pipe = klein
+    second = tmp_path / "second.png"
+    _picture(390, 420, seed=5).save(second)  # floored to 384×416
+    with torch.inference_mode():
+        out = pipe(
+            prompt=PROMPT,
+            image=[Image.open(reference), Image.open(second)],
+            width=SMALL,
+            height=SMALL,
+            num_inference_steps=STEPS,
+            guidance_scale=1.0,
+            generator=torch.Generator("cpu").manual_seed(SEED),
+            output_type="np",
+            max_sequence_length=512,
+        ).images[0]
+    theirs = (out * 255).round().astype(np.uint8)
+    ours = _ours(root, tmp_path / "o", references=[str(reference), str(second)], width=SMALL, height=SMALL)
+    first_only = _ours(root, tmp_path / "f", references=[str(reference)], width=SMALL, height=SMALL)
+    print(f"two references: {psnr(ours, theirs):.1f} dB, the second dropped {psnr(first_only, theirs):.1f}")
+    assert psnr(ours, theirs) >= MIN_PSNR
+    assert psnr(first_only, theirs) < MIN_PSNR - 3
+
+
 @pytest.mark.parametrize("size", [(1100, 1000), (1500, 700), (90, 70), (64, 64), (300, 1000)])
 def test_reference_sizing_is_the_pipelines(size):
     image = _picture(*size, seed=1)
