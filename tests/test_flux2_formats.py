@@ -1,8 +1,8 @@
 """FLUX.2 [klein] files in the formats people download, end to end through the CLI: the transformer as fp8 e4m3,
 legacy scaled fp8 (`scaled_fp8` + `.scale_weight`), ComfyUI's comfy_quant layout (`.weight_scale` + `.comfy_quant`
 JSON; its header variant is FLUX.1's test_comfy_quant.py's) and GGUF (Q8_0/Q5_1/Q4_0, general.architecture
-"flux" as ComfyUI-GGUF's converter writes klein); the Qwen3 text encoder as fp8 and scaled fp8 (ComfyUI's
-`qwen_3_4b_fp8*` layout: matrices fp8, embeddings and norms bf16). Each image is compared with the engine's own
+"flux" as ComfyUI-GGUF's converter writes klein); the Qwen3 text encoder as fp8, scaled fp8 and comfy_quant
+(ComfyUI's `qwen_3_4b_fp8*` layouts: matrices fp8, embeddings and norms bf16). Each image is compared with the engine's own
 run of the same weights dequantized to float32 (written as a plain safetensors file), ≥ 45 dB; and the
 quantization is shown to matter (the unquantized weights draw a different image) where it does."""
 
@@ -46,6 +46,13 @@ def klein(tmp_path_factory):
     return root, tokenizer, states, paths
 
 
+@pytest.fixture(scope="module")
+def original(klein, tmp_path_factory) -> np.ndarray:  # noqa: F811
+    """The image of the unquantized files."""
+    root, tokenizer, states, paths = klein
+    return _png(tmp_path_factory.mktemp("original"), "bf16", paths, tokenizer)
+
+
 def _png(tmp_path, name: str, paths: dict, tokenizer, *extra: str) -> np.ndarray:
     out = tmp_path / f"{name}.png"
     files = [arg for role, path in paths.items() for arg in (f"--{role.replace('_', '-')}", str(path))]
@@ -75,9 +82,8 @@ def _transformer_files(state, folder):
     return out
 
 
-def test_quantized_klein_transformers_give_the_image_of_their_dequantized_weights(klein, tmp_path):
+def test_quantized_klein_transformers_give_the_image_of_their_dequantized_weights(klein, original, tmp_path):
     root, tokenizer, states, paths = klein
-    original = _png(tmp_path, "bf16", paths, tokenizer)
     for name, (quantized, dequantized) in _transformer_files(states["transformer"], tmp_path).items():
         reference = _save(tmp_path / f"{name}_dequantized.safetensors", dequantized)
         ours = _png(tmp_path, name, paths | {"transformer": quantized}, tokenizer)
@@ -90,27 +96,28 @@ def test_quantized_klein_transformers_give_the_image_of_their_dequantized_weight
         assert psnr(theirs, original) < 80, name  # the file really was quantized
 
 
-def _qwen3_fp8(state, scaled: bool):
-    """ComfyUI's fp8 Qwen3 layout: the layers' matrices fp8, the embedding table and norms bf16."""
+def _qwen3_fp8(state, layout: str):
+    """ComfyUI's fp8 Qwen3 layouts: the layers' matrices fp8 (plain, scaled, or comfy_quant), the embedding table
+    and norms bf16; (tensors, header metadata, dequantized float32 weights)."""
     matrices = {k: v for k, v in state.items() if fixtures.is_big_weight(k, v) and "embed_tokens" not in k}
-    stored = fixtures.to_fp8(matrices, torch.float8_e4m3fn, scaled=scaled)
+    legacy = fixtures.to_fp8(matrices, torch.float8_e4m3fn, scaled=layout != "fp8")
+    stored, metadata = legacy, {}
+    if layout == "comfy_quant":
+        stored, metadata = fixtures.to_comfy_quant(matrices, torch.float8_e4m3fn)
     rest = {k: v.to(torch.bfloat16) for k, v in state.items() if k not in matrices}
-    dequantized = fixtures.dequantized(stored) | {k: v.float() for k, v in rest.items()}
-    return stored | rest, dequantized
+    dequantized = fixtures.dequantized(legacy) | {k: v.float() for k, v in rest.items()}
+    return stored | rest, metadata, dequantized
 
 
-@pytest.mark.parametrize("scaled", [False, True])
-def test_fp8_qwen3_gives_the_image_of_its_dequantized_weights(klein, tmp_path, scaled):
+@pytest.mark.parametrize("layout", ["fp8", "scaled_fp8", "comfy_quant"])
+def test_fp8_qwen3_gives_the_image_of_its_dequantized_weights(klein, original, tmp_path, layout):
     root, tokenizer, states, paths = klein
-    stored, dequantized = _qwen3_fp8(states["text_encoder"], scaled)
+    stored, metadata, dequantized = _qwen3_fp8(states["text_encoder"], layout)
     assert any(v.dtype == torch.float8_e4m3fn for v in stored.values())
-    quantized = _save(tmp_path / "qwen_3_tiny_fp8.safetensors", stored)
+    quantized = _save(tmp_path / "qwen_3_tiny_fp8.safetensors", stored, metadata)
     reference = _save(tmp_path / "qwen_3_tiny_dequantized.safetensors", dequantized)
     ours = _png(tmp_path, "qwen_fp8", paths | {"text_encoder": quantized}, tokenizer)
     theirs = _png(tmp_path, "qwen_ref", paths | {"text_encoder": reference}, tokenizer)
-    original = _png(tmp_path, "qwen_original", paths, tokenizer)
-    print(
-        f"Qwen3 fp8 (scaled {scaled}): {psnr(ours, theirs):.1f} dB, {psnr(ours, original):.1f} vs the original"
-    )
+    print(f"Qwen3 {layout}: {psnr(ours, theirs):.1f} dB, {psnr(ours, original):.1f} vs the original")
     assert psnr(ours, theirs) >= MIN_PSNR
     assert psnr(theirs, original) < 80  # the encoder really was quantized
