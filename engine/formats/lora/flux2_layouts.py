@@ -71,6 +71,9 @@ class Flux2Diffusers(Layout):
         put("norm_out.linear", "final_layer.adaLN_modulation.1", (0, h), (h, 2 * h))
         put("norm_out.linear", "final_layer.adaLN_modulation.1", (h, 2 * h), (0, h))
         put("proj_out", "final_layer.linear")
+        # some exports cut "tran" off the double blocks' name (diffusers reads `sformer_blocks.` as an alias)
+        for key in [k for k in out if k.startswith("transformer_blocks.")]:
+            out["sformer_" + key.removeprefix("transformer_")] = out[key]
         return out
 
 
