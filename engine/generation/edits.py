@@ -53,11 +53,13 @@ def resolve(request: GenerateRequest, files: ResolvedFiles) -> GenerateRequest:
     """The request with its size and guidance filled in, after refusing (one sentence) an edit the transformer
     cannot do or a transformer that needs an edit the request does not give."""
     # FLUX.2 checks its own flags (flux2_stages), and a file in a format the engine does not compute is refused by
-    # name when it loads (its packed shapes say nothing here): only the default size applies to either
+    # name when it loads (its packed shapes say nothing here): only the default size applies to either (for
+    # FLUX.2 with --reference, the first reference's, flux2_references)
     if files.family == "flux2" or uncomputable_format(files.components["transformer"]):
-        return dataclasses.replace(
-            request, width=request.width or DEFAULT_SIZE, height=request.height or DEFAULT_SIZE
-        )
+        from engine.generation.flux2_references import default_size  # klein sizes references its own way
+
+        width, height = (files.family == "flux2" and default_size(request.references)) or (DEFAULT_SIZE,) * 2
+        return dataclasses.replace(request, width=request.width or width, height=request.height or height)
     channels = in_channels(files)
     name = files.components["transformer"].file.path.name
     inpaint = request.mask is not None or request.outpaint is not None

@@ -11,7 +11,13 @@ hands a job here when the transformer's tensor names say FLUX.2 (plan.family).
 - Schedule: sigmas linspace(1, 1/N, N) in float32, shifted by the exponential time shift with
   mu = compute_empirical_mu(tokens, N), then 0; the transformer sees t = sigma. --shift, --guidance are not used
   (klein has no guidance embedding: --guidance is ignored with a note).
-- Not yet: --init-image, LoRAs (refused), tiled decoding (the whole latent decodes at once).
+- References (--reference, flux2_references): encoded by the FLUX.2 autoencoder before the transformer loads,
+  attended at t = 10, 20, ... in both CFG passes.
+- LoRAs (--lora, <lora:...> tags): at FLUX.1's chokepoint (engine/formats/lora), FLUX.2's diffusers names in
+  flux2_layouts; a tensor that fits no layer refuses the LoRA by name.
+- Decode through vae_tiling (tiled for big images or when memory runs out, as FLUX.1's, 512-pixel tiles);
+  previews (EngineOptions.previews) through a 128→RGB projection fitted to this autoencoder, one pixel a token.
+- Not taken: --init-image (Flux2KleinPipeline has no img2img), --mask/--outpaint/--control-image/--controlnet.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ import torch
 from engine.contract.errors import Cancelled, UserError
 from engine.contract.events import Done, EventSink, Message, Stage, Step
 from engine.contract.request import GenerateRequest, parse_cache
-from engine.generation import sampling
+from engine.formats.lora.flux2_layouts import unknown_keys
+from engine.generation import edits, flux2_references, sampling, vae_tiling
 from engine.generation.decode import checked_images
 from engine.generation.denoise import _retrying, nonfinite_cause
 from engine.generation.encode import _check_encoding
 from engine.generation.plan import Plan
 from engine.generation.png_output import save_images
+from engine.generation.preview import latent_preview
 from engine.generation.step_cache import FirstBlockCache
 from engine.models import flux2
 from engine.models.qwen3_encoder import MAX_LENGTH, encode_qwen3, qwen3_tokenizer_identity
@@ -40,6 +48,8 @@ from engine.models.qwen3_encoder import MAX_LENGTH, encode_qwen3, qwen3_tokenize
 LATENT_CHANNELS = 128  # 32 latent channels × a 2×2 patch
 DOWNSCALE = 16  # pixels per latent token along each side
 DEFAULT_GUIDANCE = GenerateRequest.__dataclass_fields__["guidance"].default
+# Decode tiles in latent tokens: FLUX.1's 512-pixel tiles overlapping by 128 pixels, at 16 pixels a token
+DECODE_TILE, DECODE_OVERLAP = vae_tiling.DECODE_TILE // 2, vae_tiling.DECODE_OVERLAP // 2
 
 
 def make_noise(seed: int, batch: int, height: int, width: int) -> torch.Tensor:
@@ -73,16 +83,41 @@ def check_request(plan: Plan, on_event: EventSink) -> None:
     """What FLUX.2 does not take yet is refused in one sentence; --guidance is ignored with a note."""
     request = plan.request
     model = plan.files.components["transformer"].file.path.name
-    if request.init_image:
-        raise UserError(f"--init-image is not supported with the FLUX.2 [klein] model {model} yet.")
-    if request.loras:
-        raise UserError(f"LoRAs are not supported with the FLUX.2 [klein] model {model} yet.")
-    for name in ("controlnets", "mask", "control_image", "references"):
+    for name in ("controlnets", "mask", "outpaint", "control_image"):
         if getattr(request, name, None):
-            flag = "--" + name.replace("_", "-")
-            raise UserError(f"{flag} is not supported with the FLUX.2 [klein] model {model} yet.")
+            flag = "--" + name.replace("_", "-").removesuffix("s")
+            raise UserError(f"{flag} is not supported with the FLUX.2 [klein] model {model}: leave it out.")
+    if request.init_image:
+        raise UserError(
+            f"--init-image is not supported with the FLUX.2 [klein] model {model} (it has no img2img): "
+            "give the image as --reference instead."
+        )
     if request.guidance != DEFAULT_GUIDANCE:
         on_event(Message("--guidance is ignored: FLUX.2 [klein] has no guidance embedding (use --cfg)."))
+
+
+def apply_loras(engine, plan: Plan, transformer, on_event: EventSink) -> None:
+    """The job's LoRAs on the transformer (the FLUX.1 chokepoint, with FLUX.2's diffusers names), or none: the
+    previous job's are taken off. A LoRA with a tensor that fits no layer is refused by that name."""
+    model = plan.files.components["transformer"].file.path.name
+    for spec in plan.request.loras:
+        lora = engine.models.loras.load(spec.path)
+        unknown, text = unknown_keys(transformer, lora)
+        if unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise UserError(
+                f"LoRA {lora.path} has {unknown[0]}{more}, which fits no layer of the FLUX.2 [klein] transformer "
+                f"{model}: use a LoRA made for this model."
+            )
+        if text:
+            on_event(
+                Message(
+                    f"LoRA {lora.name}: its text-encoder part ({len(text)} layers) was not applied: LoRAs apply "
+                    "to the FLUX.2 transformer only"
+                )
+            )
+    for note in engine.models.loras.apply(transformer, None, plan.request.loras, parts=("transformer",)):
+        on_event(Message(note))
 
 
 def encode(plan: Plan, engine, texts: list[str]) -> list[torch.Tensor]:
@@ -117,15 +152,26 @@ def generate_flux2(
     states = encode(plan, engine, texts)
     engine.models.release(("text_encoder",))
 
+    refs = None
+    if request.references:
+        vae = engine.models.use(plan.files.components["vae"], plan.support, device)
+        images = [(path, edits._open(path, "--reference")) for path in request.references]
+        with torch.inference_mode():
+            refs = flux2_references.reference_tokens(vae, images, device, plan.support)
+
     on_event(Stage("loading", "transformer"))
     transformer = engine.models.use(plan.files.components["transformer"], plan.dtype, device)
+    apply_loras(engine, plan, transformer, on_event)
     rows, cols = request.height // DOWNSCALE, request.width // DOWNSCALE
     batch = request.batch
     x = flux2.pack(make_noise(request.seed, batch, request.height, request.width)).to(device)
     times = schedule(plan.steps, rows * cols)
     img_ids = flux2.image_ids(1, rows, cols).to(device)
     txt_ids = flux2.text_ids(1, MAX_LENGTH).to(device)
-    pe = transformer.position_embedding(torch.cat((txt_ids, img_ids), 1))
+    ids = [txt_ids, img_ids] + ([refs.ids] if refs is not None else [])
+    pe = transformer.position_embedding(torch.cat(ids, 1))
+    ref_img = None if refs is None else refs.tokens.to(plan.dtype).expand(passes * batch, -1, -1)
+    ref_ids = None if refs is None else refs.ids
     txt = torch.cat([s.to(device, plan.dtype).expand(batch, -1, -1) for s in states])
     threshold = parse_cache(request.cache)
     step_cache = None if threshold is None else FirstBlockCache(threshold, groups=passes)
@@ -136,17 +182,24 @@ def generate_flux2(
             raise Cancelled("cancelled")
         timesteps = torch.full((passes * batch,), t, device=device, dtype=torch.float32)
         img = x.to(plan.dtype).repeat(passes, 1, 1)
-        v = transformer(img, img_ids, txt, txt_ids, timesteps, None, pe, cache=step_cache).float()
+        v = transformer(img, img_ids, txt, txt_ids, timesteps, None, pe, ref_img, ref_ids, step_cache).float()
         if passes == 1:
             return v
         positive, negative = v.chunk(2)
         return negative + request.cfg * (positive - negative)
 
     step_seconds: list[float] = []
+    projection = None
+    if engine.options.previews:
+        projection = engine.models.preview_projection(plan.files.components["vae"], plan.support, device)
 
     def progress(report: sampling.StepReport) -> None:
         step_seconds.append(report.seconds)
-        on_event(Step(report.step, report.total, report.seconds, False))
+        cached = step_cache is not None and not any(step_cache.decisions[-1])
+        on_event(Step(report.step, report.total, report.seconds, cached))
+        if projection is not None:
+            latent = flux2.unpack(report.denoised[:1].float().cpu(), rows, cols)[0]
+            on_event(latent_preview(report.step, latent, projection))
 
     on_event(Stage("denoising", f"{len(times) - 1} steps"))
     try:
@@ -166,12 +219,21 @@ def generate_flux2(
     with torch.inference_mode():
         unpacked = flux2.unpack(latents, rows, cols).to(plan.support)
         for i in range(batch):
-            images += checked_images(vae.decode(unpacked[i : i + 1]), plan)
+            pixels = vae_tiling.decode(
+                vae,
+                unpacked[i : i + 1],
+                on_message=lambda text: on_event(Message(text)),
+                tile=DECODE_TILE,
+                overlap=DECODE_OVERLAP,
+            )
+            images += checked_images(pixels, plan)
     engine.models.release(("vae",))
 
     on_event(Stage("saving"))
     model = plan.files.components["transformer"].file.path.stem
-    paths = save_images(images, request, out, steps=plan.steps, t5_length=MAX_LENGTH, model=model)
+    paths = save_images(
+        images, request, out, steps=plan.steps, t5_length=MAX_LENGTH, model=model, hashes=engine.hashes
+    )
     mean = sum(step_seconds) / len(step_seconds) if step_seconds else 0.0
     on_event(Done(paths, time.perf_counter() - started, mean))
     return paths

@@ -122,7 +122,14 @@ def free_bytes(device: torch.device | str) -> int | None:
 
 
 def downscale(vae: AutoEncoder) -> int:
-    """Image pixels per latent pixel along each axis (8 for FLUX)."""
+    """Image pixels per latent pixel along each axis (8 for FLUX.1; 16 for FLUX.2, whose autoencoder takes and
+    gives its latent 2×2-patched: its `downscale`)."""
+    own = getattr(vae, "downscale", None)
+    return own if isinstance(own, int) else _attention_downscale(vae)
+
+
+def _attention_downscale(vae: AutoEncoder) -> int:
+    """Image pixels per pixel of the autoencoder's own (unpatched) latent, where its mid-block attention runs."""
     return 2 ** (len(vae.params.ch_mult) - 1)
 
 
@@ -161,7 +168,7 @@ def decode(
             free_bytes(z.device),
             max_pixels=max_pixels,
             bytes_per_pixel=_bytes_per_pixel(vae, z.dtype, decoding=True),
-            downscale=f,
+            downscale=_attention_downscale(vae),
             batch=z.shape[0],
         ),
         (height, width),
@@ -196,7 +203,7 @@ def encode(
             free_bytes(x.device),
             max_pixels=max_pixels,
             bytes_per_pixel=_bytes_per_pixel(vae, x.dtype, decoding=False),
-            downscale=downscale(vae),
+            downscale=_attention_downscale(vae),
             batch=x.shape[0],
         ),
         (height, width),

@@ -214,6 +214,10 @@ def index(model: nn.Module | None, part: str) -> LayerIndex:
     """The `part` ("transformer" or "clip") model's index (empty when the model is not there)."""
     strip_name = "text_model." if part == "clip" else ""
     layouts = CLIP_LAYOUTS if part == "clip" else TRANSFORMER_LAYOUTS
+    if part == "transformer":  # FLUX.2's diffusers names (imported here: that module builds on this one)
+        from engine.formats.lora.flux2_layouts import FLUX2_LAYOUTS
+
+        layouts = layouts + FLUX2_LAYOUTS
     prefixes = CLIP_PREFIXES if part == "clip" else TRANSFORMER_PREFIXES
     if model is None:
         return LayerIndex({}, {}, prefixes)
