@@ -134,7 +134,7 @@ class Engine:
         files = resolve(request.files)
         for skipped in files.notes:
             on_event(Message(skipped))
-        request = edits.resolve(request, files)  # the edit's model checks, its size and guidance
+        request = edits.resolve(request, files, self.models.loras)  # the edit's model checks, size, guidance
         self.models.start_job(device, request.vram_budget)
         schnell = "guidance_in.in_layer.weight" not in files.components["transformer"].shapes()
         return Plan(request, files, device, precision, schnell, files.family)
