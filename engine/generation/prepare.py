@@ -66,7 +66,7 @@ def prepare(
     request, device = plan.request, plan.device
     x, times = _start(plan, models, on_event)
     img_ids = sampling.image_ids(1, request.height, request.width).to(device)
-    txt_ids = torch.zeros(1, plan.t5_length, 3, device=device)
+    txt_ids = torch.zeros(1, text[0].states.shape[1], 3, device=device)  # T5's tokens, then any Redux tokens
     pe = position_embedding(torch.cat((txt_ids, img_ids), 1), params.axes_dim, params.theta)
     passes, batch = len(text), request.batch
     return Inputs(
