@@ -178,7 +178,10 @@ def test_bad_edit_requests(dev_set, fill_set, canny_set, tmp_path, capsys):
         ((*fill, "--init-image", image, "--outpaint", "8,8,8,8", "--mask", image), "cannot go together"),
         ((*dev, "--init-image", image, "--outpaint", "8,8,8,8"), "needs a FLUX.1 Fill"),
         ((*dev, "--control-image", image), "no control inputs"),
-        ((*canny, "--control-image", image, "--control-preprocess", "depth"), "not available yet"),
+        (
+            (*canny, "--control-image", image, "--control-preprocess", "depth"),
+            "needs Depth Anything V2 Small in",
+        ),
         ((*canny, "--control-preprocess", "canny"), "needs --control-image"),
         ((*canny, "--control-image", str(text)), "not an image file"),
         ((*canny,), "give --control-image"),

@@ -487,10 +487,6 @@ class GenerateRequest:
             raise UserError(
                 f"--control-preprocess {self.control_preprocess!r} is not known: use {_one_of(CONTROL_PREPROCESS)}."
             )
-        if self.control_preprocess == "depth":
-            raise UserError(
-                "--control-preprocess depth is not available yet: give a depth map with --control-preprocess none."
-            )
         if self.control_image is not None:
             check_image(self.control_image, "--control-image")
             if self.mask is not None or self.outpaint is not None:

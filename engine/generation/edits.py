@@ -5,7 +5,7 @@ denoising loop's Inputs (`condition`, after `prepare`).
 - `--init-image I --mask M`: FLUX.1 Fill (384 inputs) gets `img_cond` (`fill_conditioning`); any other
   transformer inpaints by latent blending (`InpaintBlend` after every step, as diffusers' FluxInpaintPipeline).
 - `--init-image I --outpaint L,T,R,B`: Fill on `outpaint_canvas` (refused without Fill).
-- `--control-image C [--control-preprocess canny]`: FLUX.1 Canny/Depth [dev] (128 inputs) get `img_cond`
+- `--control-image C [--control-preprocess canny|depth]`: FLUX.1 Canny/Depth [dev] (128 inputs) get `img_cond`
   (`control_conditioning`); so does [dev] with a Canny/Depth control LoRA, which widens `img_in` to 128
   (engine/formats/lora: zero columns plus the LoRA's product, as BFL's `LinearLora` and ComfyUI do).
 - `--reference R...`: FLUX.1 Kontext's reference tokens and their RoPE (`reference_tokens`, `with_references`).
@@ -108,6 +108,8 @@ def resolve(
             f"--control-image needs FLUX.1 Canny or Depth [dev] ({name} has no control inputs): use one of them, "
             "or a Canny/Depth control LoRA with --lora."
         )
+    if request.control_preprocess == "depth":
+        control_preprocess.depth_folder(request.files.models_dir)  # its files checked before anything loads
     size = _edit_size(request)
     guidance = request.guidance
     if guidance is None:
@@ -209,6 +211,8 @@ def condition(
             image = _open(request.control_image, "--control-image")
             if request.control_preprocess == "canny":
                 image = control_preprocess.canny(image, width, height)
+            elif request.control_preprocess == "depth":
+                image = control_preprocess.depth(image, width, height, request.files.models_dir, device)
             cond = conditioning.control_conditioning(vae, image, width, height, batch, notify)
             return dataclasses.replace(inputs, img_cond=cond.to(device, dtype))
         images = [_open(path, "--reference") for path in request.references]
