@@ -481,8 +481,6 @@ class GenerateRequest:
                 raise UserError(
                     "--outpaint and --mask cannot go together: the border is the mask; drop --mask."
                 )
-            if self.denoise != 1:
-                raise UserError("--outpaint starts from noise: leave --denoise at 1.")
         if self.control_preprocess not in CONTROL_PREPROCESS:
             raise UserError(
                 f"--control-preprocess {self.control_preprocess!r} is not known: use {_one_of(CONTROL_PREPROCESS)}."
