@@ -9,8 +9,9 @@ W + B·A, every bias b + B's bias, the norms' scales replaced; then laid out in 
 own BFL→diffusers map, whose final modulation swaps the (shift, scale) halves of the *rows* (B and its bias).
 Not diffusers' `load_lora_weights`: it needs PEFT (and accelerate), which the test environment does not carry, and
 diffusers 0.42.1's converter for these files (`_convert_bfl_flux_control_lora_to_diffusers`) hard-codes the 12B
-shapes (19 + 38 blocks, width 3072) and swaps the halves of final_layer.adaLN_modulation.1's lora_A (its rank
-axis) instead of B's rows, the bug diffusers PR #14001 fixed for kohya files: FluxDeck follows BFL.
+shapes (19 + 38 blocks, width 3072) and, besides B's rows, swaps the halves of final_layer.adaLN_modulation.1's
+lora_A (its rank axis), the bug diffusers PR #14001 fixed for kohya files (shown by the last test): FluxDeck
+follows BFL.
 """
 
 from __future__ import annotations
@@ -188,3 +189,54 @@ def test_bad_control_lora_requests(case, tmp_path, tmp_path_factory, capsys):
     assert "only for the Canny/Depth" in _refused(
         capsys, tiny, tmp_path, "--lora", str(wide), "--control-image", control_path
     )
+
+
+def test_diffusers_converter_swaps_lora_a_of_the_final_modulation(tmp_path):
+    """Why the oracle above merges the LoRA itself: diffusers 0.42.1's converter for these files, on a file of the
+    real 12B names and widths (rank 2, so it stays small), swaps B's rows and bias into diffusers' (scale, shift)
+    order, rightly, but also the halves of final_layer.adaLN_modulation.1's lora_A — its rank axis — which pairs
+    B's columns with the wrong rows of A. The right conversion swaps only B's rows and bias (what the oracle does
+    through transformer_to_diffusers on merged weights) and FluxDeck follows BFL. When diffusers fixes this (as PR #14001
+    did for kohya files) this test fails and the oracle may use load_lora_weights (with PEFT installed)."""
+    from diffusers.loaders.lora_conversion_utils import _convert_bfl_flux_control_lora_to_diffusers
+
+    h, mlp, rank = 3072, 12288, 2
+    layers = {"img_in": (h, 128), "txt_in": (h, 4096), "final_layer.linear": (64, h)}
+    layers |= {"final_layer.adaLN_modulation.1": (2 * h, h)}
+    for name, inn in (("time_in", 256), ("vector_in", 768), ("guidance_in", 256)):
+        layers |= {f"{name}.in_layer": (h, inn), f"{name}.out_layer": (h, h)}
+    for i in range(19):
+        for s in ("img", "txt"):
+            b = f"double_blocks.{i}.{s}"
+            layers |= {f"{b}_mod.lin": (6 * h, h), f"{b}_attn.qkv": (3 * h, h), f"{b}_attn.proj": (h, h)}
+            layers |= {f"{b}_mlp.0": (mlp, h), f"{b}_mlp.2": (h, mlp)}
+    for i in range(38):
+        b = f"single_blocks.{i}"
+        layers |= {
+            f"{b}.modulation.lin": (3 * h, h),
+            f"{b}.linear1": (3 * h + mlp, h),
+            f"{b}.linear2": (h, h + mlp),
+        }
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for name, (out, inn) in layers.items():
+        sd[f"{name}.lora_A.weight"] = torch.randn(rank, inn, generator=g)
+        sd[f"{name}.lora_B.weight"] = torch.randn(out, rank, generator=g)
+        sd[f"{name}.lora_B.bias"] = torch.randn(out, generator=g)
+    for i in range(19):
+        for s in ("img", "txt"):
+            for n in ("query", "key"):
+                sd[f"double_blocks.{i}.{s}_attn.norm.{n}_norm.scale"] = torch.ones(128)
+    for i in range(38):
+        for n in ("query", "key"):
+            sd[f"single_blocks.{i}.norm.{n}_norm.scale"] = torch.ones(128)
+    final = "final_layer.adaLN_modulation.1"
+    down, up, bias = sd[f"{final}.lora_A.weight"], sd[f"{final}.lora_B.weight"], sd[f"{final}.lora_B.bias"]
+    converted = _convert_bfl_flux_control_lora_to_diffusers(dict(sd))
+    theirs_down = converted["transformer.norm_out.linear.lora_A.weight"]
+    theirs_up = converted["transformer.norm_out.linear.lora_B.weight"]
+    theirs_bias = converted["transformer.norm_out.linear.lora_B.bias"]
+    assert torch.equal(theirs_down, torch.cat([down[1:], down[:1]]))  # the rank axis swapped
+    swap = lambda t: torch.cat([t[h:], t[:h]])  # noqa: E731  (shift, scale) → (scale, shift)
+    assert torch.equal(theirs_up, swap(up)) and torch.equal(theirs_bias, swap(bias))  # these are right
+    assert not torch.allclose(theirs_up @ theirs_down, swap(up) @ down)  # the product is not
