@@ -59,7 +59,7 @@ def depth_set(tmp_path_factory):
         p.data += 0.05 * torch.randn_like(p)
     model.head.conv2.bias.data.fill_(0.5)  # the head ends in ReLUs: keep a random init above zero
     model.head.conv3.bias.data.fill_(1.0)
-    folder = tiny.models_dir / layout.DEPTH
+    folder = tiny.models_dir / layout.DEPTH / "depth-anything-v2-small"  # where the manifest puts it
     model.save_pretrained(str(folder))
     (folder / "preprocessor_config.json").write_text(json.dumps(PROCESSOR))
     assert {"config.json", "model.safetensors"} <= {p.name for p in folder.iterdir()}
@@ -109,11 +109,11 @@ def test_depth_preprocess_through_the_cli_equals_the_map_given_directly(depth_se
 def test_missing_depth_model_is_one_sentence(depth_set, tmp_path, tmp_path_factory, capsys):
     tiny, folder, _, photo_path = depth_set
     bare = _make_set(tmp_path_factory.mktemp("bare"), replace(fixtures.TinySpec(), in_channels=128))
-    (bare.models_dir / layout.DEPTH).mkdir()
-    (bare.models_dir / layout.DEPTH / "config.json").write_bytes((folder / "config.json").read_bytes())
+    (bare.models_dir / layout.DEPTH / "v2").mkdir(parents=True)
+    (bare.models_dir / layout.DEPTH / "v2" / "config.json").write_bytes((folder / "config.json").read_bytes())
     out = tmp_path / "x.png"
     code = main(["generate", "--models-dir", str(bare.models_dir), "--prompt", "p", "--control-image", photo_path,
                  "--control-preprocess", "depth", "--out", str(out)])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 2 and not out.exists() and err.count("\n") == 0 and "Traceback" not in err
-    assert "lacks model.safetensors" in err and str(bare.models_dir / layout.DEPTH) in err, err
+    assert "lacks model.safetensors" in err and str(bare.models_dir / layout.DEPTH / "v2") in err, err

@@ -6,7 +6,7 @@ will be encoded at, white edges on black as three equal channels. OpenCV (opencv
 only when asked for.
 
 depth: Depth Anything V2 (Small: depth-anything/Depth-Anything-V2-Small-hf) through transformers'
-`AutoModelForDepthEstimation`, from `<models-dir>/depth/` as the hub has it (config.json, model.safetensors and,
+`AutoModelForDepthEstimation`, from `<models-dir>/depth/` or a folder in it (the manifest's depth/depth-anything-v2-small/) as the hub has it (config.json, model.safetensors and,
 if there, preprocessor_config.json; without it the hub's own settings below). The map is made as the
 preprocessor diffusers' FluxControlPipeline example uses (huggingface/image_gen_aux's DepthPreprocessor, the same
 transformers model and processor) and ComfyUI's controlnet_aux DepthAnythingV2 node make it: the relative depth
@@ -29,6 +29,7 @@ from PIL import Image
 from engine.contract import layout
 from engine.contract.errors import UserError
 
+DEPTH_FILES = ("config.json", "model.safetensors")
 # depth-anything/Depth-Anything-V2-Small-hf's preprocessor_config.json, for a folder without one
 DEPTH_PROCESSOR = {
     "do_resize": True,
@@ -79,15 +80,18 @@ def depth_folder(models_dir: str | None) -> Path:
             "--control-preprocess depth needs a Depth Anything model from a models folder: give --models-dir "
             f"with {layout.DEPTH}/ holding Depth-Anything-V2-Small-hf's config.json and model.safetensors."
         )
-    folder = Path(models_dir) / layout.DEPTH
-    missing = [name for name in ("config.json", "model.safetensors") if not (folder / name).is_file()]
-    if missing:
-        raise UserError(
-            f"--control-preprocess depth needs Depth Anything V2 Small in {folder}, which lacks "
-            f"{' and '.join(missing)}: put depth-anything/Depth-Anything-V2-Small-hf's config.json and "
-            "model.safetensors there (the wizard's control preset downloads them)."
-        )
-    return folder
+    root = Path(models_dir) / layout.DEPTH
+    subfolders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    for folder in (root, *subfolders):  # the manifest puts it in depth/depth-anything-v2-small/
+        if all((folder / name).is_file() for name in DEPTH_FILES):
+            return folder
+    near = next((f for f in (root, *subfolders) if any((f / name).is_file() for name in DEPTH_FILES)), root)
+    missing = [name for name in DEPTH_FILES if not (near / name).is_file()]
+    raise UserError(
+        f"--control-preprocess depth needs Depth Anything V2 Small in {near}, which lacks "
+        f"{' and '.join(missing)}: put depth-anything/Depth-Anything-V2-Small-hf's config.json and "
+        "model.safetensors there (the wizard's control preset downloads them)."
+    )
 
 
 def load_depth_model(folder: Path):

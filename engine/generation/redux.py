@@ -42,7 +42,6 @@ from engine.generation.plan import Plan
 from engine.models.redux import REDUX_MARKER, is_siglip, redux_tokens
 
 ROLES = ("siglip", "redux")
-PRESET = "the wizard's edit preset downloads it"
 
 
 @dataclass(frozen=True)
@@ -70,13 +69,13 @@ def plan_redux(request: GenerateRequest) -> ReduxFiles | None:
     if embedder is None:
         raise UserError(
             f"--redux-image needs the FLUX.1 Redux embedder, which is not in {root / layout.STYLE_MODELS}: put "
-            f"flux1-redux-dev.safetensors there ({PRESET})."
+            "flux1-redux-dev.safetensors there (python -m bootstrap download flux1-redux-dev-comfy)."
         )
     siglip = _find(root / layout.CLIP_VISION, is_siglip, "siglip")
     if siglip is None:
         raise UserError(
             f"--redux-image needs the SigLIP image encoder, which is not in {root / layout.CLIP_VISION}: put "
-            f"sigclip_vision_patch14_384.safetensors there ({PRESET})."
+            "sigclip_vision_patch14_384.safetensors there (python -m bootstrap download sigclip_vision_384)."
         )
     width = siglip.shapes()["vision_model.embeddings.patch_embedding.weight"][0]
     wanted = embedder.shapes()["redux_up.weight"][1]
