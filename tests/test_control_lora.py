@@ -39,6 +39,7 @@ from engine.runtime import ops
 from tests.conftest import _make_set
 from tests.oracle import build_pipeline, psnr
 from tests.test_engine_matches_diffusers import FP32, MIN_PSNR, assert_close
+from tests.test_gguf_engine import dequantized_back, gguf_models, t5_gguf_to_hf_names  # noqa: F401 (a fixture)
 from tests.test_lora import flux_from
 
 PROMPT, SEED, STEPS, WIDTH, HEIGHT, RANK = "a red door", 5, 2, 80, 64, 4
@@ -100,17 +101,17 @@ def case(dev_set, tmp_path_factory):
     return dev_set, path, as_stored, str(root / "c.png"), control
 
 
-def ours(tiny, tmp_path: Path, *args: str) -> tuple[np.ndarray, dict]:
+def ours(tiny, tmp_path: Path, *args: str, models: Path | None = None) -> tuple[np.ndarray, dict]:
     out = tmp_path / f"out{len(list(tmp_path.glob('out*.png')))}.png"
-    assert main(["generate", "--models-dir", str(tiny.models_dir), "--prompt", PROMPT, "--seed", str(SEED),
+    assert main(["generate", "--models-dir", str(models or tiny.models_dir), "--prompt", PROMPT, "--seed", str(SEED),
                  "--steps", str(STEPS), *args, *FP32, "--out", str(out)]) == 0  # fmt: skip
     return np.asarray(Image.open(out).convert("RGB")), read_request(out)
 
 
 def theirs(
-    tiny, transformer: dict[str, torch.Tensor], control: Image.Image, guidance: float = 30.0
+    tiny, transformer: dict[str, torch.Tensor], control: Image.Image, guidance: float = 30.0, **states
 ) -> np.ndarray:
-    states = dict(tiny.stored_as_float(), transformer=transformer)
+    states = dict(tiny.stored_as_float(), transformer=transformer, **states)
     base = build_pipeline(states, tiny.clip_tokenizer, tiny.t5_tokenizer)
     wanted = inspect.signature(FluxControlPipeline.__init__).parameters
     pipe = FluxControlPipeline(**{k: v for k, v in base.components.items() if k in wanted})
@@ -139,6 +140,17 @@ def test_control_lora_matches_diffusers_and_a_dropped_part_is_caught(case, tmp_p
         wrong = theirs(tiny, merged_bfl(base, broken), control)
         print(f"without the {name}: {psnr(image, wrong):.1f} dB")
         assert psnr(image, wrong) < MIN_PSNR - 10, name
+
+
+def test_control_lora_on_a_gguf_base(case, request, tmp_path):
+    """The control preset's combination: a GGUF [dev] (img_in quantized here too: Q8_0/Q5_1/Q4_0 cycled) with the
+    control LoRA; the oracle merges the LoRA into the file's dequantized weights (the gguf package's own)."""
+    tiny, path, lora, control_path, control = case
+    models = request.getfixturevalue("gguf_models")  # test_gguf_engine's folder: Q8_0/Q5_1/Q4_0 + Q8_0 T5
+    image, _ = ours(tiny, tmp_path, "--lora", str(path), "--control-image", control_path, models=models)
+    transformer = dequantized_back(models / "unet" / "flux1-dev-tiny-Q4_0.gguf")
+    t5 = dequantized_back(models / "clip" / "t5-v1_1-xxl-encoder-Q8_0.gguf", t5_gguf_to_hf_names)
+    assert_close(image, theirs(tiny, merged_bfl(transformer, lora), control, t5=t5))
 
 
 def test_patched_weights_are_blf_linear_lora_and_clearing_restores_the_base(case):
