@@ -102,7 +102,8 @@ def build_siglip(
 
 def pixels(image: Image.Image, size: int) -> torch.Tensor:
     """(1, 3, size, size) in [-1, 1]: RGB, resized (bicubic) to a square, mean 0.5 and std 0.5 per channel, as
-    SigLIP's image processor prepares it."""
+    SigLIP's image processor prepares it for BFL's and diffusers' Redux (the whole image, squashed to the square;
+    ComfyUI's CLIPVisionEncode centre-crops by default instead)."""
     image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 255.0
     return torch.from_numpy((array - 0.5) / 0.5).permute(2, 0, 1)[None]
