@@ -77,10 +77,15 @@ def _oracle(cls, tiny):
     return pipe
 
 
-def _run(pipe, width: int, height: int, **kwargs) -> np.ndarray:
-    noise = pack(make_noise(5, 1, height, width))
+def _run(pipe, width: int, height: int, steps: int = 2, **kwargs) -> np.ndarray:
+    if "strength" in kwargs:  # the pipeline noises the image itself: our seed's noise through its generator
+        kwargs["generator"] = torch.Generator("cpu").manual_seed(
+            5
+        )  # (B, 16, H/8, W/8) float32, as make_noise
+    else:
+        kwargs["latents"] = pack(make_noise(5, 1, height, width))
     with torch.inference_mode():
-        result = pipe(prompt=PROMPT, latents=noise, width=width, height=height, num_inference_steps=2,
+        result = pipe(prompt=PROMPT, width=width, height=height, num_inference_steps=steps,
                       max_sequence_length=512, output_type="np", **kwargs).images  # fmt: skip
     return (result * 255).round().astype(np.uint8)[0]
 
@@ -103,6 +108,26 @@ def test_outpaint_matches_diffusers_fill_on_the_canvas(fill_set, tmp_path):
     assert canvas.size == (96, 64) and (record["width"], record["height"]) == (96, 64)
     pipe = _oracle(FluxFillPipeline, fill_set)
     theirs = _run(pipe, 96, 64, image=canvas, mask_image=mask, guidance_scale=30.0)
+    assert_close(ours, theirs)
+
+
+def test_outpaint_and_fill_below_denoise_1_match_diffusers_strength(fill_set, tmp_path):
+    """--denoise < 1 with Fill starts from the (canvas) image noised to the first kept time, as FluxFillPipeline's
+    strength does; at denoise 1 the start would be pure noise, far from it."""
+    init = _photo(64, 48)
+    path = _save(init, tmp_path / "i.png")
+    ours, _ = _ours(fill_set, tmp_path, "--init-image", path, "--outpaint", "16,0,8,10", "--denoise", "0.6",
+                    "--steps", "3")  # fmt: skip
+    canvas, mask = conditioning.outpaint_canvas(init, 16, 0, 8, 10)
+    pipe = _oracle(FluxFillPipeline, fill_set)
+    theirs = _run(pipe, 96, 64, image=canvas, mask_image=mask, guidance_scale=30.0, strength=0.6, steps=3)
+    assert_close(ours, theirs)
+    from_noise, _ = _ours(fill_set, tmp_path, "--init-image", path, "--outpaint", "16,0,8,10", "--steps", "3")
+    assert psnr(from_noise, theirs) < 35.0
+    photo, hole = _photo(96, 64, seed=1), _mask(96, 64)
+    ours, _ = _ours(fill_set, tmp_path, "--init-image", _save(photo, tmp_path / "p.png"), "--mask",
+                    _save(hole, tmp_path / "h.png"), "--denoise", "0.6", "--steps", "3")  # fmt: skip
+    theirs = _run(pipe, 96, 64, image=photo, mask_image=hole, guidance_scale=30.0, strength=0.6, steps=3)
     assert_close(ours, theirs)
 
 
@@ -178,7 +203,10 @@ def test_bad_edit_requests(dev_set, fill_set, canny_set, tmp_path, capsys):
         ((*fill, "--init-image", image, "--outpaint", "8,8,8,8", "--mask", image), "cannot go together"),
         ((*dev, "--init-image", image, "--outpaint", "8,8,8,8"), "needs a FLUX.1 Fill"),
         ((*dev, "--control-image", image), "no control inputs"),
-        ((*canny, "--control-image", image, "--control-preprocess", "depth"), "not available yet"),
+        (
+            (*canny, "--control-image", image, "--control-preprocess", "depth"),
+            "needs Depth Anything V2 Small in",
+        ),
         ((*canny, "--control-preprocess", "canny"), "needs --control-image"),
         ((*canny, "--control-image", str(text)), "not an image file"),
         ((*canny,), "give --control-image"),

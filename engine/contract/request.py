@@ -22,6 +22,7 @@ MAX_CFG = 100.0
 MAX_GUIDANCE = 100.0
 MAX_SHIFT = 10.0  # the shift's mu: e^10 pushes every time to within 0.01 % of 1 already
 MAX_LORA_STRENGTH = 10.0
+MAX_REDUX_STRENGTH = 10.0  # ComfyUI's StyleModelApply allows 0 to 10 too
 MAX_VRAM_GB = 1024.0
 DEFAULT_CACHE_THRESHOLD = 0.12  # nunchaku's FLUX default: the top of the range where the loss stays minor
 MAX_INIT_PIXELS = 8192 * 8192  # an init image is resized to at most 4096² anyway
@@ -156,6 +157,22 @@ class LoraSpec:
             except ValueError:
                 pass
         return cls(text, 1.0)
+
+
+@dataclass
+class ReduxSpec:
+    """One --redux-image: the image and its strength. STRENGTH multiplies that image's Redux tokens (ComfyUI's
+    "multiply" strength): 1 as trained, 0 leaves the image out, up to MAX_REDUX_STRENGTH; the text and the
+    CLIP pooled vector are never scaled."""
+
+    path: str
+    strength: float = 1.0
+
+    @classmethod
+    def parse(cls, text: str) -> ReduxSpec:
+        """IMG[:STRENGTH]; a Windows drive letter's colon is not a strength."""
+        spec = LoraSpec.parse(text)
+        return cls(spec.path, spec.strength)
 
 
 @dataclass
@@ -322,6 +339,16 @@ class GenerateRequest:
             "FLUX.1 Kontext: a reference image (repeatable)", name="reference", metavar="IMG", parse=str
         ),
     )
+    redux_images: list[ReduxSpec] = field(
+        default_factory=list,
+        metadata=flag(
+            "FLUX.1 Redux: an image prompt (repeatable; STRENGTH 0 to 10 scales its tokens, default 1; needs "
+            "style_models/ and clip_vision/ in the models folder)",
+            name="redux-image",
+            metavar="IMG[:STRENGTH]",
+            parse=ReduxSpec.parse,
+        ),
+    )
     loras: list[LoraSpec] = field(
         default_factory=list, metadata=flag(name="lora", metavar="FILE[:STRENGTH]", parse=LoraSpec.parse)
     )
@@ -454,15 +481,9 @@ class GenerateRequest:
                 raise UserError(
                     "--outpaint and --mask cannot go together: the border is the mask; drop --mask."
                 )
-            if self.denoise != 1:
-                raise UserError("--outpaint starts from noise: leave --denoise at 1.")
         if self.control_preprocess not in CONTROL_PREPROCESS:
             raise UserError(
                 f"--control-preprocess {self.control_preprocess!r} is not known: use {_one_of(CONTROL_PREPROCESS)}."
-            )
-        if self.control_preprocess == "depth":
-            raise UserError(
-                "--control-preprocess depth is not available yet: give a depth map with --control-preprocess none."
             )
         if self.control_image is not None:
             check_image(self.control_image, "--control-image")
@@ -474,6 +495,19 @@ class GenerateRequest:
             raise UserError(
                 f"--control-preprocess {self.control_preprocess} needs --control-image: give the image."
             )
+        if not isinstance(self.redux_images, list) or not all(
+            isinstance(s, ReduxSpec) for s in self.redux_images
+        ):
+            raise UserError(
+                "The request's redux_images are not a list: give each as --redux-image IMG[:STRENGTH]."
+            )
+        for spec in self.redux_images:
+            _check_text("redux-image", spec.path)
+            _check_number(
+                "redux-image", spec.strength, 0.0, MAX_REDUX_STRENGTH,
+                f"a strength from 0 to {MAX_REDUX_STRENGTH:g}", shown=f"{spec.path}:{spec.strength!r}",
+            )  # fmt: skip
+            check_image(spec.path, "--redux-image")
         if not isinstance(self.references, list):
             raise UserError("The request's references are not a list: give each as --reference IMG.")
         for path in self.references:
@@ -524,7 +558,8 @@ class GenerateRequest:
             files = ModelFiles(**data.pop("files", {}) or {})
             loras = [LoraSpec(**item) for item in data.pop("loras", []) or []]
             controlnets = [ControlNetSpec(**item) for item in data.pop("controlnets", []) or []]
-            return cls(files=files, loras=loras, controlnets=controlnets, **data)
+            redux = [ReduxSpec(**item) for item in data.pop("redux_images", []) or []]
+            return cls(files=files, loras=loras, controlnets=controlnets, redux_images=redux, **data)
         except TypeError:  # a list where an object belongs, a missing prompt, an unknown field inside files
             raise UserError(
                 "The request is malformed (a field is missing or of the wrong kind): send it as "

@@ -5,8 +5,9 @@ denoising loop's Inputs (`condition`, after `prepare`).
 - `--init-image I --mask M`: FLUX.1 Fill (384 inputs) gets `img_cond` (`fill_conditioning`); any other
   transformer inpaints by latent blending (`InpaintBlend` after every step, as diffusers' FluxInpaintPipeline).
 - `--init-image I --outpaint L,T,R,B`: Fill on `outpaint_canvas` (refused without Fill).
-- `--control-image C [--control-preprocess canny]`: FLUX.1 Canny/Depth [dev] (128 inputs) get `img_cond`
-  (`control_conditioning`).
+- `--control-image C [--control-preprocess canny|depth]`: FLUX.1 Canny/Depth [dev] (128 inputs) get `img_cond`
+  (`control_conditioning`); so does [dev] with a Canny/Depth control LoRA, which widens `img_in` to 128
+  (engine/formats/lora: zero columns plus the LoRA's product, as BFL's `LinearLora` and ComfyUI do).
 - `--reference R...`: FLUX.1 Kontext's reference tokens and their RoPE (`reference_tokens`, `with_references`).
 
 Without --width/--height the size is the edit image's (`edit_size`; the outpaint canvas; Kontext's
@@ -15,6 +16,7 @@ Without --width/--height the size is the edit image's (`edit_size`; the outpaint
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -32,6 +34,7 @@ from engine.contract.request import (
     MIN_SIZE,
     GenerateRequest,
 )
+from engine.formats.lora import LoraLibrary
 from engine.formats.model_files import ResolvedFiles
 from engine.formats.weights import uncomputable_format
 from engine.generation import conditioning, control_preprocess, sampling
@@ -49,9 +52,22 @@ def in_channels(files: ResolvedFiles) -> int:
     return int(shape[-1]) if shape else PLAIN
 
 
-def resolve(request: GenerateRequest, files: ResolvedFiles) -> GenerateRequest:
+def control_lora(request: GenerateRequest, loras: LoraLibrary | None) -> tuple[str, int] | None:
+    """(file name, input features) of the first LoRA of the job (strength ≠ 0) that widens `img_in` past a plain
+    model's 64: a Canny/Depth control LoRA (128). None: no LoRA widens it."""
+    for spec in request.loras if loras is not None else ():
+        width = loras.load(spec.path).img_in_width if spec.strength != 0 else None
+        if width is not None and width > PLAIN:
+            return Path(spec.path).name, width
+    return None
+
+
+def resolve(
+    request: GenerateRequest, files: ResolvedFiles, loras: LoraLibrary | None = None
+) -> GenerateRequest:
     """The request with its size and guidance filled in, after refusing (one sentence) an edit the transformer
-    cannot do or a transformer that needs an edit the request does not give."""
+    cannot do or a transformer that needs an edit the request does not give. A Canny/Depth control LoRA among
+    the job's LoRAs (read from `loras`) makes a plain transformer a control one: its `img_in` takes 128."""
     # FLUX.2 checks its own flags (flux2_stages), and a file in a format the engine does not compute is refused by
     # name when it loads (its packed shapes say nothing here): only the default size applies to either (for
     # FLUX.2 with --reference, the first reference's, flux2_references)
@@ -62,6 +78,20 @@ def resolve(request: GenerateRequest, files: ResolvedFiles) -> GenerateRequest:
         return dataclasses.replace(request, width=request.width or width, height=request.height or height)
     channels = in_channels(files)
     name = files.components["transformer"].file.path.name
+    widened = control_lora(request, loras)
+    if widened is not None:
+        lora, width = widened
+        if width != CONTROL:
+            raise UserError(
+                f"The LoRA {lora} gives img_in {width} input features: FluxDeck widens it only for the Canny/Depth "
+                f"control LoRAs ({CONTROL}); for Fill use the flux1-fill-dev transformer."
+            )
+        if channels != PLAIN:
+            raise UserError(
+                f"The LoRA {lora} is a Canny/Depth control LoRA: it goes on a plain FLUX.1 [dev] transformer, "
+                f"not on {name}; use flux1-dev with it."
+            )
+        channels, name = CONTROL, lora
     inpaint = request.mask is not None or request.outpaint is not None
     if channels == FILL and not inpaint:
         raise UserError(
@@ -77,8 +107,11 @@ def resolve(request: GenerateRequest, files: ResolvedFiles) -> GenerateRequest:
         raise UserError(f"--outpaint needs a FLUX.1 Fill transformer ({name} is not): use flux1-fill-dev.")
     if request.control_image is not None and channels != CONTROL:
         raise UserError(
-            f"--control-image needs FLUX.1 Canny or Depth [dev] ({name} has no control inputs): use one of them."
+            f"--control-image needs FLUX.1 Canny or Depth [dev] ({name} has no control inputs): use one of them, "
+            "or a Canny/Depth control LoRA with --lora."
         )
+    if request.control_preprocess == "depth":
+        control_preprocess.depth_folder(request.files.models_dir)  # its files checked before anything loads
     size = _edit_size(request)
     guidance = request.guidance
     if guidance is None:
@@ -180,6 +213,8 @@ def condition(
             image = _open(request.control_image, "--control-image")
             if request.control_preprocess == "canny":
                 image = control_preprocess.canny(image, width, height)
+            elif request.control_preprocess == "depth":
+                image = control_preprocess.depth(image, width, height, request.files.models_dir, device)
             cond = conditioning.control_conditioning(vae, image, width, height, batch, notify)
             return dataclasses.replace(inputs, img_cond=cond.to(device, dtype))
         images = [_open(path, "--reference") for path in request.references]

@@ -23,6 +23,8 @@ from engine.runtime.memory import GB, MemoryManager, auto_budget
 
 RAM_SHARE = 0.6  # of the machine's RAM that loaded models may take before older ones are let go
 EVICTION_ORDER = (
+    "siglip",
+    "redux",
     "t5",
     "clip",
     "text_encoder",

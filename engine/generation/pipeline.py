@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from engine.contract import families, layout
+from engine.contract.errors import UserError
 from engine.contract.events import Done, EventSink, Message, Stage, Step, ignore
 from engine.contract.request import GenerateRequest, parse_cache
 from engine.formats.lora import FileHashes, prompt_loras
 from engine.formats.model_files import resolve
-from engine.generation import edits, sampling
+from engine.generation import edits, redux, sampling
 from engine.generation.control import plan_controls, with_controls
 from engine.generation.decode import decode
 from engine.generation.denoise import denoise, nonfinite_cause
@@ -87,14 +88,18 @@ class Engine:
         out = check_writable(request.out)
         plan = self._plan(request, on_event)
         if plan.family == "flux2":
+            if request.redux_images:
+                raise UserError("--redux-image is FLUX.1 Redux: use a FLUX.1 [dev] transformer with it.")
             from engine.generation.flux2_stages import generate_flux2
 
             return generate_flux2(self, plan, out, on_event, cancel, started)
         controls = plan_controls(plan)  # every --controlnet checked before anything loads
+        redux_files = redux.plan_redux(plan.request)  # the Redux files found before anything loads
 
         on_event(Stage("encoding", f"{plan.device.type} {plan.precision}"))
         text = encode_prompts(plan, self.models, self.cache, on_event)
-        self.models.release(("clip", "t5"))
+        text = redux.with_redux(text, plan, redux_files, self.models, on_event)
+        self.models.release(("clip", "t5", *redux.ROLES))
 
         on_event(Stage("loading", "transformer"))
         transformer = self._transformer(plan, on_event)
@@ -134,7 +139,7 @@ class Engine:
         files = resolve(request.files)
         for skipped in files.notes:
             on_event(Message(skipped))
-        request = edits.resolve(request, files)  # the edit's model checks, its size and guidance
+        request = edits.resolve(request, files, self.models.loras)  # the edit's model checks, size, guidance
         self.models.start_job(device, request.vram_budget)
         schnell = not families.has_guidance_embedding(files.components["transformer"].shapes())
         return Plan(request, files, device, precision, schnell, files.family)

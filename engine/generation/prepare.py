@@ -17,7 +17,7 @@ from PIL import Image
 
 from engine.contract.errors import UserError
 from engine.contract.events import EventSink, Message
-from engine.generation import sampling, vae_tiling
+from engine.generation import conditioning, sampling, vae_tiling
 from engine.generation.encode import TextConditioning
 from engine.generation.model_cache import ModelCache
 from engine.generation.plan import Plan
@@ -66,7 +66,7 @@ def prepare(
     request, device = plan.request, plan.device
     x, times = _start(plan, models, on_event)
     img_ids = sampling.image_ids(1, request.height, request.width).to(device)
-    txt_ids = torch.zeros(1, plan.t5_length, 3, device=device)
+    txt_ids = torch.zeros(1, text[0].states.shape[1], 3, device=device)  # T5's tokens, then any Redux tokens
     pe = position_embedding(torch.cat((txt_ids, img_ids), 1), params.axes_dim, params.theta)
     passes, batch = len(text), request.batch
     return Inputs(
@@ -105,7 +105,7 @@ def _start(plan: Plan, models: ModelCache, on_event: EventSink) -> tuple[torch.T
     if not request.init_image:
         return noise, times
     vae = models.use(plan.files.components["vae"], plan.support, plan.device)
-    x0 = _encode_image(vae, request.init_image, request.width, request.height, plan, on_event)
+    x0 = _encode_image(vae, _init_image(request), request.width, request.height, plan, on_event)
     return sampling.img2img_start(
         noise, x0.expand(request.batch, -1, -1, -1).float().cpu(), times, request.denoise
     )
@@ -119,12 +119,26 @@ def _mu(shift: str, schnell: bool, image_tokens: int) -> float | None:
     return float(shift)
 
 
-def _encode_image(vae, path: str, width: int, height: int, plan: Plan, on_event: EventSink) -> torch.Tensor:
+def _init_image(request) -> Image.Image:
+    """The image img2img starts from: --init-image, or with --outpaint its grown canvas (the border mid-gray), as
+    diffusers' FluxFillPipeline starts from the canvas it is given when its strength is below 1."""
     try:
-        image = Image.open(path).convert("RGB")
+        with Image.open(request.init_image) as opened:
+            image = opened.convert("RGB")
     except OSError:
-        raise UserError(f"--init-image {path} is not an image file: give a PNG or JPEG.") from None
-    image = image.resize((width, height), Image.Resampling.LANCZOS)
+        raise UserError(
+            f"--init-image {request.init_image} is not an image file: give a PNG or JPEG."
+        ) from None
+    if request.outpaint is not None:
+        image = conditioning.outpaint_canvas(image, *request.outpaint_margins())[0]
+    return image
+
+
+def _encode_image(
+    vae, image: Image.Image, width: int, height: int, plan: Plan, on_event: EventSink
+) -> torch.Tensor:
+    if image.size != (width, height):
+        image = image.resize((width, height), Image.Resampling.LANCZOS)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
     with torch.inference_mode():
         return vae_tiling.encode(

@@ -13,6 +13,7 @@ from engine.models.flux1 import Flux, FluxParams
 from engine.models.flux2 import Flux2, Flux2Params, is_flux2
 from engine.models.flux2_autoencoder import Flux2AutoEncoder, canonical_names, is_flux2_autoencoder
 from engine.models.qwen3_encoder import build_qwen3
+from engine.models.redux import build_redux, build_siglip
 from engine.models.text_encoders import build_clip, build_t5
 from engine.runtime import ops
 
@@ -36,6 +37,8 @@ _BUILDERS = {
     "t5": build_t5,
     "controlnet": build_controlnet,  # roles "controlnet:0", "controlnet:1", …: one per --controlnet
     "text_encoder": build_qwen3,
+    "siglip": build_siglip,  # FLUX.1 Redux's image encoder and embedder (engine/generation/redux.py)
+    "redux": build_redux,
 }
 
 

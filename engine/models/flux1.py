@@ -172,6 +172,9 @@ class MLPEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    # a LoRA's replacement scale (BFL's control LoRAs), set and cleared by engine/formats/lora: (like) → scale
+    scale_patch: Callable[[torch.Tensor], torch.Tensor] | None = None
+
     def __init__(self, dim: int):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(dim), requires_grad=False)
@@ -179,7 +182,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
-        return normed.to(x.dtype) * self.scale.to(x.dtype)
+        scale = self.scale if self.scale_patch is None else self.scale_patch(x)
+        return normed.to(x.dtype) * scale.to(x.dtype)
 
 
 class QKNorm(nn.Module):

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# A patch takes the cast weight (compute dtype, on the compute device) and returns the patched weight.
+# A patch takes the cast weight (compute dtype, on the compute device) and returns the patched weight; one with
+# a `patch_bias(bias, weight)` method patches the bias too.
 WeightPatch = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -63,6 +64,10 @@ def fetch(
     bias = stored.bias
     if bias is not None:
         bias = bias.to(device=device, dtype=dtype, non_blocking=True)
+    for patch in layer.patches:  # a patch may add to the bias too (BFL's LinearLora has one on up)
+        patch_bias = getattr(patch, "patch_bias", None)
+        if patch_bias is not None:
+            bias = patch_bias(bias, weight)
     return weight, bias
 
 

@@ -14,10 +14,17 @@ import torch
 
 from engine.contract import layout
 from engine.contract.errors import UserError
+from engine.formats.lora.layouts import IMG_IN_NAMES, TRANSFORMER_PREFIXES, strip
 from engine.formats.safetensors_file import SafetensorsFile
-from engine.formats.weights import describe
+from engine.formats.weights import describe, find_components
 
 LORA_SUFFIXES = layout.LORA_SUFFIXES
+
+# A whole transformer given to --lora, by its img_in's input features
+TRANSFORMER_KINDS = {384: "the FLUX.1 Fill transformer", 128: "a FLUX.1 Canny/Depth [dev] transformer"}
+
+# BFL's control LoRAs carry the QK norms' scales whole: they replace the base model's (ComfyUI's "set" patch)
+NORM_SCALE_ENDING = "_norm.scale"
 
 # Tensor-name endings of a LoRA pair, longest first (".lora.down.weight" before ".down.weight").
 PAIR_ENDINGS = sorted(
@@ -32,6 +39,7 @@ PAIR_ENDINGS = sorted(
         ".lora.up.weight": "up",
         ".down.weight": "down",
         ".up.weight": "up",
+        ".lora_B.bias": "bias",  # BFL's LinearLora (the Canny/Depth control LoRAs): up has a bias
         ".alpha": "alpha",
     }.items(),
     key=lambda item: -len(item[0]),
@@ -55,11 +63,20 @@ class LoraPair:
     down: torch.Tensor
     up: torch.Tensor
     scale: float
+    bias: torch.Tensor | None = None  # up's bias (BFL's LinearLora), added to the layer's bias
     _on: dict = field(default_factory=dict, repr=False)
 
     @property
     def rank(self) -> int:
         return self.down.shape[0]
+
+    def bias_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The bias on `device` in `dtype`, copied there once (only for a pair that has one)."""
+        key = ("bias", device, dtype)
+        cached = self._on.get(key)
+        if cached is None:
+            cached = self._on[key] = self.bias.to(device=device, dtype=dtype)
+        return cached
 
     def tensors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(up, down) on `device` in `dtype`, copied there once and kept while this LoRA is in use."""
@@ -82,6 +99,17 @@ class LoraWeights:
     unsupported: list[str]  # tensor names of kinds not applied (DoRA, LoHa/LoKr, biases, lone halves)
     mtime_ns: int
     size: int
+    # norm scales that replace the model's (BFL control LoRAs): the norm's name in the file → its scale
+    norm_scales: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def img_in_width(self) -> int | None:
+        """The input features the file's `img_in` pair takes (None: it has none). A Canny/Depth control LoRA
+        takes 128, widening a plain transformer's 64 (`engine.generation.edits`)."""
+        for key, pair in self.pairs.items():
+            if strip(key, TRANSFORMER_PREFIXES) in IMG_IN_NAMES:
+                return int(pair.down.shape[1])
+        return None
 
     def release(self) -> None:
         """Drop the device copies (the file is no longer asked for)."""
@@ -129,6 +157,14 @@ def read_lora(path: Path, mtime_ns: int, size: int) -> LoraWeights:
     file = SafetensorsFile(path)
     names = file.names()
     if not any(name.endswith(ending) for name in names for ending, _ in PAIR_ENDINGS):
+        transformer = find_components(file).get("transformer")
+        width = (transformer.shapes().get("img_in.weight") or (0, 0))[-1] if transformer is not None else 0
+        kind = TRANSFORMER_KINDS.get(width)
+        if kind is not None:
+            raise UserError(
+                f"{path} is {kind}, not a LoRA: give it as the transformer (--transformer, or diffusion_models/ "
+                "in the models folder) instead of --lora."
+            )
         raise UserError(f"{path} is not a LoRA: it looks like {describe(file)}; give a LoRA file to --lora.")
     foreign = _foreign_architecture(names)
     if foreign:
@@ -139,7 +175,15 @@ def read_lora(path: Path, mtime_ns: int, size: int) -> LoraWeights:
     alphas = _metadata_alphas(file.metadata, path)
     groups: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     unsupported: list[str] = []
+    norm_scales: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
+        if name.endswith(NORM_SCALE_ENDING) and tensor.ndim == 1 and tensor.is_floating_point():
+            if not _finite(tensor):
+                raise UserError(
+                    f"{path} holds NaN or infinite values ({name}): the file is broken; get it again."
+                )
+            norm_scales[name.removesuffix(".scale")] = tensor
+            continue
         for ending, part in PAIR_ENDINGS:
             if name.endswith(ending):
                 groups.setdefault(name[: -len(ending)], {})[part] = (name, tensor)
@@ -153,17 +197,25 @@ def read_lora(path: Path, mtime_ns: int, size: int) -> LoraWeights:
             unsupported += [name for name, _ in parts.values()]
             continue
         scale = _scale(path, key, parts, down.shape[0], alphas)
-        if not (_finite(down) and _finite(up)):
+        bias = parts["bias"][1] if "bias" in parts else None
+        if bias is not None and (
+            bias.ndim != 1 or bias.shape[0] != up.shape[0] or not bias.is_floating_point()
+        ):
+            raise UserError(
+                f"{path} has a {key}.lora_B.bias of shape {tuple(bias.shape)} for an up of {up.shape[0]} rows: "
+                "the file is broken; get it again."
+            )
+        if not (_finite(down) and _finite(up) and (bias is None or _finite(bias))):
             raise UserError(
                 f"{path} holds NaN or infinite values ({key}): the file is broken; get it again or remove it."
             )
-        pairs[key] = LoraPair(key, [name for name, _ in parts.values()], down, up, scale)
+        pairs[key] = LoraPair(key, [name for name, _ in parts.values()], down, up, scale, bias)
     if not pairs:
         raise UserError(
             f"{path} holds no LoRA up/down pairs FluxDeck can apply (e.g. {', '.join(unsupported[:3])}): "
             "use a plain LoRA (not LoHa, LoKr or DoRA)."
         )
-    return LoraWeights(path, lora_name(path), pairs, unsupported, mtime_ns, size)
+    return LoraWeights(path, lora_name(path), pairs, unsupported, mtime_ns, size, norm_scales)
 
 
 def _scale(path: Path, key: str, parts: dict, rank: int, alphas) -> float:

@@ -7,7 +7,7 @@ registries a file's keys are looked up in; a new layout is one class here and on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
@@ -30,6 +30,8 @@ CLIP_PREFIXES = (
     "base_model.model.",
 )
 CLIP_KOHYA = ("lora_te1_", "lora_te_")
+# What the layouts call the transformer's `img_in` (the one layer a LoRA may widen: Canny/Depth control LoRAs)
+IMG_IN_NAMES = ("img_in", "lora_unet_img_in", "x_embedder", "lora_transformer_x_embedder")
 T5_MARKERS = ("lora_te2_", "text_encoder_2.", "text_encoders.t5xxl.", "t5xxl.", "te2.")
 
 
@@ -201,6 +203,7 @@ class LayerIndex:
     layers: dict[str, nn.Module]
     names: Names
     prefixes: tuple[str, ...]
+    norms: dict[str, nn.Module] = field(default_factory=dict)  # norms whose scale a LoRA may replace
 
     def targets(self, key: str) -> list[Target] | None:
         """Where a file's pair key goes (None: no layout names such a layer of this model)."""
@@ -231,7 +234,8 @@ def index(model: nn.Module | None, part: str) -> LayerIndex:
     for layout in layouts:
         for key, targets in layout.names(list(layers), params).items():
             names.setdefault(key, targets)
-    return LayerIndex(layers, names, prefixes)
+    norms = {name: m for name, m in model.named_modules() if hasattr(m, "scale_patch")}
+    return LayerIndex(layers, names, prefixes, norms)
 
 
 def strip(key: str, prefixes: tuple[str, ...]) -> str:

@@ -50,6 +50,7 @@ class LoraLibrary:
             "clip": index(clip, "clip") if clip is not None else None,
         }
         per_layer: dict[int, tuple[nn.Module, list[patch.Term]]] = {}
+        norms: list = []
         notes = []
         for spec, lora in zip(loras, files):
             resolved = resolve(lora, indexes, parts)
@@ -60,8 +61,11 @@ class LoraLibrary:
                     continue
                 term = patch.Term(pair, spec.strength * pair.scale, target.rows, target.up_rows)
                 per_layer.setdefault(id(layer), (layer, []))[1].append(term)
+            if spec.strength != 0:
+                norms += resolved.norms
             notes += notes_for(lora, spec, resolved, parts)
         patch.install(per_layer)
+        patch.install_norms(norms)
         return notes
 
     def clip_key(self, loras: list[LoraSpec]) -> str:

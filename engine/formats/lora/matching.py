@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from engine.contract.request import LoraSpec
 from engine.formats.lora.files import LoraPair, LoraWeights
-from engine.formats.lora.layouts import LayerIndex, Target, part_of
+from engine.formats.lora.layouts import LayerIndex, Target, part_of, strip
 
 
 @dataclass
@@ -18,13 +19,14 @@ class Resolved:
     counts: dict[str, set[str]] = field(default_factory=lambda: {"transformer": set(), "clip": set()})
     unmatched: list[str] = field(default_factory=list)  # tensor names
     misfit: list[str] = field(default_factory=list)  # "name: LoRA in→out, layer in→out"
+    norms: list[tuple[nn.Module, torch.Tensor]] = field(default_factory=list)  # norm scales that replace
     clip_absent: int = 0  # CLIP-L pairs while CLIP-L is not loaded
     t5: int = 0  # T5 pairs (not applied)
     elsewhere: int = 0  # pairs of a part another call applies
 
     @property
     def applied(self) -> int:
-        return sum(len(c) for c in self.counts.values())
+        return sum(len(c) for c in self.counts.values()) + len(self.norms)
 
 
 def resolve(lora: LoraWeights, indexes: dict[str, LayerIndex | None], parts: tuple[str, ...]) -> Resolved:
@@ -56,7 +58,22 @@ def resolve(lora: LoraWeights, indexes: dict[str, LayerIndex | None], parts: tup
         for target in targets:
             out.terms.append((index.layers[target.layer], target, pair))
             out.counts[part].add(target.layer)
+    index = indexes.get("transformer")
+    for key, scale in lora.norm_scales.items() if "transformer" in parts else ():
+        norm = index.norms.get(strip(key, index.prefixes)) if index is not None else None
+        if norm is None:
+            out.unmatched.append(key + ".scale")
+        elif tuple(norm.scale.shape) != tuple(scale.shape):
+            out.misfit.append(f"{key}: LoRA scale of {scale.shape[0]}, norm of {norm.scale.shape[0]}")
+        else:
+            out.norms.append((norm, scale))
     return out
+
+
+def widens(pair: LoraPair, target: Target, layer: nn.Module) -> bool:
+    """A pair that gives `img_in` more input features than the model's (a Canny/Depth control LoRA: 64 → 128);
+    the patch pads the weight with zero columns first, as BFL and ComfyUI do."""
+    return target.layer == "img_in" and target.rows is None and pair.down.shape[1] > layer.in_features
 
 
 def misfit(pair: LoraPair, targets: list[Target], layers: dict[str, nn.Module]) -> str | None:
@@ -66,7 +83,9 @@ def misfit(pair: LoraPair, targets: list[Target], layers: dict[str, nn.Module]) 
         layer = layers[t.layer]
         rows = t.rows or (0, layer.out_features)
         taken = t.up_rows or (0, rows[1] - rows[0])
-        if rows[1] > layer.out_features or pair.down.shape[1] != layer.in_features:
+        if rows[1] > layer.out_features or (
+            pair.down.shape[1] != layer.in_features and not widens(pair, t, layer)
+        ):
             return f"LoRA {pair.down.shape[1]}→{pair.up.shape[0]}, layer {layer.in_features}→{layer.out_features}"
         up_rows = max(up_rows, taken[1])
     if pair.up.shape[0] != up_rows:
@@ -102,6 +121,8 @@ def notes_for(lora: LoraWeights, spec: LoraSpec, r: Resolved, parts: tuple[str, 
     applied = []
     if r.counts["transformer"]:
         applied.append(f"{len(r.counts['transformer'])} transformer layers")
+    if r.norms:
+        applied.append(f"{len(r.norms)} norm scales replaced")
     if r.counts["clip"]:
         applied.append(f"{len(r.counts['clip'])} CLIP-L layers")
     notes = []
@@ -122,7 +143,7 @@ def notes_for(lora: LoraWeights, spec: LoraSpec, r: Resolved, parts: tuple[str, 
     if "transformer" in parts and lora.unsupported:  # said once per job: by the transformer's call
         notes.append(
             f"LoRA {lora.name}: {len(lora.unsupported)} tensors are of kinds FluxDeck does not apply "
-            f"(DoRA, LoHa/LoKr, biases) and were left out (e.g. {examples(lora.unsupported)})"
+            f"(DoRA, LoHa/LoKr, lone biases) and were left out (e.g. {examples(lora.unsupported)})"
         )
     if "transformer" in parts and r.t5:
         notes.append(
