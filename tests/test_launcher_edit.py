@@ -480,10 +480,12 @@ async def test_choosing_a_klein_file_shows_its_family_and_applies_its_defaults(t
 
 
 def test_the_engine_records_every_input_image_by_name_and_sha256(tmp_path):
-    from engine.contract.request import ControlNetSpec
+    from engine.contract.request import ControlNetSpec, ReduxSpec
     from engine.generation.png_output import input_records
 
-    src, mask, ref, net_image = (source_image(tmp_path / f"{n}.png") for n in ("src", "mask", "ref", "map"))
+    src, mask, ref, net_image, style = (
+        source_image(tmp_path / f"{n}.png") for n in ("src", "mask", "ref", "map", "style")
+    )
     mask.write_bytes(mask.read_bytes() + b"-")  # another file, another hash
     request = GenerateRequest(
         prompt="p",
@@ -495,9 +497,10 @@ def test_the_engine_records_every_input_image_by_name_and_sha256(tmp_path):
             ControlNetSpec("net.safetensors", str(net_image)),
             ControlNetSpec("n2", str(tmp_path / "gone.png")),
         ],
+        redux_images=[ReduxSpec(str(style), 0.5)],
     )
     records = input_records(request)
-    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (src, mask, ref, net_image)}
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (src, mask, ref, net_image, style)}
     assert records == [
         {"role": "init_image", "name": "src.png", "path": str(src), "sha256": digest[src]},
         {"role": "mask", "name": "mask.png", "path": str(mask), "sha256": digest[mask]},
@@ -508,6 +511,7 @@ def test_the_engine_records_every_input_image_by_name_and_sha256(tmp_path):
             "name": "gone.png",
             "path": str(tmp_path / "gone.png"),
         },  # unreadable: no hash
+        {"role": "redux_image", "name": "style.png", "path": str(style), "sha256": digest[style]},
     ]
     # the PNG's record reads back as the same request (the inputs are not a request field)
     again = GenerateRequest.from_dict(request.to_dict() | {"inputs": records, "batch_index": 0})

@@ -531,11 +531,12 @@ class GenerateRequest:
         return margins  # type: ignore[return-value]
 
     def input_images(self) -> list[tuple[str, str]]:
-        """(role, path) of every input image: the init image, mask, control image, references and ControlNet
-        images (the PNG records each one's name and SHA-256: engine/generation/png_output.py)."""
+        """(role, path) of every input image: the init image, mask, control image, references, ControlNet and
+        Redux images (the PNG records each one's name and SHA-256: engine/generation/png_output.py)."""
         inputs = [("init_image", self.init_image), ("mask", self.mask), ("control_image", self.control_image)]
         inputs += [("reference", path) for path in self.references]
         inputs += [("controlnet_image", spec.image) for spec in self.controlnets]
+        inputs += [("redux_image", spec.path) for spec in self.redux_images]
         return [(role, path) for role, path in inputs if path]
 
     def to_dict(self) -> dict:
