@@ -59,6 +59,7 @@ def test_launch_generate_and_quit_in_tmux(tmp_path):
 NO_TORCH = """
 import asyncio, sys
 from pathlib import Path
+from PIL import Image
 from launcher.app import FluxDeckApp
 from launcher.cli import LaunchOptions
 from launcher.config import ConfigFile
@@ -70,7 +71,24 @@ async def main(tmp):
     async with app.run_test() as pilot:
         for key in ("f3", "f4", "f5", "f6", "f7", "f2"):
             await pilot.press(key)
-    print("torch" in sys.modules, "numpy" in sys.modules)
+        # the Edit screen's Control mode: the canny preview (the engine's own function) and depth (no preview)
+        photo = tmp / "photo.png"
+        Image.new("RGB", (64, 48), (200, 30, 30)).save(photo)
+        await pilot.press("f8")
+        edit = app.screen
+        edit.query_one("#source").value = str(photo)
+        edit.query_one("#source").focus()
+        await pilot.press("enter")
+        edit.query_one("#mode").value = "control"
+        edit.query_one("#preprocess").value = "canny"
+        for _ in range(200):
+            if edit.preview is not None:
+                break
+            await pilot.pause(0.05)
+        edit.query_one("#preprocess").value = "depth"
+        edit.query_one("#mode").value = "redux"
+        await pilot.pause()
+    print("torch" in sys.modules, "numpy" in sys.modules, edit.preview is not None)
 
 asyncio.run(main(Path(sys.argv[1])))
 """
@@ -81,7 +99,9 @@ def test_the_tui_never_imports_torch(tmp_path):
         [sys.executable, "-c", NO_TORCH, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split()[0] == "False", "the TUI process imported torch"
+    torch, _, previewed = result.stdout.split()[-3:]
+    assert torch == "False", "the TUI process imported torch"
+    assert previewed == "True", "the canny preview was not computed (the check would prove nothing)"
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")

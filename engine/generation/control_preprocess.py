@@ -14,20 +14,25 @@ transformers model and processor) and ComfyUI's controlnet_aux DepthAnythingV2 n
 (BFL's DepthImageEncoder maps the raw prediction linearly instead, without normalising; a model's raw scale is
 arbitrary, so the normalised map is what people feed the Depth model in practice.) The model is loaded for the
 job, in float32 on the job's device, and released right after.
+
+torch is imported inside the depth functions only: the TUI computes its Canny preview with `canny` here, and the
+TUI process never imports torch (tests/test_launcher_terminal.py checks it with a preview computed).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from engine.contract import layout
 from engine.contract.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 DEPTH_FILES = ("config.json", "model.safetensors")
 # depth-anything/Depth-Anything-V2-Small-hf's preprocessor_config.json, for a folder without one
@@ -96,6 +101,7 @@ def depth_folder(models_dir: str | None) -> Path:
 
 def load_depth_model(folder: Path):
     """(processor, model) from the folder; one sentence when the files are not a depth model transformers reads."""
+    import torch
     from transformers import AutoModelForDepthEstimation, DPTImageProcessor
 
     try:
@@ -114,11 +120,12 @@ def load_depth_model(folder: Path):
     return processor, model.eval()
 
 
-@torch.inference_mode()
 def depth(
     image: Image.Image, width: int, height: int, models_dir: str | None, device: torch.device
 ) -> Image.Image:
     """The image's depth map at width × height as an RGB image (near bright, min-max normalised to 0..255)."""
+    import torch
+
     processor, model = load_depth_model(depth_folder(models_dir))
     try:
         model.to(device)
@@ -126,7 +133,8 @@ def depth(
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.LANCZOS)
         inputs = processor(images=image, return_tensors="pt")
-        predicted = model(pixel_values=inputs["pixel_values"].to(device)).predicted_depth.float().cpu()
+        with torch.inference_mode():
+            predicted = model(pixel_values=inputs["pixel_values"].to(device)).predicted_depth.float().cpu()
     finally:
         del model
     return depth_map(predicted, width, height)
@@ -134,6 +142,9 @@ def depth(
 
 def depth_map(predicted: torch.Tensor, width: int, height: int) -> Image.Image:
     """(1, h, w) relative depth → RGB image: bicubic to height × width, min-max to 0..255 (a flat map: black)."""
+    import torch
+    import torch.nn.functional as F
+
     resized = F.interpolate(predicted[:, None], size=(height, width), mode="bicubic", align_corners=False)[
         0, 0
     ]
