@@ -518,6 +518,7 @@ class FluxDeckApp(App):
 
         edit.source = found(edit.source)
         edit.references = [found(ref) for ref in edit.references]
+        edit.redux = [(found(path), strength) for path, strength in edit.redux]
         mask = found(edit.mask) if edit.mode is EditMode.INPAINT else None
         values = FormValues().with_params(params)
         files = request.get("files") if isinstance(request.get("files"), dict) else {}

@@ -7,7 +7,9 @@ the request's `controlnets` (engine/contract/request.py, `--controlnet FILE,imag
 The engine takes an already-preprocessed control map. With the preprocessor `canny`, the TUI makes the map
 itself with the engine's own function (engine/generation/control_preprocess.py) at the job's size, writes it to
 `<outputs>/inputs/`, and stores the photo it came from in the map's PNG text, so reusing the result restores the
-photo and the preprocessor, not only the map.
+photo and the preprocessor, not only the map. Depth is not offered here: the engine's depth preprocessor needs
+torch, which the TUI process never imports, and `--controlnet` has no preprocess key (the engine computes depth
+only for `--control-image`, the Edit screen's Control mode); a depth ControlNet takes a depth map image.
 """
 
 from __future__ import annotations
@@ -21,11 +23,12 @@ from PIL import Image, PngImagePlugin
 
 from engine.contract import layout
 from engine.contract.request import MAX_CONTROL_STRENGTH, UNION_MODES
-from launcher.edits import PREPROCESSORS, sha256_of
+from launcher.edits import sha256_of
 from launcher.form import FormError, parse_number
 from launcher.metadata import MAX_NAME_CHARS, UnreadableImage, load_picture, plain_text
 
 STRENGTH_RANGE = (0.0, MAX_CONTROL_STRENGTH)
+PREPROCESSORS = ("none", "canny")  # what the TUI computes itself, without torch (no depth: see above)
 NO_MODE = ""  # a net without a Union mode embedding
 MODES = (NO_MODE, *UNION_MODES)  # canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, lq 6
 SOURCE_KEY, PREPROCESS_KEY, SOURCE_SHA_KEY = (

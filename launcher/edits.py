@@ -2,7 +2,8 @@
 
 Plain data (PIL, no widgets, no torch). An edit becomes request fields (launcher/form.py): Inpaint is
 `init_image` + `mask`, Outpaint `init_image` + `outpaint`, Kontext `references`, Control `control_image` +
-`control_preprocess` (engine/contract/request.py). Files the TUI writes for a job (a painted mask, a
+`control_preprocess`, Redux `redux_images` (each image with its strength; the size is the form's, since Redux
+images prompt the picture rather than being edited) (engine/contract/request.py). Files the TUI writes for a job (a painted mask, a
 preprocessed control map) go to `<outputs>/inputs/`, which the gallery does not list; the engine records the
 name and SHA-256 of every input image in the result's PNG (engine/generation/png_output.py), so reuse finds
 them again and says when one has changed.
@@ -18,13 +19,18 @@ from pathlib import Path
 
 from PIL import Image, ImageChops, ImageDraw
 
-from engine.contract.request import CONTROL_PREPROCESS, MAX_OUTPAINT, MAX_SIZE
+from engine.contract.request import CONTROL_PREPROCESS, MAX_OUTPAINT, MAX_REDUX_STRENGTH, MAX_SIZE
 from launcher.metadata import MAX_PIXELS, UnreadableImage, load_picture, plain_text
 
 INPUTS_FOLDER = "inputs"  # under the outputs folder: masks and control maps written for jobs
 SIDES = ("left", "top", "right", "bottom")
-# what the TUI offers: depth is refused by the engine until its preprocessor exists
-PREPROCESSORS = tuple(p for p in CONTROL_PREPROCESS if p != "depth")
+# Control mode's preprocessors: all the engine's. Canny is previewed in the TUI with the engine's own function
+# (numpy/OpenCV); depth needs torch (Depth Anything V2), which the TUI process never imports, so the engine
+# computes it when the job runs and the screen says so instead of a preview.
+PREPROCESSORS = CONTROL_PREPROCESS
+PREVIEWED = ("none", "canny")
+DEPTH_NOTE = "depth is computed by the engine (no preview here: the TUI does not load torch)"
+REDUX_STRENGTH_RANGE = (0.0, MAX_REDUX_STRENGTH)
 
 
 class EditMode(str, Enum):
@@ -32,6 +38,7 @@ class EditMode(str, Enum):
     OUTPAINT = "outpaint"
     KONTEXT = "kontext"
     CONTROL = "control"
+    REDUX = "redux"
 
 
 MODE_HELP = {
@@ -39,6 +46,7 @@ MODE_HELP = {
     EditMode.OUTPAINT: "extend the image by the margins (a FLUX.1 Fill model)",
     EditMode.KONTEXT: "the prompt is the instruction (FLUX.1 Kontext, or FLUX.2 [klein])",
     EditMode.CONTROL: "follow the control image's edges or depth (FLUX.1 Canny/Depth, or their LoRA)",
+    EditMode.REDUX: "the images prompt the picture, each with a strength (FLUX.1 [dev] + Redux files)",
 }
 
 
@@ -55,9 +63,17 @@ class EditValues:
     source: str  # the image edited (Kontext: the first reference; Control: the control image)
     mask: str = ""  # Inpaint: the mask PNG written for the job
     margins: tuple[int, int, int, int] = (0, 0, 0, 0)  # Outpaint: left, top, right, bottom
-    preprocess: str = "none"  # Control: none | canny
+    preprocess: str = "none"  # Control: none | canny | depth
     references: list[str] = field(default_factory=list)  # Kontext: more references after the source
     chain: bool = False  # Kontext: the result becomes the next source
+    strength: float = 1.0  # Redux: the source image's strength
+    redux: list[tuple[str, float]] = field(
+        default_factory=list
+    )  # Redux: more (image, strength) after the source
+
+    def redux_images(self) -> list[tuple[str, float]]:
+        """Redux: every (image, strength), the source first."""
+        return [(self.source, self.strength), *self.redux] if self.mode is EditMode.REDUX else []
 
 
 def sha256_of(path: str | Path) -> str:
@@ -66,6 +82,45 @@ def sha256_of(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def check_redux_strength(text: str, what: str) -> float:
+    """A Redux strength as typed: a finite number from 0 to MAX_REDUX_STRENGTH (1 as trained, 0 leaves the image
+    out). One sentence naming `what` when it is not."""
+    text = text.strip() or "1"
+    low, high = REDUX_STRENGTH_RANGE
+    try:
+        value = float(text)
+    except ValueError:
+        raise EditError(
+            f"The Redux strength of {what} must be a number from {low:g} to {high:g}, not {text!r}."
+        ) from None
+    if not math.isfinite(value) or not low <= value <= high:
+        raise EditError(
+            f"The Redux strength of {what} is {text}: use a finite number from {low:g} to {high:g}."
+        )
+    return value
+
+
+def parse_redux_images(text: str) -> list[tuple[str, float]]:
+    """More Redux images typed as `IMG[:STRENGTH]` separated by `;` (the engine's --redux-image syntax; a
+    Windows drive letter's colon is not a strength, nor is the colon of a file that exists with it). Each must
+    be an image and each strength in range; UnreadableImage or EditError with one sentence for the first that
+    is not."""
+    found = []
+    for item in (part.strip().strip('"') for part in text.split(";")):
+        if not item:
+            continue
+        path, sep, tail = item.rpartition(":")
+        if not sep or not path or tail.startswith(("\\", "/")) or Path(item).expanduser().is_file():
+            path, tail = item, ""
+        path = str(Path(path.strip().strip('"')).expanduser())
+        strength = check_redux_strength(tail, Path(path).name)
+        if not Path(path).is_file():
+            raise EditError(f"The Redux image {path} does not exist: give the path of a PNG or JPEG.")
+        image_size(path)  # an image, not too large (UnreadableImage)
+        found.append((path, strength))
+    return found
 
 
 def check_margins(texts: dict[str, str], size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -192,7 +247,27 @@ def edit_from_request(request: dict | None) -> EditValues | None:
         preprocess = request.get("control_preprocess")
         preprocess = preprocess if preprocess in PREPROCESSORS else "none"
         return EditValues(EditMode.CONTROL, control, preprocess=preprocess)
+    redux = _redux_in(request.get("redux_images"))
+    if redux:
+        (source, strength), *more = redux
+        return EditValues(EditMode.REDUX, source, strength=strength, redux=more)
     return None
+
+
+def _redux_in(items: object) -> list[tuple[str, float]]:
+    """(path, strength) of a request's redux_images; entries that are not text with a finite strength in range
+    are skipped."""
+    found = []
+    low, high = REDUX_STRENGTH_RANGE
+    for item in items if isinstance(items, list) else []:
+        if not isinstance(item, dict) or not (path := _text(item.get("path"))):
+            continue
+        strength = item.get("strength", 1.0)
+        if isinstance(strength, bool) or not isinstance(strength, int | float):
+            continue
+        if math.isfinite(strength) and low <= strength <= high:
+            found.append((path, float(strength)))
+    return found
 
 
 def recorded_inputs(request: dict | None) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.contract import layout
-from engine.contract.request import DEV, ControlNetSpec, GenerateRequest, LoraSpec, ModelFiles
+from engine.contract.request import DEV, ControlNetSpec, GenerateRequest, LoraSpec, ModelFiles, ReduxSpec
 from launcher.config import Settings
 from launcher.edits import EditMode, EditValues
 from launcher.loras import loras_in_request
@@ -47,7 +47,7 @@ class FormValues:
     init_image: str = ""
     denoise: float = 1.0
     loras: list[tuple[str, float]] = field(default_factory=list)  # (path, strength) of the enabled LoRAs
-    edit: EditValues | None = None  # sent from the Edit screen: inpaint, outpaint, Kontext or control
+    edit: EditValues | None = None  # sent from the Edit screen: inpaint, outpaint, Kontext, control or Redux
     controlnets: list[ControlNetValue] = field(default_factory=list)  # checked, their maps made (panel)
     edit_guidance: float | None = None  # an edit's guidance; None: the model's own (Fill 30, Kontext 2.5...)
 
@@ -109,10 +109,13 @@ def build_request(values: FormValues, settings: Settings, seed: int, out: Path, 
     width, height, guidance = values.width, values.height, values.guidance
     mask = outpaint = control_image = None
     references: list[str] = []
+    redux: list[tuple[str, float]] = []
     preprocess = "none"
     if edit is not None:
-        # the size is the edit image's (the engine resolves it), the guidance the model's own unless given
-        width = height = None
+        # the size is the edit image's (the engine resolves it), the guidance the model's own unless given;
+        # Redux images prompt a new picture of the size asked for
+        if edit.mode is not EditMode.REDUX:
+            width = height = None
         guidance = values.edit_guidance
         init_image, denoise = None, 1.0
         if edit.mode is EditMode.INPAINT:
@@ -121,6 +124,8 @@ def build_request(values: FormValues, settings: Settings, seed: int, out: Path, 
             init_image, outpaint = edit.source, ",".join(str(m) for m in edit.margins)
         elif edit.mode is EditMode.KONTEXT:
             references = [edit.source, *edit.references]
+        elif edit.mode is EditMode.REDUX:
+            redux = edit.redux_images()
         else:
             control_image, preprocess = edit.source, edit.preprocess
     return GenerateRequest(
@@ -141,6 +146,7 @@ def build_request(values: FormValues, settings: Settings, seed: int, out: Path, 
         control_image=control_image,
         control_preprocess=preprocess,
         references=references,
+        redux_images=[ReduxSpec(path, float(strength)) for path, strength in redux],
         loras=[LoraSpec(str(path), float(strength)) for path, strength in values.loras],
         controlnets=[
             ControlNetSpec(c.path, c.image, c.strength, c.start, c.end, c.mode) for c in values.controlnets

@@ -3,6 +3,11 @@
 Run as a script: python tests/launcher_fake_engine.py. The prompt steers it: "slow" sleeps 0.2 s a step,
 "crash" exits the process with code 137 (as the kernel's OOM killer would), "bad" raises a UserError,
 "boom" raises an unexpected exception.
+
+The files an edit needs beyond the model are looked for by the real engine's own functions, so a job the real
+engine would refuse for a missing file fails here with the same sentence: Redux's embedder and SigLIP
+(engine/generation/redux.plan_redux, which reads the files' tensor names) and the depth model
+(engine/generation/control_preprocess.depth_folder).
 """
 
 from __future__ import annotations
@@ -54,6 +59,14 @@ class FakeEngine:
             raise UserError("The fake engine refuses bad prompts: write a good one.")
         if "boom" in prompt:
             raise RuntimeError("something broke")
+        if request.redux_images:
+            from engine.generation.redux import plan_redux
+
+            plan_redux(request)  # a UserError naming the missing Redux or SigLIP file
+        if request.control_image and request.control_preprocess == "depth":
+            from engine.generation.control_preprocess import depth_folder
+
+            depth_folder(request.files.models_dir)  # a UserError naming the missing depth model files
         on_event(Stage("loading"))
         print("a stray print that must not reach stdout")
         on_event(Stage("encoding"))

@@ -21,8 +21,15 @@ from textual.message import Message
 from textual.screen import ModalScreen
 from textual.widgets import Checkbox, Footer, Input, Label, Select
 
-from launcher.controlnets import MODES, ControlNetChoice, ControlNetFile, check_choice, control_map, label
-from launcher.edits import PREPROCESSORS
+from launcher.controlnets import (
+    MODES,
+    PREPROCESSORS,
+    ControlNetChoice,
+    ControlNetFile,
+    check_choice,
+    control_map,
+    label,
+)
 from launcher.form import FormError
 from launcher.keymap import KEYS
 from launcher.metadata import plain_text
@@ -101,6 +108,13 @@ class ControlNetScreen(ModalScreen[None]):
             yield Label(
                 "space: on/off · tab: image, preprocessor, strength (0-10), start/end (0-1), Union mode · "
                 "enter in the image: preview · up/down: next ControlNet · escape: done",
+                classes="help",
+                markup=False,
+            )
+            yield Label(
+                "The image must be a control map, or a photo with canny; for depth give a depth map (the engine's "
+                "depth preprocessor runs for the Edit screen's Control mode).",
+                id="cn-depth-note",
                 classes="help",
                 markup=False,
             )

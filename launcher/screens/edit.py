@@ -1,5 +1,6 @@
-"""The Edit screen: one image edited as Inpaint (a painted mask), Outpaint (margins), Kontext (an instruction) or
-Control (a control image, optionally through Canny). ctrl+g sends it (the app asks `submit`); results land in
+"""The Edit screen: one image edited as Inpaint (a painted mask), Outpaint (margins), Kontext (an instruction),
+Control (a control image, optionally through Canny or depth) or Redux (the image, and more, as an image prompt,
+each with a strength). ctrl+g sends it (the app asks `submit`); results land in
 the gallery like every other image, and the last one shows here.
 
 Reached from the gallery (e: the selected image), by F8, or by typing a path into Source and pressing enter.
@@ -22,14 +23,18 @@ from textual.widgets import Checkbox, Footer, Input, Label, Select, Static, Text
 
 from launcher.controlnets import control_map
 from launcher.edits import (
+    DEPTH_NOTE,
     MODE_HELP,
     PREPROCESSORS,
+    PREVIEWED,
     SIDES,
     EditError,
     EditMode,
     EditValues,
     check_margins,
+    check_redux_strength,
     image_size,
+    parse_redux_images,
 )
 from launcher.form import AUTO_MODEL, FormError, FormValues, output_path, parse_number
 from launcher.keymap import KEYS
@@ -39,6 +44,7 @@ from launcher.messages import JobFinished
 from launcher.metadata import UnreadableImage, load_picture, plain_text
 from launcher.models import InstalledFile, family_for_file
 from launcher.seeds import SeedMode
+from launcher.sizes import MULTIPLE as SIZE_MULTIPLE
 from launcher.widgets.image_pane import ImagePane
 from launcher.widgets.mask_canvas import MaskCanvas
 
@@ -47,6 +53,7 @@ MODE_NAMES = {
     EditMode.OUTPAINT: "Outpaint",
     EditMode.KONTEXT: "Kontext",
     EditMode.CONTROL: "Control",
+    EditMode.REDUX: "Redux",
 }
 
 
@@ -175,6 +182,34 @@ class EditScreen(Screen):
                         yield Label("Preprocess")
                         options = [(p, p) for p in PREPROCESSORS]
                         yield Select(options, value="none", allow_blank=False, id="preprocess", compact=True)
+                    yield Label(
+                        "canny is previewed here; " + DEPTH_NOTE + " (Depth Anything V2 in models/depth/)",
+                        classes="help",
+                        markup=False,
+                    )
+                with Vertical(id="redux-box", classes="box"):
+                    with Horizontal(classes="row"):
+                        yield Label("Strength")
+                        yield Input("1", id="redux_strength", type="number", classes="short", compact=True)
+                        yield Label("of the source (0-10, 1 as trained)", classes="gap")
+                    with Horizontal(classes="row"):
+                        yield Label("More images")
+                        yield Input(
+                            id="redux_more",
+                            placeholder="IMG[:STRENGTH]; IMG[:STRENGTH] ...",
+                            compact=True,
+                        )
+                    with Horizontal(classes="row"):
+                        yield Label("Width")
+                        yield Input("1024", id="redux_width", type="integer", classes="short", compact=True)
+                        yield Label("Height", classes="gap")
+                        yield Input("1024", id="redux_height", type="integer", classes="short", compact=True)
+                    yield Label(
+                        "The prompt may be empty. Needs models/style_models/ (flux1-redux-dev) and "
+                        "models/clip_vision/ (sigclip_vision_patch14_384).",
+                        classes="help",
+                        markup=False,
+                    )
                 yield Label("", id="edit-error", markup=False)
             with Vertical(id="right"):
                 yield MaskCanvas(id="canvas")
@@ -255,6 +290,7 @@ class EditScreen(Screen):
             ("outpaint", EditMode.OUTPAINT),
             ("kontext", EditMode.KONTEXT),
             ("control", EditMode.CONTROL),
+            ("redux", EditMode.REDUX),
         ):
             self.query_one(f"#{name}-box").display = mode is box_mode
         painting = mode is EditMode.INPAINT
@@ -266,14 +302,17 @@ class EditScreen(Screen):
     def _refresh_picture(self) -> None:
         if not self.source or self.mode is EditMode.INPAINT:
             return
-        if self.mode is EditMode.CONTROL and self.query_one("#preprocess", Select).value != "none":
+        preprocess = str(self.query_one("#preprocess", Select).value)
+        caption = Path(self.source).name
+        if self.mode is EditMode.CONTROL and preprocess in PREVIEWED and preprocess != "none":
             self.query_one("#edit-image", ImagePane).show(None, "computing the control map…")
-            self._compute_preview(self.source, str(self.query_one("#preprocess", Select).value))
+            self._compute_preview(self.source, preprocess)
             return
+        if self.mode is EditMode.CONTROL and preprocess not in PREVIEWED:
+            caption = f"{caption} · {DEPTH_NOTE}"  # the photo itself, and why there is no map
+            self.preview = None
         try:
-            self.query_one("#edit-image", ImagePane).show(
-                load_picture(Path(self.source)), Path(self.source).name
-            )
+            self.query_one("#edit-image", ImagePane).show(load_picture(Path(self.source)), caption)
         except UnreadableImage as error:
             self._error(str(error))
 
@@ -292,8 +331,9 @@ class EditScreen(Screen):
 
     @on(PreviewReady)
     def _preview_ready(self, message: PreviewReady) -> None:
-        if message.source != self.source or self.mode is not EditMode.CONTROL:
-            return
+        wanted = str(self.query_one("#preprocess", Select).value)
+        if message.source != self.source or self.mode is not EditMode.CONTROL or message.preprocess != wanted:
+            return  # an older preview: another image, mode or preprocessor since
         pane = self.query_one("#edit-image", ImagePane)
         if message.image is None:
             pane.show(None, "")
@@ -315,6 +355,8 @@ class EditScreen(Screen):
             self._set_model(values.model)
             self.query_one("#edit_steps", Input).value = str(values.steps)
             self.query_one("#edit_seed", Input).value = str(values.seed)
+            self.query_one("#redux_width", Input).value = str(values.width)
+            self.query_one("#redux_height", Input).value = str(values.height)
         return self._load(path)
 
     def _set_model(self, model: str) -> None:
@@ -408,7 +450,17 @@ class EditScreen(Screen):
         if text["edit_guidance"].strip():
             guidance = float(number("guidance", "edit_guidance", "Guidance"))
         denoise = float(number("denoise", "edit_denoise", "Denoise")) if mode is EditMode.INPAINT else 1.0
-        if not prompt:
+        width, height = 1024, 1024
+        if mode is EditMode.REDUX:
+            width = int(number("width", "redux_width", "Width"))
+            height = int(number("height", "redux_height", "Height"))
+            for name, value in (("Width", width), ("Height", height)):
+                if value % SIZE_MULTIPLE:
+                    raise EditError(
+                        f"{name} {value} is not a multiple of {SIZE_MULTIPLE}: "
+                        f"try {round(value / SIZE_MULTIPLE) * SIZE_MULTIPLE}."
+                    )
+        if not prompt and mode is not EditMode.REDUX:  # Redux alone: the images are the prompt
             raise EditError(
                 "Write the instruction first." if mode is EditMode.KONTEXT else "Write a prompt first."
             )
@@ -431,11 +483,16 @@ class EditScreen(Screen):
                     continue
                 image_size(Path(ref).expanduser())  # an image, not too large (UnreadableImage)
                 edit.references.append(str(Path(ref).expanduser()))
+        elif mode is EditMode.REDUX:
+            edit.strength = check_redux_strength(text["redux_strength"], Path(self.source).name)
+            edit.redux = parse_redux_images(text["redux_more"])
         else:
             edit.preprocess = str(self.query_one("#preprocess", Select).value)
         return FormValues(
             prompt=prompt,
             model=str(self.query_one("#edit_model", Select).value),
+            width=width,
+            height=height,
             steps=steps,
             seed=seed,
             seed_mode=SeedMode.FIXED,
@@ -473,6 +530,8 @@ class EditScreen(Screen):
             self.query_one(f"#margin_{side}", Input).value = str(margin)
         self.query_one("#more_refs", Input).value = "; ".join(edit.references)
         self.query_one("#preprocess", Select).value = edit.preprocess
+        self.query_one("#redux_strength", Input).value = f"{edit.strength:g}"
+        self.query_one("#redux_more", Input).value = "; ".join(f"{p}:{s:g}" for p, s in edit.redux)
         if mask:
             self.query_one("#mask_file", Input).value = mask
             self.load_mask(mask)
@@ -484,9 +543,17 @@ class EditScreen(Screen):
         """A result of this screen's source: shown here (Inpaint: named), or, with chain, the next source."""
         job, request = message.job, message.job.request
         references = request.get("references") or []
-        sources = (request.get("init_image"), request.get("control_image"), *references[:1])
-        if not job.paths or not self.source or self.source not in sources:
+        redux = [item.get("path") for item in request.get("redux_images") or [] if isinstance(item, dict)]
+        sources = (request.get("init_image"), request.get("control_image"), *references[:1], *redux[:1])
+        if not self.source or self.source not in sources:
             return  # not an edit of this image (a job from the generate screen, an older source)
+        if (
+            job.error
+        ):  # the engine's sentence (a Redux or depth file missing...), here as well as in the toast
+            self._error(plain_text(job.error, 500))
+            return
+        if not job.paths:
+            return  # cancelled
         result = job.paths[-1]
         if references and self.query_one("#chain", Checkbox).value:
             self._load(result)
