@@ -29,7 +29,7 @@ from engine.contract import events
 from engine.contract.protocol import Cancel, Generate
 from launcher.cli import LaunchOptions
 from launcher.config import PROJECT_ROOT, ConfigFile, Settings
-from launcher.controlnets import write_maps
+from launcher.controlnets import controlnets_in_request, write_maps
 from launcher.edits import INPUTS_FOLDER, EditMode, edit_from_request, find_input, recorded_inputs
 from launcher.engine_client import EngineExit, EngineProcess, default_engine_command
 from launcher.form import AUTO_MODEL, FormError, FormValues, build_requests
@@ -289,8 +289,14 @@ class FluxDeckApp(App):
         if values is None:
             return
         if values.controlnets:
-            try:  # a preprocessor's map, made at the job's size, is what the engine gets
-                write_maps(values.controlnets, (values.width, values.height), self.output_dir / INPUTS_FOLDER)
+            # a preprocessor's map, made at the job's size, is what the engine gets; an edit's size is the engine's
+            # to work out from its image (the TUI cannot, without torch): the map is made at the photo's own size
+            # (floored to 16) and the engine fits it to the job's, as it does any control image
+            size = (values.width, values.height)
+            if values.edit is not None and values.edit.mode is not EditMode.REDUX:
+                size = None
+            try:
+                write_maps(values.controlnets, size, self.output_dir / INPUTS_FOLDER)
             except (FormError, OSError) as error:
                 self.notify(str(error), severity="error", markup=False)
                 return
@@ -298,15 +304,17 @@ class FluxDeckApp(App):
         self.post_message(GenerateRequested(requests, values.hunt, values))
 
     def _edit_values(self) -> FormValues | None:
-        """The Edit screen's edit, with the LoRAs chosen in the LoRA panel (a Canny/Depth LoRA, a style)."""
+        """The Edit screen's edit, with the LoRAs and ControlNets chosen in their panels (a Canny/Depth LoRA, a
+        style, a ControlNet holding the composition)."""
         try:
             loras = self._generate.form.lora_values()
+            controlnets = self._generate.form.controlnet_values()
         except FormError as error:
             self.notify(str(error), severity="error", markup=False)
             return None
         values = self._edit.submit(self.output_dir / INPUTS_FOLDER)
         if values is not None:
-            values.loras = loras
+            values.loras, values.controlnets = loras, controlnets
         return values
 
     @on(EditRequested)
@@ -526,11 +534,14 @@ class FluxDeckApp(App):
         values.model = model if isinstance(model, str) else AUTO_MODEL
         values.denoise = params.denoise if params.denoise is not None else 1.0
         missing = self._generate.form.set_loras(values.loras)
+        missing += self._generate.form.set_controlnets(controlnets_in_request(request))
         self.action_show("edit")
         self._edit.restore(values, edit, mask, params.guidance)
         self.notify(f"Edit restored: press {self.key_for('generate')} to run it again.", markup=False)
         if missing:
-            notes.append(f"LoRA(s) not found in the models folders, left off: {', '.join(missing)}.")
+            notes.append(
+                f"LoRA(s) or ControlNet(s) not found in the models folders, left off: {', '.join(missing)}."
+            )
         for note in notes:
             self.notify(note, severity="warning", timeout=10, markup=False)
 

@@ -1,7 +1,8 @@
 """The TUI's Redux mode and depth preprocessor: Redux images with strengths (checked with one sentence) reach the
 request the fake engine gets, the PNG records them by name and SHA-256, reuse restores them; a missing Redux or
 depth file fails the job with the real engine's sentence, shown on the Edit screen; depth is sent as
---control-preprocess depth without a preview in the TUI; the ControlNet panel offers none/canny and says why.
+--control-preprocess depth without a preview in the TUI; the ControlNet panel offers none/canny and says why;
+the panel's ControlNets apply to Edit-screen jobs too and reuse restores them with the edit.
 Driven by keys through Pilot, with the fake engine (tests/launcher_fake_engine.py)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import save_file
-from textual.widgets import Input, Select, TextArea
+from textual.widgets import Checkbox, Input, Select, TextArea
 
 from engine.contract.request import GenerateRequest
 from launcher.config import Settings
@@ -262,3 +263,56 @@ async def test_the_controlnet_panel_offers_none_and_canny_and_says_how_to_give_d
         assert options == ["none", "canny"]
         note = str(panel.query_one("#cn-depth-note").render())
         assert "for depth give a depth map" in note and "Control mode" in note
+
+
+async def test_controlnets_chosen_in_the_panel_apply_to_edits_and_reuse_restores_both(tmp_path):
+    from engine.generation.control_preprocess import canny
+    from launcher.screens.controlnets import ControlNetScreen
+    from launcher.widgets.mask_canvas import MaskCanvas
+    from tests.test_launcher_edit import H, W, controlnet_files
+
+    union, _ = controlnet_files(tmp_path / "models")
+    src = source_image(tmp_path / "outputs" / "photo.png")
+    photo = source_image(tmp_path / "pose-photo.png")
+    app = make_app(tmp_path, engine=FAKE_ENGINE)
+    async with app.run_test(size=SIZE) as pilot:
+        await open_edit(app, pilot, src)
+        edit = app._edit
+        assert "ControlNets: none" in str(edit.query_one("#edit-controlnets").render())
+        edit.query_one("#edit_prompt", TextArea).focus()
+        await pilot.press("ctrl+t")  # the generate screen's panel, over the Edit screen
+        panel = app.screen
+        assert isinstance(panel, ControlNetScreen)
+        panel.query_one("#on-0", Checkbox).value = True
+        panel.query_one("#image-0", Input).value = str(photo)
+        panel.query_one("#pre-0", Select).value = "canny"
+        panel.query_one("#strength-0", Input).value = "0.5"
+        await pilot.press("escape")
+        assert app.screen is edit
+        assert "ControlNets: union-pro2 0.5" in str(edit.query_one("#edit-controlnets").render())
+        edit.query_one(MaskCanvas).painter.rectangle((10, 10), (40, 30))
+        edit.query_one("#edit_prompt", TextArea).text = "a window"
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: app.jobs.jobs and app.jobs.jobs[0].finished, 60)
+        job = app.jobs.jobs[0]
+        assert job.state is JobState.DONE, job.error
+        assert job.request["init_image"] == str(src) and job.request["mask"]  # still the inpaint edit
+        (net,) = job.request["controlnets"]
+        assert (net["path"], net["strength"]) == (str(union), 0.5)
+        # an edit's size is the engine's to work out: the Canny map is made at the photo's own size
+        with Image.open(photo) as image, Image.open(net["image"]) as made:
+            assert made.size == (W, H) and made.convert("RGB").tobytes() == canny(image, W, H).tobytes()
+        recorded = read_png_params(Path(job.paths[0])).request
+        assert recorded["controlnets"] == job.request["controlnets"]
+        # reuse: the ControlNet off, then back on with its photo and preprocessor, and the edit with it
+        choice = app._generate.form.controlnet_choices[str(union)]
+        choice.enabled, choice.strength = False, "1"
+        await pilot.press("f3")
+        gallery = app.get_screen("gallery")
+        await wait_for(pilot, lambda: gallery.selected() == job.paths[0], 5)
+        await pilot.press("u")
+        choices = app._generate.form.controlnet_choices
+        await wait_for(pilot, lambda: app.screen is edit and choices[str(union)].enabled, 5)
+        choice = choices[str(union)]  # the panel's choice as the image had it (a new one)
+        assert edit.mode is EditMode.INPAINT and edit.source == str(src)
+        assert (choice.image, choice.preprocess, choice.strength) == (str(photo), "canny", "0.5")

@@ -22,6 +22,7 @@ from textual.screen import Screen
 from textual.widgets import Checkbox, Footer, Input, Label, Select, Static, TextArea
 
 from launcher.controlnets import control_map
+from launcher.controlnets import summary as controlnet_summary
 from launcher.edits import (
     DEPTH_NOTE,
     MODE_HELP,
@@ -71,6 +72,7 @@ class EditScreen(Screen):
     BINDINGS = [
         KEYS.binding("edit_mode", "next_mode", "Mode"),
         KEYS.binding("loras", "loras", "LoRAs"),
+        KEYS.binding("controlnets", "controlnets", "ControlNets"),
     ]
     DEFAULT_CSS = """
     EditScreen #edit-form { width: 64; min-width: 48; border-right: tall $panel; padding: 0 1; }
@@ -144,6 +146,7 @@ class EditScreen(Screen):
                     yield Label("Seed")
                     yield Input("0", id="edit_seed", type="integer", compact=True)
                 yield Label("", id="edit-loras", classes="help", markup=False)
+                yield Label("", id="edit-controlnets", classes="help", markup=False)
                 with Vertical(id="inpaint-box", classes="box"):
                     with Horizontal(classes="row"):
                         yield Label("Denoise")
@@ -225,15 +228,20 @@ class EditScreen(Screen):
             self.call_after_refresh(pending)
 
     def on_screen_resume(self) -> None:
-        self._show_loras()  # the LoRA panel may have changed them
+        self._show_loras()  # the LoRA or ControlNet panel may have changed them
 
     def _show_loras(self) -> None:
+        """The LoRAs and ControlNets chosen on the generate screen's panels, which edits use too."""
         try:
-            choices = self.app.get_screen("generate").form.lora_choices  # type: ignore[attr-defined]
+            form = self.app.get_screen("generate").form  # type: ignore[attr-defined]
+            loras, nets = form.lora_choices, form.controlnet_choices
         except Exception:  # noqa: BLE001 - a screen used on its own (tests): no LoRAs to show
-            choices = {}
+            loras, nets = {}, {}
         self.query_one("#edit-loras", Label).update(
-            f"LoRAs: {lora_summary(choices)} · {self._key_for('loras')}: choose (e.g. a Canny/Depth LoRA for Control)"
+            f"LoRAs: {lora_summary(loras)} · {self._key_for('loras')}: choose (e.g. a Canny/Depth LoRA for Control)"
+        )
+        self.query_one("#edit-controlnets", Label).update(
+            f"ControlNets: {controlnet_summary(nets)} · {self._key_for('controlnets')}: choose"
         )
 
     # -- models ------------------------------------------------------------------------------------------
@@ -570,6 +578,10 @@ class EditScreen(Screen):
     def action_loras(self) -> None:
         """The generate screen's LoRA panel: an edit uses the LoRAs chosen there (a Canny LoRA, a style)."""
         self.app.get_screen("generate").action_loras()  # type: ignore[attr-defined]
+
+    def action_controlnets(self) -> None:
+        """The generate screen's ControlNet panel: an edit uses the ControlNets chosen there."""
+        self.app.get_screen("generate").action_controlnets()  # type: ignore[attr-defined]
 
 
 def _free(path: Path) -> Path:
