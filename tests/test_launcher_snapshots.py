@@ -95,3 +95,18 @@ def test_edit_screen_with_a_painted_mask(base, snap_compare):
 
     assert picture.is_file()
     assert snap_compare(app, run_before=paint, terminal_size=SIZE)
+
+
+def test_edit_screen_in_redux_mode(base, snap_compare):
+    picture = write_png(base / "outputs" / "style.png", (160, 90, 30), size=(96, 64))
+    app = app_for(base)
+
+    async def redux(pilot):
+        await pilot.press("f3", "e")
+        await pilot.pause()
+        app._edit.query_one("#mode").value = "redux"
+        app._edit.query_one("#redux_more").value = "/tmp/other.png:0.5"
+        await pilot.pause()
+
+    assert picture.is_file()
+    assert snap_compare(app, run_before=redux, terminal_size=SIZE)
