@@ -155,8 +155,8 @@ def control_map(image_path: str, preprocess: str, size: tuple[int, int] | None =
 
 def write_maps(values: list[ControlNetValue], size: tuple[int, int] | None, inputs_dir: Path) -> None:
     """For each ControlNet with a preprocessor: its map at the job's size (None: the photo's, floored to 16; the
-    engine fits a control image to the job's size) written to `inputs_dir` (the photo it
-    came from and its SHA-256 in the PNG's text), and `image` set to the map. Raises FormError."""
+    engine fits a control image to the job's size) written to `inputs_dir` (the photo it came from and its
+    SHA-256 in the PNG's text), and `image` set to the map. Raises FormError."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for index, value in enumerate(values):
         if value.preprocess == "none":

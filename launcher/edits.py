@@ -2,9 +2,9 @@
 
 Plain data (PIL, no widgets, no torch). An edit becomes request fields (launcher/form.py): Inpaint is
 `init_image` + `mask`, Outpaint `init_image` + `outpaint`, Kontext `references`, Control `control_image` +
-`control_preprocess`, Redux `redux_images` (each image with its strength; the size is the form's, since Redux
-images prompt the picture rather than being edited) (engine/contract/request.py). Files the TUI writes for a job (a painted mask, a
-preprocessed control map) go to `<outputs>/inputs/`, which the gallery does not list; the engine records the
+`control_preprocess`, Redux `redux_images` (each image with its strength; the size is the screen's, since
+Redux images prompt a new picture rather than being edited) (engine/contract/request.py). Files the TUI writes
+for a job (a painted mask, a preprocessed control map) go to `<outputs>/inputs/`, which the gallery does not list; the engine records the
 name and SHA-256 of every input image in the result's PNG (engine/generation/png_output.py), so reuse finds
 them again and says when one has changed.
 """
@@ -67,9 +67,8 @@ class EditValues:
     references: list[str] = field(default_factory=list)  # Kontext: more references after the source
     chain: bool = False  # Kontext: the result becomes the next source
     strength: float = 1.0  # Redux: the source image's strength
-    redux: list[tuple[str, float]] = field(
-        default_factory=list
-    )  # Redux: more (image, strength) after the source
+    # Redux: more (image, strength) after the source
+    redux: list[tuple[str, float]] = field(default_factory=list)
 
     def redux_images(self) -> list[tuple[str, float]]:
         """Redux: every (image, strength), the source first."""

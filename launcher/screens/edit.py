@@ -1,7 +1,8 @@
 """The Edit screen: one image edited as Inpaint (a painted mask), Outpaint (margins), Kontext (an instruction),
 Control (a control image, optionally through Canny or depth) or Redux (the image, and more, as an image prompt,
-each with a strength). ctrl+g sends it (the app asks `submit`); results land in
-the gallery like every other image, and the last one shows here.
+each with a strength). ctrl+g sends it (the app asks `submit`) with the LoRAs and ControlNets chosen in their
+panels; results land in the gallery like every other image, and the last one shows here; a job the engine
+refuses shows its sentence under the form.
 
 Reached from the gallery (e: the selected image), by F8, or by typing a path into Source and pressing enter.
 """
@@ -555,9 +556,8 @@ class EditScreen(Screen):
         sources = (request.get("init_image"), request.get("control_image"), *references[:1], *redux[:1])
         if not self.source or self.source not in sources:
             return  # not an edit of this image (a job from the generate screen, an older source)
-        if (
-            job.error
-        ):  # the engine's sentence (a Redux or depth file missing...), here as well as in the toast
+        if job.error:
+            # the engine's sentence (a Redux, SigLIP or depth file missing...), here as well as in the toast
             self._error(plain_text(job.error, 500))
             return
         if not job.paths:
