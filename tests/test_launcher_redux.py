@@ -67,6 +67,8 @@ def test_more_redux_images_parse_with_strengths_checked_in_one_sentence(tmp_path
         (f"{a}:strong", "must be a number from 0 to 10, not 'strong'"),
         (f"{tmp_path / 'gone.png'}:0.5", "does not exist"),
         (str(text), "is not an image"),
+        ("C:\\styles\\a.png:0.5", "C:\\styles\\a.png does not exist"),  # a drive letter is no strength
+        ("C:\\styles\\a.png", "C:\\styles\\a.png does not exist"),
     ):
         with pytest.raises(ValueError) as caught:  # EditError, or UnreadableImage for a file that is not one
             parse_redux_images(typed)
