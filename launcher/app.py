@@ -528,6 +528,15 @@ class FluxDeckApp(App):
         edit.references = [found(ref) for ref in edit.references]
         edit.redux = [(found(path), strength) for path, strength in edit.redux]
         mask = found(edit.mask) if edit.mode is EditMode.INPAINT else None
+        # what one mode of the Edit screen cannot send again (a request made on the command line can combine them)
+        if edit.mode is not EditMode.REDUX and request.get("redux_images"):
+            notes.append(
+                "The image also had Redux images; the Edit screen sends them in Redux mode only: left off."
+            )
+        if edit.mode is EditMode.REDUX and request.get("init_image"):
+            notes.append(
+                "The image also started from an init image, which Redux mode does not send: left off."
+            )
         values = FormValues().with_params(params)
         files = request.get("files") if isinstance(request.get("files"), dict) else {}
         model = files.get("transformer") or files.get("checkpoint")

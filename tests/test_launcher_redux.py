@@ -318,3 +318,36 @@ async def test_controlnets_chosen_in_the_panel_apply_to_edits_and_reuse_restores
         choice = choices[str(union)]  # the panel's choice as the image had it (a new one)
         assert edit.mode is EditMode.INPAINT and edit.source == str(src)
         assert (choice.image, choice.preprocess, choice.strength) == (str(photo), "canny", "0.5")
+
+
+async def test_reusing_a_request_that_combines_redux_with_another_edit_says_what_is_left_off(tmp_path):
+    """A command-line request may combine Redux with an inpaint (or start Redux from an init image); one Edit mode
+    cannot send both, so reuse restores the edit and says what it left off."""
+    import json
+
+    from tests.launcher_helpers import write_png
+
+    src, style = source_image(tmp_path / "src.png"), source_image(tmp_path / "style.png")
+    mask = tmp_path / "mask.png"
+    Image.new("L", (64, 48), 255).save(mask)
+    combined = {
+        "prompt": "a door",
+        "out": "x.png",
+        "steps": 2,
+        "seed": 3,
+        "init_image": str(src),
+        "mask": str(mask),
+        "redux_images": [{"path": str(style), "strength": 0.5}],
+    }
+    write_png(tmp_path / "outputs" / "combined.png", fluxdeck=json.dumps(combined))
+    app = make_app(tmp_path, start_engine=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("f3")
+        gallery = app.get_screen("gallery")
+        await wait_for(pilot, lambda: gallery.selected() is not None, 5)
+        await pilot.press("u")
+        edit = app._edit
+        await wait_for(pilot, lambda: app.screen is edit and edit.source == str(src), 5)
+        assert edit.mode is EditMode.INPAINT
+        notes = [str(n.message) for n in app._notifications]
+        assert any("Redux images" in n and "left off" in n for n in notes), notes
