@@ -273,6 +273,8 @@ def test_bad_controlnet_input_is_refused(dev_set, nets, control_image, wide_net,
         f"instantx,image={text}": "is not an image file",
         f"nowhere,{img}": "does not exist",
         f"{dev_set.paths['transformer']},{img}": "not a FLUX.1 ControlNet",
+        f"instantx,{img},preprocess=sketch": "preprocess='sketch' is not known",
+        f"instantx,{img},preprocess=depth": "preprocess=depth needs Depth Anything V2 Small",
     }
     for flag, expected in cases.items():
         assert expected in _refused(dev_set, tmp_path, capsys, "--controlnet", flag), flag
@@ -292,11 +294,30 @@ def test_a_controlnet_given_as_transformer_or_lora_is_refused(dev_set, nets, tmp
     assert "ControlNet" in err
 
 
+def test_a_photo_preprocessed_by_the_net_equals_its_map(dev_set, nets, tmp_path):
+    """preprocess=canny turns the photo into the map --control-preprocess canny makes, at the job's size: the
+    same image as giving that map (and not the image the photo itself gives)."""
+    from engine.generation.control_preprocess import canny
+
+    photo = tmp_path / "photo.png"
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8).repeat(SIZE // 8, 0).repeat(SIZE // 8, 1)
+    Image.fromarray(blocks).save(photo)
+    edge_map = tmp_path / "edges.png"
+    canny(Image.open(photo), SIZE, SIZE).save(edge_map)
+    from_photo = ours(dev_set, tmp_path, [ControlNetSpec("instantx", str(photo), preprocess="canny")])[0]
+    from_map = ours(dev_set, tmp_path, [ControlNetSpec("instantx", str(edge_map))])[0]
+    raw = ours(dev_set, tmp_path, [ControlNetSpec("instantx", str(photo))])[0]
+    assert np.array_equal(from_photo, from_map)
+    assert psnr(raw, from_map) < MIN_PSNR  # the preprocessing changes what the net sees
+
+
 def test_controlnet_flag_parsing():
     spec = ControlNetSpec.parse(
         r"C:\nets\union,pro.safetensors,image=D:\maps\c.png,strength=0.5,end=0.8,mode=pose"
     )
     assert spec == ControlNetSpec(r"C:\nets\union,pro.safetensors", r"D:\maps\c.png", 0.5, 0.0, 0.8, "pose")
+    assert ControlNetSpec.parse("n,image=p.png,preprocess=Canny").preprocess == "canny"
     assert spec.mode_index() == 4
     request = GenerateRequest(prompt="x", controlnets=[spec], out="o.png")
     assert GenerateRequest.from_dict(request.to_dict()).controlnets == [spec]

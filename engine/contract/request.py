@@ -29,7 +29,7 @@ MAX_INIT_PIXELS = 8192 * 8192  # an init image is resized to at most 4096² anyw
 MAX_CONTROL_STRENGTH = 10.0  # ComfyUI's range; 1 is the usual
 # InstantX / Shakker-Labs Union model cards: the mode index each control type was trained with.
 UNION_MODES = {"canny": 0, "tile": 1, "depth": 2, "blur": 3, "pose": 4, "gray": 5, "lq": 6}
-CONTROLNET_FLAG = "FILE,image=IMG[,strength=S][,start=A][,end=B][,mode=M]"
+CONTROLNET_FLAG = "FILE,image=IMG[,strength=S][,start=A][,end=B][,mode=M][,preprocess=none|canny|depth]"
 
 
 def _check_number(
@@ -178,8 +178,9 @@ class ReduxSpec:
 @dataclass
 class ControlNetSpec:
     """One --controlnet: the net's file (a bare name is looked up in <models-dir>/controlnet/), its control
-    image (an already-preprocessed map), strength, the part of the schedule it controls (diffusers' rule: step i
-    of N when [i/N, (i+1)/N] lies inside [start, end]) and, for Union nets, the mode (a name or its number)."""
+    image (a map, or a photo the preprocessor turns into one: canny, depth, as --control-preprocess does),
+    strength, the part of the schedule it controls (diffusers' rule: step i of N when [i/N, (i+1)/N] lies inside
+    [start, end]) and, for Union nets, the mode (a name or its number)."""
 
     path: str
     image: str
@@ -187,6 +188,7 @@ class ControlNetSpec:
     start: float = 0.0
     end: float = 1.0
     mode: str | None = None
+    preprocess: str = "none"
 
     @classmethod
     def parse(cls, text: str) -> ControlNetSpec:
@@ -197,7 +199,7 @@ class ControlNetSpec:
         for part in parts:
             key, _, value = part.partition("=")
             key, value = key.strip().lower(), value.strip()
-            if key not in ("image", "strength", "start", "end", "mode"):
+            if key not in ("image", "strength", "start", "end", "mode", "preprocess"):
                 raise UserError(f"--controlnet {text}: {key!r} is not a known key; use {CONTROLNET_FLAG}.")
             if key in ("strength", "start", "end"):
                 try:
@@ -205,7 +207,7 @@ class ControlNetSpec:
                 except ValueError:
                     raise UserError(f"--controlnet {text}: {key}={value!r} is not a number.") from None
             else:
-                values[key] = value
+                values[key] = value.lower() if key == "preprocess" else value
         if not path.strip():
             raise UserError(f"--controlnet {text} names no ControlNet file: use {CONTROLNET_FLAG}.")
         if not values.get("image"):
@@ -242,6 +244,11 @@ class ControlNetSpec:
             raise UserError(
                 f"--controlnet {self.path}: start={self.start:g} is not before end={self.end:g}; "
                 "use 0 <= start < end <= 1."
+            )
+        if self.preprocess not in CONTROL_PREPROCESS:
+            raise UserError(
+                f"--controlnet {self.path}: preprocess={self.preprocess!r} is not known; use "
+                f"{_one_of(CONTROL_PREPROCESS)}."
             )
         if self.mode is not None and not (isinstance(self.mode, str) or type(self.mode) is int):
             raise UserError(f"--controlnet {self.path}: mode {self.mode!r} is not a name or a number.")

@@ -20,7 +20,7 @@ from engine.contract.events import EventSink, Message
 from engine.contract.request import ControlNetSpec
 from engine.formats.model_files import controlnet_component
 from engine.formats.weights import Component
-from engine.generation import vae_tiling
+from engine.generation import control_preprocess, vae_tiling
 from engine.generation.conditioning import to_pixels
 from engine.generation.model_cache import ModelCache
 from engine.generation.plan import Plan
@@ -80,6 +80,10 @@ def plan_controls(plan: Plan) -> list[ControlPlan]:
             raise UserError(
                 f"--controlnet {spec.path}: mode {spec.mode} is outside its {params.num_modes} modes "
                 "(canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, lq 6)."
+            )
+        if spec.preprocess == "depth":  # its files checked before anything loads
+            control_preprocess.depth_folder(
+                request.files.models_dir, f"--controlnet {spec.path},preprocess=depth"
             )
         controls.append(ControlPlan(spec, component, params, mode))
     return controls
@@ -143,6 +147,14 @@ def _control_images(
     for c in controls:
         try:
             with Image.open(c.spec.image) as image:
+                image = control_preprocess.preprocess(
+                    c.spec.preprocess,
+                    image,
+                    request.width,
+                    request.height,
+                    request.files.models_dir,
+                    plan.device,
+                )
                 pixels = to_pixels(image, request.width, request.height)
         except OSError:
             raise UserError(

@@ -78,11 +78,12 @@ def canny(
     return Image.fromarray(np.repeat(edges[..., None], 3, axis=2))
 
 
-def depth_folder(models_dir: str | None) -> Path:
-    """`<models-dir>/depth/` with a Depth Anything model in it; one sentence saying what is missing and where."""
+def depth_folder(models_dir: str | None, what: str = "--control-preprocess depth") -> Path:
+    """`<models-dir>/depth/` with a Depth Anything model in it; one sentence (`what` asked for it) saying what is
+    missing and where."""
     if not models_dir:
         raise UserError(
-            "--control-preprocess depth needs a Depth Anything model from a models folder: give --models-dir "
+            f"{what} needs a Depth Anything model from a models folder: give --models-dir "
             f"with {layout.DEPTH}/ holding Depth-Anything-V2-Small-hf's config.json and model.safetensors."
         )
     root = Path(models_dir) / layout.DEPTH
@@ -93,7 +94,7 @@ def depth_folder(models_dir: str | None) -> Path:
     near = next((f for f in (root, *subfolders) if any((f / name).is_file() for name in DEPTH_FILES)), root)
     missing = [name for name in DEPTH_FILES if not (near / name).is_file()]
     raise UserError(
-        f"--control-preprocess depth needs Depth Anything V2 Small in {near}, which lacks "
+        f"{what} needs Depth Anything V2 Small in {near}, which lacks "
         f"{' and '.join(missing)}: put depth-anything/Depth-Anything-V2-Small-hf's config.json and "
         "model.safetensors there (the wizard's control preset downloads them)."
     )
@@ -118,6 +119,17 @@ def load_depth_model(folder: Path):
             "depth-anything/Depth-Anything-V2-Small-hf's files there."
         ) from None
     return processor, model.eval()
+
+
+def preprocess(
+    kind: str, image: Image.Image, width: int, height: int, models_dir: str | None, device: torch.device
+) -> Image.Image:
+    """The control map `kind` ("none", "canny", "depth") makes of `image` at width × height ("none": as given)."""
+    if kind == "canny":
+        return canny(image, width, height)
+    if kind == "depth":
+        return depth(image, width, height, models_dir, device)
+    return image
 
 
 def depth(

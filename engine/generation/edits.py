@@ -211,10 +211,9 @@ def condition(
             return dataclasses.replace(inputs, blend=blend)
         if request.control_image is not None:
             image = _open(request.control_image, "--control-image")
-            if request.control_preprocess == "canny":
-                image = control_preprocess.canny(image, width, height)
-            elif request.control_preprocess == "depth":
-                image = control_preprocess.depth(image, width, height, request.files.models_dir, device)
+            image = control_preprocess.preprocess(
+                request.control_preprocess, image, width, height, request.files.models_dir, device
+            )
             cond = conditioning.control_conditioning(vae, image, width, height, batch, notify)
             return dataclasses.replace(inputs, img_cond=cond.to(device, dtype))
         images = [_open(path, "--reference") for path in request.references]

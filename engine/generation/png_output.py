@@ -65,11 +65,13 @@ def parameters_text(
 
 
 def _controlnets(request: GenerateRequest) -> str:
-    """`ControlNet: "name (strength S, A-B[, mode M]), ..."`, one entry per net, its file's name."""
+    """`ControlNet: "name (strength S, A-B[, mode M][, preprocessor]), ..."`, one entry per net, its file's
+    name."""
     entries = []
     for spec in request.controlnets:
         name = Path(spec.path.replace("\\", "/")).stem.replace(",", "_").replace(":", "_")
         mode = f", mode {spec.mode}" if spec.mode is not None else ""
+        mode += f", {spec.preprocess}" if spec.preprocess != "none" else ""
         entries.append(f"{name} (strength {_num(spec.strength)}, {_num(spec.start)}-{_num(spec.end)}{mode})")
     return '"' + ", ".join(entries) + '"'
 
