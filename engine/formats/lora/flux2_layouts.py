@@ -22,7 +22,7 @@ instead of applying part of it.
 from __future__ import annotations
 
 from engine.formats.lora.files import LoraWeights
-from engine.formats.lora.layouts import Layout, Names, Target, index, underscored
+from engine.formats.lora.layouts import Layout, Names, Target, index, kohya_spelling
 from engine.formats.lora.matching import resolve
 
 
@@ -84,11 +84,7 @@ class KohyaFlux2Diffusers(Layout):
     example = "lora_transformer_single_transformer_blocks_0_attn_to_qkv_mlp_proj.lora_down.weight"
 
     def names(self, layers, params):
-        out: Names = {}
-        for theirs, targets in Flux2Diffusers().names(layers, params).items():
-            out["lora_transformer_" + underscored(theirs)] = targets
-            out["lora_unet_" + underscored(theirs)] = targets
-        return out
+        return kohya_spelling(Flux2Diffusers().names(layers, params))
 
 
 FLUX2_LAYOUTS: tuple[Layout, ...] = (Flux2Diffusers(), KohyaFlux2Diffusers())

@@ -139,11 +139,16 @@ class KohyaDiffusers(Layout):
     example = "lora_transformer_single_transformer_blocks_0_attn_to_q.lora_down.weight"
 
     def names(self, layers, params):
-        out: Names = {}
-        for theirs, targets in Diffusers().names(layers, params).items():
-            out["lora_transformer_" + underscored(theirs)] = targets
-            out["lora_unet_" + underscored(theirs)] = targets
-        return out
+        return kohya_spelling(Diffusers().names(layers, params))
+
+
+def kohya_spelling(names: Names) -> Names:
+    """The same targets under kohya's spellings of diffusers' module names (`lora_transformer_…`, `lora_unet_…`)."""
+    out: Names = {}
+    for theirs, targets in names.items():
+        out["lora_transformer_" + underscored(theirs)] = targets
+        out["lora_unet_" + underscored(theirs)] = targets
+    return out
 
 
 class XLabs(Layout):
