@@ -192,7 +192,7 @@ class ControlNetSpec:
 
     @classmethod
     def parse(cls, text: str) -> ControlNetSpec:
-        """FILE,image=IMG[,strength=S][,start=A][,end=B][,mode=M]. Only a comma followed by `key=` starts a new
+        """FILE,image=IMG[,strength=S][,start=A][,end=B][,mode=M][,preprocess=P]. Only a comma and `key=` start a new
         part, so Windows paths (C:\\nets\\x.safetensors) and file names with commas stay whole."""
         path, *parts = re.split(r",(?=\s*[A-Za-z_]+\s*=)", text)
         values: dict = {}
