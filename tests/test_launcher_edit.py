@@ -366,6 +366,7 @@ async def test_controlnet_panel_values_reach_the_request_and_metadata_and_reuse_
                 "start": 0.1,
                 "end": 0.8,
                 "mode": "depth",
+                "preprocess": "none",  # the TUI made the Canny map: the engine gets the map
             },
             {
                 "path": str(xlabs),
@@ -374,6 +375,7 @@ async def test_controlnet_panel_values_reach_the_request_and_metadata_and_reuse_
                 "start": 0.0,
                 "end": 1.0,
                 "mode": None,
+                "preprocess": "none",
             },
         ]
         # the map is the engine's Canny at the job's size (64x64), written beside the outputs
