@@ -289,9 +289,9 @@ class FluxDeckApp(App):
         if values is None:
             return
         if values.controlnets:
-            # a preprocessor's map, made at the job's size, is what the engine gets; an edit's size is the engine's
-            # to work out from its image (the TUI cannot, without torch): the map is made at the photo's own size
-            # (floored to 16) and the engine fits it to the job's, as it does any control image
+            # a Canny map made here at the job's size is what the engine gets (depth: the photo, the engine's to
+            # preprocess); an edit's size is the engine's to work out from its image (the TUI cannot, without
+            # torch): the map is made at the photo's own size (floored to 16) and the engine fits it to the job's
             size = (values.width, values.height)
             if values.edit is not None and values.edit.mode is not EditMode.REDUX:
                 size = None

@@ -2,14 +2,16 @@
 
 Plain data (no widgets, no torch): the ControlNet panel (launcher/screens/controlnets.py) shows
 `scan_controlnets`, the form keeps a `ControlNetChoice` per file for the session, and the enabled ones become
-the request's `controlnets` (engine/contract/request.py, `--controlnet FILE,image=IMG,...`).
+the request's `controlnets` (engine/contract/request.py, `--controlnet FILE,image=IMG,...,preprocess=P`).
 
-The engine takes an already-preprocessed control map. With the preprocessor `canny`, the TUI makes the map
-itself with the engine's own function (engine/generation/control_preprocess.py) at the job's size, writes it to
-`<outputs>/inputs/`, and stores the photo it came from in the map's PNG text, so reusing the result restores the
-photo and the preprocessor, not only the map. Depth is not offered here: the engine's depth preprocessor needs
-torch, which the TUI process never imports, and `--controlnet` has no preprocess key (the engine computes depth
-only for `--control-image`, the Edit screen's Control mode); a depth ControlNet takes a depth map image.
+Preprocessors: `none` (the image is already a control map), `canny` and `depth`. With `canny` the TUI makes the
+map itself with the engine's own function (engine/generation/control_preprocess.py, numpy and OpenCV) at the
+job's size, writes it to `<outputs>/inputs/`, stores the photo it came from in the map's PNG text (so reusing
+the result restores the photo and the preprocessor, not only the map), and sends the map with `preprocess=none`.
+Depth needs torch, which the TUI process never imports: with `depth` the TUI sends the photo itself with
+`preprocess="depth"` and the engine computes the map at the job's size (Depth Anything files in
+`<models>/depth/`, checked by the engine with one sentence); there is no preview of it in the panel, and reuse
+reads the photo and `depth` straight from the request.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from launcher.form import FormError, parse_number
 from launcher.metadata import MAX_NAME_CHARS, UnreadableImage, load_picture, plain_text
 
 STRENGTH_RANGE = (0.0, MAX_CONTROL_STRENGTH)
-PREPROCESSORS = ("none", "canny")  # what the TUI computes itself, without torch (no depth: see above)
+PREPROCESSORS = ("none", "canny", "depth")
+TUI_MADE = ("canny",)  # maps the TUI computes itself, without torch (sent as a map, preprocess none)
+ENGINE_MADE = ("depth",)  # sent as the photo with its preprocess key; the engine computes the map
 NO_MODE = ""  # a net without a Union mode embedding
 MODES = (NO_MODE, *UNION_MODES)  # canny 0, tile 1, depth 2, blur 3, pose 4, gray 5, lq 6
 SOURCE_KEY, PREPROCESS_KEY, SOURCE_SHA_KEY = (
@@ -60,8 +64,8 @@ class ControlNetChoice:
 
 @dataclass
 class ControlNetValue:
-    """A checked ControlNet for one press of generate; `image` is what the engine gets (the map), `source` the
-    photo the map was made from when a preprocessor ran."""
+    """A checked ControlNet for one press of generate; `image` is what the engine gets (a map, or for an
+    engine-made preprocessor the photo), `source` the photo a preprocessor starts from."""
 
     path: str
     image: str
@@ -71,6 +75,12 @@ class ControlNetValue:
     mode: str | None = None
     preprocess: str = "none"
     source: str = ""
+
+    @property
+    def engine_preprocess(self) -> str:
+        """The request's `preprocess` key: the engine's own preprocessor (depth), else none (the image is a map:
+        given ready, or made here by write_maps)."""
+        return self.preprocess if self.preprocess in ENGINE_MADE else "none"
 
 
 def controlnet_folders(roots: list[Path]) -> list[Path]:
@@ -145,7 +155,7 @@ def control_map(image_path: str, preprocess: str, size: tuple[int, int] | None =
     never torch) at `size` (the job's; default: the image's floored to 16). Raises UnreadableImage, or the
     engine's UserError when OpenCV is missing."""
     picture = load_picture(Path(image_path))
-    if preprocess == "none":
+    if preprocess not in TUI_MADE:  # none, or depth (the engine's to compute: the photo itself)
         return picture
     from engine.generation.control_preprocess import canny
 
@@ -154,12 +164,12 @@ def control_map(image_path: str, preprocess: str, size: tuple[int, int] | None =
 
 
 def write_maps(values: list[ControlNetValue], size: tuple[int, int] | None, inputs_dir: Path) -> None:
-    """For each ControlNet with a preprocessor: its map at the job's size (None: the photo's, floored to 16; the
+    """For each ControlNet with a preprocessor the TUI runs (canny; depth is the engine's): its map at the job's size (None: the photo's, floored to 16; the
     engine fits a control image to the job's size) written to `inputs_dir` (the photo it came from and its
     SHA-256 in the PNG's text), and `image` set to the map. Raises FormError."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for index, value in enumerate(values):
-        if value.preprocess == "none":
+        if value.preprocess not in TUI_MADE:
             continue
         try:
             made = control_map(value.source, value.preprocess, size)
@@ -189,7 +199,7 @@ def map_source(map_path: str) -> tuple[str, str] | None:
     except Exception:  # noqa: BLE001 - anything that is not a readable PNG: no source to restore
         return None
     source, preprocess, digest = text.get(SOURCE_KEY), text.get(PREPROCESS_KEY), text.get(SOURCE_SHA_KEY)
-    if not source or preprocess not in PREPROCESSORS or not Path(source).is_file():
+    if not source or preprocess not in TUI_MADE or not Path(source).is_file():
         return None
     try:
         if digest and sha256_of(source) != digest:
@@ -201,7 +211,9 @@ def map_source(map_path: str) -> tuple[str, str] | None:
 
 def controlnets_in_request(request: dict | None) -> list[tuple[str, ControlNetChoice]]:
     """(path, choice) for each ControlNet in a request read back from one of our PNGs; malformed entries (not
-    text, numbers not finite or out of range, an unknown mode) are skipped."""
+    text, numbers not finite or out of range, an unknown mode or preprocessor) are skipped. An engine-run
+    preprocessor (depth; canny from the command line too) comes back with its photo; a map the TUI made, with
+    the photo and preprocessor stored in it."""
     items = request.get("controlnets") if isinstance(request, dict) else None
     found = []
     for item in items if isinstance(items, list) else []:
@@ -227,12 +239,19 @@ def controlnets_in_request(request: dict | None) -> list[tuple[str, ControlNetCh
             mode = "" if mode is None else str(mode).strip().lower()
             if mode.isdigit():
                 mode = next((name for name, index in UNION_MODES.items() if index == int(mode)), None)
-            if mode is None or mode not in MODES or not numbers[1] < numbers[2]:
+            preprocess = item.get("preprocess", "none")
+            preprocess = "none" if preprocess is None else str(preprocess).strip().lower()
+            if (
+                mode is None
+                or mode not in MODES
+                or preprocess not in PREPROCESSORS
+                or not numbers[1] < numbers[2]
+            ):
                 continue
             choice = ControlNetChoice(
-                True, image, "none", f"{numbers[0]:g}", f"{numbers[1]:g}", f"{numbers[2]:g}", mode
+                True, image, preprocess, f"{numbers[0]:g}", f"{numbers[1]:g}", f"{numbers[2]:g}", mode
             )
-            if (restored := map_source(image)) is not None:
+            if preprocess == "none" and (restored := map_source(image)) is not None:
                 choice.image, choice.preprocess = restored
             found.append((plain_text(path, 4096), choice))
     return found

@@ -149,7 +149,8 @@ def build_request(values: FormValues, settings: Settings, seed: int, out: Path, 
         redux_images=[ReduxSpec(path, float(strength)) for path, strength in redux],
         loras=[LoraSpec(str(path), float(strength)) for path, strength in values.loras],
         controlnets=[
-            ControlNetSpec(c.path, c.image, c.strength, c.start, c.end, c.mode) for c in values.controlnets
+            ControlNetSpec(c.path, c.image, c.strength, c.start, c.end, c.mode, c.engine_preprocess)
+            for c in values.controlnets
         ],
         files=files,
         device=settings.device,

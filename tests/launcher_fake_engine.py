@@ -6,8 +6,8 @@ Run as a script: python tests/launcher_fake_engine.py. The prompt steers it: "sl
 
 The files an edit needs beyond the model are looked for by the real engine's own functions, so a job the real
 engine would refuse for a missing file fails here with the same sentence: Redux's embedder and SigLIP
-(engine/generation/redux.plan_redux, which reads the files' tensor names) and the depth model
-(engine/generation/control_preprocess.depth_folder).
+(engine/generation/redux.plan_redux, which reads the files' tensor names) and the depth model for
+--control-preprocess depth or a ControlNet's preprocess=depth (engine/generation/control_preprocess.depth_folder).
 """
 
 from __future__ import annotations
@@ -67,6 +67,11 @@ class FakeEngine:
             from engine.generation.control_preprocess import depth_folder
 
             depth_folder(request.files.models_dir)  # a UserError naming the missing depth model files
+        for spec in request.controlnets:
+            if spec.preprocess == "depth":  # as engine/generation/control.py checks it, before loading
+                from engine.generation.control_preprocess import depth_folder
+
+                depth_folder(request.files.models_dir, f"--controlnet {spec.path},preprocess=depth")
         on_event(Stage("loading"))
         print("a stray print that must not reach stdout")
         on_event(Stage("encoding"))

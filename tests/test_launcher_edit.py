@@ -366,6 +366,7 @@ async def test_controlnet_panel_values_reach_the_request_and_metadata_and_reuse_
                 "start": 0.1,
                 "end": 0.8,
                 "mode": "depth",
+                "preprocess": "none",  # the TUI made the Canny map: the engine gets the map
             },
             {
                 "path": str(xlabs),
@@ -374,6 +375,7 @@ async def test_controlnet_panel_values_reach_the_request_and_metadata_and_reuse_
                 "start": 0.0,
                 "end": 1.0,
                 "mode": None,
+                "preprocess": "none",
             },
         ]
         # the map is the engine's Canny at the job's size (64x64), written beside the outputs
@@ -411,6 +413,32 @@ async def test_controlnet_panel_values_reach_the_request_and_metadata_and_reuse_
             "none",
             "0.4",
         )
+
+
+def test_controlnets_read_back_keep_the_engines_preprocessor_and_skip_an_unknown_one(tmp_path):
+    """A request's ControlNets (ours, or a command line's) come back with the photo and its preprocessor: depth
+    and canny as the request says (the TUI makes the Canny map again, depth is the engine's), a map with none;
+    an unknown preprocessor skips the entry, as an unknown mode does."""
+    from launcher.controlnets import ControlNetValue, controlnets_in_request
+
+    photo = source_image(tmp_path / "photo.png")
+    entry = {"path": "net.safetensors", "image": str(photo), "strength": 0.5}
+    request = {
+        "controlnets": [
+            entry | {"preprocess": "depth"},
+            entry | {"preprocess": "Canny"},
+            entry,  # written before the key existed: none
+            entry | {"preprocess": "sobel"},
+            entry | {"preprocess": "depth", "mode": "glow"},
+        ]
+    }
+    found = [(c.image, c.preprocess, c.strength) for _, c in controlnets_in_request(request)]
+    assert found == [(str(photo), "depth", "0.5"), (str(photo), "canny", "0.5"), (str(photo), "none", "0.5")]
+    # what the request gets: the engine runs depth; a Canny map the TUI made goes as a map
+    sent = [
+        ControlNetValue("n", str(photo), preprocess=p).engine_preprocess for p in ("none", "canny", "depth")
+    ]
+    assert sent == ["none", "none", "depth"]
 
 
 # -- the model family ------------------------------------------------------------------------------------

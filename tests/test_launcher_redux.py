@@ -1,7 +1,8 @@
 """The TUI's Redux mode and depth preprocessor: Redux images with strengths (checked with one sentence) reach the
 request the fake engine gets, the PNG records them by name and SHA-256, reuse restores them; a missing Redux or
 depth file fails the job with the real engine's sentence, shown on the Edit screen; depth is sent as
---control-preprocess depth without a preview in the TUI; the ControlNet panel offers none/canny and says why;
+--control-preprocess depth without a preview in the TUI; the ControlNet panel offers none/canny/depth, depth
+sent as the photo with preprocess="depth" (no preview), and reuse restores it;
 the panel's ControlNets apply to Edit-screen jobs too and reuse restores them with the edit.
 Driven by keys through Pilot, with the fake engine (tests/launcher_fake_engine.py)."""
 
@@ -251,7 +252,7 @@ async def test_depth_is_sent_to_the_engine_without_a_preview_and_reuse_restores_
         assert edit.query_one("#preprocess", Select).value == "depth" and edit.source == str(src)
 
 
-async def test_the_controlnet_panel_offers_none_and_canny_and_says_how_to_give_depth(tmp_path):
+async def test_the_controlnet_panel_offers_none_canny_and_depth_and_says_who_computes_depth(tmp_path):
     from launcher.screens.controlnets import ControlNetScreen
     from tests.test_launcher_edit import controlnet_files
 
@@ -262,9 +263,76 @@ async def test_the_controlnet_panel_offers_none_and_canny_and_says_how_to_give_d
         panel = app.screen
         assert isinstance(panel, ControlNetScreen)
         options = [value for _, value in panel.query_one("#pre-0", Select)._options]
-        assert options == ["none", "canny"]
+        assert options == ["none", "canny", "depth"]
         note = str(panel.query_one("#cn-depth-note").render())
-        assert "for depth give a depth map" in note and "Control mode" in note
+        assert "canny or depth" in note and "computed by the engine" in note and "models/depth/" in note
+
+
+async def test_a_depth_controlnet_sends_the_photo_for_the_engine_to_preprocess_and_reuse_restores_it(
+    tmp_path,
+):
+    from launcher.screens.controlnets import ControlNetScreen
+    from tests.test_launcher_edit import controlnet_files
+
+    union, _ = controlnet_files(tmp_path / "models")
+    photo = source_image(tmp_path / "photo.png")
+    app = make_app(tmp_path, engine=FAKE_ENGINE)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("ctrl+t")
+        panel = app.screen
+        assert isinstance(panel, ControlNetScreen)
+        panel.query_one("#on-0", Checkbox).value = True
+        panel.query_one("#image-0", Input).value = str(photo)
+        panel.query_one("#pre-0", Select).value = "canny"
+        await wait_for(pilot, lambda: panel.preview is not None, 10)  # canny still previewed here
+        panel.query_one("#pre-0", Select).value = "depth"
+        await pilot.pause()
+        caption = str(panel.query_one("#cn-preview").query_one("#caption").render())
+        assert panel.preview is None and "depth map is computed by the engine" in caption
+        panel.query_one("#mode-0", Select).value = "depth"
+        await pilot.press("escape")
+        assert app.screen is app.get_screen("generate")
+        await pilot.press("ctrl+g")  # no models/depth/: the engine's sentence, naming the ControlNet
+        await wait_for(pilot, lambda: app.jobs.jobs and app.jobs.jobs[0].finished, 60)
+        failed = app.jobs.jobs[0]
+        assert failed.state is JobState.FAILED and "needs Depth Anything V2 Small" in failed.error
+        assert "preprocess=depth" in failed.error
+        depth = tmp_path / "models" / "depth" / "depth-anything-v2-small"
+        depth.mkdir(parents=True)
+        for name in ("config.json", "model.safetensors"):
+            (depth / name).write_text("{}")  # found where the manifest puts them (the fake does not run it)
+        await pilot.press("ctrl+g")
+        await wait_for(pilot, lambda: len(app.jobs.jobs) == 2 and app.jobs.jobs[1].finished, 60)
+        job = app.jobs.jobs[1]
+        assert job.state is JobState.DONE, job.error
+        (net,) = job.request["controlnets"]
+        # the photo itself with the engine's preprocessor, no map made by the TUI
+        assert (net["path"], net["image"], net["preprocess"], net["mode"]) == (
+            str(union),
+            str(photo),
+            "depth",
+            "depth",
+        )
+        assert not (tmp_path / "outputs" / "inputs").exists()
+        GenerateRequest.from_dict(job.request).validate()
+        recorded = read_png_params(Path(job.paths[0])).request
+        assert recorded["controlnets"] == job.request["controlnets"]
+        # reuse: the ControlNet off and changed, then back with the photo and depth
+        choices = app._generate.form.controlnet_choices
+        choices[str(union)].enabled, choices[str(union)].preprocess = False, "canny"
+        choices[str(union)].image = ""
+        await pilot.press("f3")
+        gallery = app.get_screen("gallery")
+        await wait_for(pilot, lambda: gallery.selected() == job.paths[0], 5)
+        await pilot.press("u")
+        await wait_for(pilot, lambda: choices[str(union)].enabled, 5)
+        choice = choices[str(union)]
+        assert (choice.image, choice.preprocess, choice.mode) == (str(photo), "depth", "depth")
+        await pilot.press("ctrl+t")  # the panel shows it so
+        panel = app.screen
+        assert isinstance(panel, ControlNetScreen)
+        assert panel.query_one("#pre-0", Select).value == "depth"
+        assert panel.query_one("#image-0", Input).value == str(photo)
 
 
 async def test_controlnets_chosen_in_the_panel_apply_to_edits_and_reuse_restores_both(tmp_path):

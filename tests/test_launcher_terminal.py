@@ -88,7 +88,19 @@ async def main(tmp):
         edit.query_one("#preprocess").value = "depth"
         edit.query_one("#mode").value = "redux"
         await pilot.pause()
-    print("torch" in sys.modules, "numpy" in sys.modules, edit.preview is not None)
+        # the ControlNet panel's depth: the photo goes to the engine as it is (no map made here, no torch)
+        (tmp / "models" / "controlnet").mkdir(parents=True, exist_ok=True)
+        (tmp / "models" / "controlnet" / "union.safetensors").write_bytes(b"net")
+        await pilot.press("ctrl+t")
+        panel = app.screen
+        panel.query_one("#on-0").value = True
+        panel.query_one("#image-0").value = str(photo)
+        panel.query_one("#pre-0").value = "depth"
+        panel.query_one("#image-0").focus()
+        await pilot.press("enter")
+        await pilot.pause()
+        said = "computed by the engine" in str(panel.query_one("#cn-preview").query_one("#caption").render())
+    print("torch" in sys.modules, "numpy" in sys.modules, edit.preview is not None, said)
 
 asyncio.run(main(Path(sys.argv[1])))
 """
@@ -99,9 +111,10 @@ def test_the_tui_never_imports_torch(tmp_path):
         [sys.executable, "-c", NO_TORCH, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    torch, _, previewed = result.stdout.split()[-3:]
+    torch, _, previewed, depth_said = result.stdout.split()[-4:]
     assert torch == "False", "the TUI process imported torch"
     assert previewed == "True", "the canny preview was not computed (the check would prove nothing)"
+    assert depth_said == "True", "the ControlNet panel's depth was not chosen (the check would prove nothing)"
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")

@@ -1,8 +1,10 @@
 """The ControlNet panel: every file in `<models>/controlnet/`, each on or off with its control image,
-preprocessor (with a preview in the terminal), strength, start/end range and Union mode (keyboard only).
+preprocessor (none, canny, depth; canny and none previewed in the terminal), strength, start/end range and Union
+mode (keyboard only).
 
 Like the LoRA panel it edits the form's choices in place, so they last for the session. Enter in an image field
-(or a change of preprocessor) previews that row's control map as the engine will get it.
+(or a change of preprocessor) previews that row's control map as the engine will get it; a depth map is the
+engine's to compute (the TUI never loads torch), so for depth the panel says so instead of a preview.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from textual.screen import ModalScreen
 from textual.widgets import Checkbox, Footer, Input, Label, Select
 
 from launcher.controlnets import (
+    ENGINE_MADE,
     MODES,
     PREPROCESSORS,
     ControlNetChoice,
@@ -43,6 +46,7 @@ class MapPreview(Message):
     """A row's control map, computed off the UI thread (or why it could not be)."""
 
     row: int
+    preprocess: str
     image: Image.Image | None
     error: str | None = None
 
@@ -112,8 +116,8 @@ class ControlNetScreen(ModalScreen[None]):
                 markup=False,
             )
             yield Label(
-                "The image must be a control map, or a photo with canny; for depth give a depth map (the engine's "
-                "depth preprocessor runs for the Edit screen's Control mode).",
+                "The image is a control map, or a photo with canny or depth; depth is computed by the engine when the "
+                "job runs (no preview here; Depth Anything V2 in models/depth/).",
                 id="cn-depth-note",
                 classes="help",
                 markup=False,
@@ -198,7 +202,15 @@ class ControlNetScreen(ModalScreen[None]):
         image = choice.image.strip().strip('"')
         if not image:
             return
-        self.query_one("#cn-preview", ImagePane).show(None, "computing the control map…")
+        pane = self.query_one("#cn-preview", ImagePane)
+        if choice.preprocess in ENGINE_MADE:
+            self.preview, self.preview_row = None, row
+            pane.show(
+                None,
+                f"{self.rows[row][1]}: the {choice.preprocess} map is computed by the engine when the job runs",
+            )
+            return
+        pane.show(None, "computing the control map…")
         self._compute(row, str(Path(image).expanduser()), choice.preprocess)
 
     @work(thread=True, exclusive=True, group="cn-preview")
@@ -206,19 +218,21 @@ class ControlNetScreen(ModalScreen[None]):
         try:
             made = control_map(image, preprocess)
         except Exception as error:  # noqa: BLE001 - an unreadable file, OpenCV missing: said, not raised
-            self.post_message(MapPreview(row, None, plain_text(str(error), 300)))
+            self.post_message(MapPreview(row, preprocess, None, plain_text(str(error), 300)))
             return
-        self.post_message(MapPreview(row, made))
+        self.post_message(MapPreview(row, preprocess, made))
 
     @on(MapPreview)
     def _previewed(self, message: MapPreview) -> None:
+        path, name, _ = self.rows[message.row]
+        choice = self.choices[path]
+        if choice.preprocess != message.preprocess:
+            return  # the preprocessor changed while this one was computed (to depth: nothing to show)
         pane = self.query_one("#cn-preview", ImagePane)
         if message.image is None:
             pane.show(None, "")
             self.query_one("#cn-error", Label).update(message.error or "The control map could not be made.")
             return
-        path, name, _ = self.rows[message.row]
-        choice = self.choices[path]
         pane.show(message.image, f"{name}: {choice.preprocess} map of {Path(choice.image).name}")
         self.preview, self.preview_row = message.image, message.row
 
