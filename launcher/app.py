@@ -32,9 +32,10 @@ from launcher.config import PROJECT_ROOT, ConfigFile, Settings
 from launcher.controlnets import controlnets_in_request, write_maps
 from launcher.edits import INPUTS_FOLDER, EditMode, edit_from_request, find_input, recorded_inputs
 from launcher.engine_client import EngineExit, EngineProcess, default_engine_command
-from launcher.form import AUTO_MODEL, FormError, FormValues, build_requests
+from launcher.form import AUTO_MODEL, FormValues, build_requests
 from launcher.jobs import Job, JobQueue, JobState
 from launcher.keymap import KEYS
+from launcher.limits import FormError
 from launcher.messages import (
     EditRequested,
     EngineExited,

@@ -26,7 +26,7 @@ from PIL import Image, PngImagePlugin
 from engine.contract import layout
 from engine.contract.request import MAX_CONTROL_STRENGTH, UNION_MODES
 from launcher.edits import sha256_of
-from launcher.form import FormError, parse_number
+from launcher.limits import FormError, parse_number
 from launcher.metadata import MAX_NAME_CHARS, UnreadableImage, load_picture, plain_text
 
 STRENGTH_RANGE = (0.0, MAX_CONTROL_STRENGTH)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -23,10 +22,6 @@ if TYPE_CHECKING:
     from launcher.controlnets import ControlNetValue
 
 AUTO_MODEL = "auto"  # let the engine find the parts in the models folder
-
-
-class FormError(ValueError):
-    """A field that does not parse; the message names the field and what to type."""
 
 
 @dataclass
@@ -67,22 +62,6 @@ class FormValues:
         # which the engine reads, so the panel's LoRAs are turned off for them.
         values.loras = loras_in_request(params.request)
         return values
-
-
-def parse_number(
-    text: str, kind: type, field_name: str, low: float, high: float | None = None
-) -> int | float:
-    try:
-        value = kind(text.strip())
-    except ValueError:
-        kind_name = "a whole number" if kind is int else "a number"
-        raise FormError(f"{field_name} must be {kind_name}, not {text.strip()!r}.") from None
-    if not math.isfinite(value):
-        raise FormError(f"{field_name} must be a finite number, not {text.strip()!r}.")
-    if value < low or (high is not None and value > high):
-        upper = f" to {high}" if high is not None else " or more"
-        raise FormError(f"{field_name} {value} is out of range: use {low}{upper}.")
-    return value
 
 
 def output_path(output_dir: Path, seed: int, index: int = 0) -> Path:

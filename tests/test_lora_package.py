@@ -19,6 +19,7 @@ from engine.formats.lora import (
     LoraFiles,
     LoraLibrary,
     LoraPatch,
+    layer_index,
     layouts,
 )
 from engine.formats.lora.files import PAIR_ENDINGS
@@ -44,8 +45,8 @@ def _pair_key(name: str) -> str:
 
 def test_every_registered_layout_names_layers_of_our_models(dev_set):
     flux = _flux(dev_set)
-    transformer = layouts.index(flux, "transformer")
-    clip = layouts.index(build_clip(dict(dev_set.stored_as_float()["clip"]), {}, torch.float32), "clip")
+    transformer = layer_index.index(flux, "transformer")
+    clip = layer_index.index(build_clip(dict(dev_set.stored_as_float()["clip"]), {}, torch.float32), "clip")
     for registry, index, part in (
         (TRANSFORMER_LAYOUTS, transformer, "transformer"),
         (CLIP_LAYOUTS, clip, "clip"),

@@ -33,7 +33,7 @@ import torch
 from engine.contract.errors import Cancelled, UserError
 from engine.contract.events import Done, EventSink, Message, Stage, Step
 from engine.contract.request import GenerateRequest, parse_cache
-from engine.formats.lora.flux2_layouts import unknown_keys
+from engine.formats.lora.library import unknown_keys
 from engine.generation import edits, flux2_references, sampling, vae_tiling
 from engine.generation.decode import checked_images
 from engine.generation.denoise import _retrying, nonfinite_cause

@@ -33,8 +33,8 @@ from launcher.controlnets import (
     control_map,
     label,
 )
-from launcher.form import FormError
 from launcher.keymap import KEYS
+from launcher.limits import FormError
 from launcher.metadata import plain_text
 from launcher.models import human_size
 from launcher.screens.loras import LoraList

@@ -38,9 +38,9 @@ from launcher.edits import (
     image_size,
     parse_redux_images,
 )
-from launcher.form import AUTO_MODEL, FormError, FormValues, output_path, parse_number
+from launcher.form import AUTO_MODEL, FormValues, output_path
 from launcher.keymap import KEYS
-from launcher.limits import RANGES
+from launcher.limits import RANGES, FormError, parse_number
 from launcher.loras import summary as lora_summary
 from launcher.messages import JobFinished
 from launcher.metadata import UnreadableImage, load_picture, plain_text

@@ -15,8 +15,9 @@ from textual.widgets import Footer, Static
 
 from engine.contract import events
 from launcher.controlnets import ControlNetFile, controlnet_folders, controlnets_in_request, scan_controlnets
-from launcher.form import FormError, FormValues
+from launcher.form import FormValues
 from launcher.keymap import KEYS
+from launcher.limits import FormError
 from launcher.loras import LoraFile, lora_folders, scan_loras
 from launcher.messages import JobFinished, JobProgress, JobStarted
 from launcher.metadata import ImageParams

@@ -16,8 +16,8 @@ from textual.content import Content
 from textual.screen import ModalScreen
 from textual.widgets import Checkbox, Footer, Input, Label
 
-from launcher.form import FormError, parse_number
 from launcher.keymap import KEYS
+from launcher.limits import FormError, parse_number
 from launcher.loras import STRENGTH_RANGE, LoraChoice, LoraFile, lora_label
 from launcher.models import human_size
 

@@ -9,8 +9,8 @@ from textual.widgets import Footer, Input, Label, Select, Static, Switch
 
 from engine.contract.request import parse_cache
 from launcher.config import DEVICES, DTYPES, Settings
-from launcher.form import FormError, parse_number
 from launcher.keymap import KEYS
+from launcher.limits import FormError, parse_number
 from launcher.messages import SettingsSaved
 
 

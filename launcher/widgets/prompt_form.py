@@ -14,9 +14,9 @@ from textual.widgets import Checkbox, Input, Label, Select, Static, TextArea
 from engine.contract.request import SIZE_MULTIPLE
 from launcher import controlnets
 from launcher.controlnets import ControlNetChoice, ControlNetFile, ControlNetValue
-from launcher.form import AUTO_MODEL, FormError, FormValues, parse_number
+from launcher.form import AUTO_MODEL, FormValues
 from launcher.keymap import KEYS
-from launcher.limits import RANGES
+from launcher.limits import RANGES, FormError, parse_number
 from launcher.loras import STRENGTH_RANGE, LoraChoice, LoraFile, choose, lora_label, match_loras, summary
 from launcher.models import InstalledFile, defaults_for_file, family_for_file
 from launcher.seeds import SeedMode

@@ -21,9 +21,7 @@ instead of applying part of it.
 
 from __future__ import annotations
 
-from engine.formats.lora.files import LoraWeights
-from engine.formats.lora.layouts import Layout, Names, Target, index, kohya_spelling
-from engine.formats.lora.matching import resolve
+from engine.formats.lora.layouts import Layout, Names, Target, kohya_spelling
 
 
 class Flux2Diffusers(Layout):
@@ -91,12 +89,3 @@ FLUX2_LAYOUTS: tuple[Layout, ...] = (Flux2Diffusers(), KohyaFlux2Diffusers())
 
 
 TEXT_ENCODER_MARKERS = ("text_encoder", "lora_te")  # a Qwen3 part: diffusers' and kohya's prefixes
-
-
-def unknown_keys(transformer, lora: LoraWeights) -> tuple[list[str], list[str]]:
-    """(tensor names of this LoRA that fit no layer of this FLUX.2 transformer, those of a text-encoder part)."""
-    idx = index(transformer, "transformer")
-    resolved = resolve(lora, {"transformer": idx, "clip": None}, ("transformer",))
-    misfit = [line.partition(":")[0] for line in resolved.misfit]
-    unknown = [n for n in resolved.unmatched + misfit if not n.startswith(TEXT_ENCODER_MARKERS)]
-    return unknown, [k for k in lora.pairs if k.startswith(TEXT_ENCODER_MARKERS)]

@@ -12,8 +12,6 @@ from typing import Any
 
 from torch import nn
 
-from engine.runtime import ops
-
 # Dotted prefixes that wrap the model's own names in the files (stripped repeatedly, in any order).
 TRANSFORMER_PREFIXES = (
     "model.diffusion_model.",
@@ -216,31 +214,6 @@ class LayerIndex:
         if not targets or any(t.layer not in self.layers for t in targets):
             return None
         return targets
-
-
-def index(model: nn.Module | None, part: str) -> LayerIndex:
-    """The `part` ("transformer" or "clip") model's index (empty when the model is not there)."""
-    strip_name = "text_model." if part == "clip" else ""
-    layouts = CLIP_LAYOUTS if part == "clip" else TRANSFORMER_LAYOUTS
-    if part == "transformer":  # FLUX.2's diffusers names (imported here: that module builds on this one)
-        from engine.formats.lora.flux2_layouts import FLUX2_LAYOUTS
-
-        layouts = layouts + FLUX2_LAYOUTS
-    prefixes = CLIP_PREFIXES if part == "clip" else TRANSFORMER_PREFIXES
-    if model is None:
-        return LayerIndex({}, {}, prefixes)
-    layers = {
-        name.removeprefix(strip_name): m
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and ops.is_cast_layer(m)
-    }
-    params = getattr(model, "params", None)
-    names: Names = {}
-    for layout in layouts:
-        for key, targets in layout.names(list(layers), params).items():
-            names.setdefault(key, targets)
-    norms = {name: m for name, m in model.named_modules() if hasattr(m, "scale_patch")}
-    return LayerIndex(layers, names, prefixes, norms)
 
 
 def strip(key: str, prefixes: tuple[str, ...]) -> str:

@@ -10,7 +10,9 @@ from engine.contract.errors import UserError
 from engine.contract.request import LoraSpec
 from engine.formats.lora import patch
 from engine.formats.lora.files import LoraFiles, LoraWeights
-from engine.formats.lora.layouts import index, part_of
+from engine.formats.lora.flux2_layouts import TEXT_ENCODER_MARKERS
+from engine.formats.lora.layer_index import index
+from engine.formats.lora.layouts import part_of
 from engine.formats.lora.matching import no_fit, notes_for, resolve
 
 PARTS = ("transformer", "clip")
@@ -77,3 +79,12 @@ class LoraLibrary:
             if spec.strength != 0 and any(part_of(k) == "clip" for k in lora.pairs):
                 keys.append(f"{lora.path.resolve()}:{lora.mtime_ns}:{lora.size}:{spec.strength!r}")
         return "|".join(keys)
+
+
+def unknown_keys(transformer, lora: LoraWeights) -> tuple[list[str], list[str]]:
+    """(tensor names of this LoRA that fit no layer of this FLUX.2 transformer, those of a text-encoder part)."""
+    idx = index(transformer, "transformer")
+    resolved = resolve(lora, {"transformer": idx, "clip": None}, ("transformer",))
+    misfit = [line.partition(":")[0] for line in resolved.misfit]
+    unknown = [n for n in resolved.unmatched + misfit if not n.startswith(TEXT_ENCODER_MARKERS)]
+    return unknown, [k for k in lora.pairs if k.startswith(TEXT_ENCODER_MARKERS)]
