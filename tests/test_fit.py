@@ -16,7 +16,15 @@ from engine.models.flux1 import Flux
 from engine.runtime import footprint
 from engine.runtime.estimate import Machine, Part, bytes_per_weight, duration, estimate
 from engine.runtime.memory import MemoryManager
-from engine.runtime.placement import GB, RSS_PER_LARGEST, RUNTIME_RAM, VRAM_IN_USE, may_pin, vram_budget
+from engine.runtime.placement import (
+    GB,
+    RSS_PER_LARGEST,
+    RUNTIME_RAM,
+    VRAM_IN_USE,
+    activation_bytes,
+    may_pin,
+    vram_budget,
+)
 from engine.runtime.speed import Speed
 
 MANIFEST = load_manifest()
@@ -160,7 +168,12 @@ def test_cpu_peak_is_the_largest_stage_and_the_same_for_the_same_format():
     assert a.estimate.placement.ram_needed == pytest.approx(b.estimate.placement.ram_needed, rel=0.01)
     assert a.estimate.placement.largest == "flux1-schnell"
     full = fit.verdict(MANIFEST, MANIFEST.presets["dev-full"], system, CPU)
-    peak = RSS_PER_LARGEST * MANIFEST.files["flux1-dev"].size + RUNTIME_RAM  # the bf16 transformer's stage
+    # the bf16 transformer's stage, and its activations at 1024² (bf16 compute)
+    peak = (
+        RSS_PER_LARGEST * MANIFEST.files["flux1-dev"].size
+        + RUNTIME_RAM
+        + activation_bytes(4608, 3072, 12288, 2)
+    )
     assert not full.fits and f"needs {peak / GB:.1f} GB RAM, this machine has 24.0 GB" in full.text()
 
 
@@ -349,3 +362,39 @@ def test_bootstrap_fit_prints_one_verdict_per_preset(tmp_path, monkeypatch, caps
         main(["fit", "--max-minutes", "nan"])
     assert stopped.value.code == 2
     assert "not a number of minutes from 0.1 to 1440" in capsys.readouterr().err
+
+
+def test_a_long_sequence_takes_its_activations_from_the_automatic_budget(monkeypatch):
+    """The engine's automatic budget gives way to a job's activations beyond the reserve's share (Kontext at
+    1024² in fp32 with CFG: 2 rows × 8704 tokens), for that job only; an explicit --vram-budget is kept."""
+    from engine.generation import model_cache
+    from engine.runtime.placement import ACTIVATIONS_IN_RESERVE, activation_bytes
+
+    monkeypatch.setattr(model_cache, "auto_budget", lambda device: 6 * GB)
+    cache = model_cache.ModelCache()
+    cpu = torch.device("cpu")
+    plain = activation_bytes(4096 + 512, 3072, 12288, 2)
+    assert plain < ACTIVATIONS_IN_RESERVE and cache.start_job(cpu, None, plain).budget == 6 * GB
+    kontext = activation_bytes(2 * 4096 + 512, 3072, 12288, 4, rows=2)
+    assert kontext > ACTIVATIONS_IN_RESERVE
+    assert cache.start_job(cpu, None, kontext).budget == 6 * GB - (kontext - int(ACTIVATIONS_IN_RESERVE))
+    assert cache.start_job(cpu, None, plain).budget == 6 * GB  # given back to the next job
+    assert cache.start_job(cpu, 3.0, kontext).budget == 3 * GB  # the user's budget is the user's
+    # the prediction applies the same rule
+    assert vram_budget(8 * GB, 8 * GB, kontext) == vram_budget(8 * GB, 8 * GB) - (
+        kontext - int(ACTIVATIONS_IN_RESERVE)
+    )
+
+
+def test_the_engine_counts_the_sequence_it_runs():
+    from engine.contract.request import GenerateRequest
+    from engine.generation.pipeline import _activations
+    from engine.runtime.placement import activation_bytes
+
+    shapes = {"img_in.weight": (3072, 64)}
+    plain = GenerateRequest(prompt="p", width=1024, height=1024, out="o.png")
+    kontext = GenerateRequest(prompt="p", width=1024, height=1024, references=["r.png"], cfg=2.0, out="o.png")
+    assert _activations(plain, shapes, torch.bfloat16) == activation_bytes(4096 + 512, 3072, 4 * 3072, 2)
+    assert _activations(kontext, shapes, torch.float32) == activation_bytes(
+        2 * 4096 + 512, 3072, 4 * 3072, 4, 2
+    )

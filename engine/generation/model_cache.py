@@ -20,6 +20,7 @@ from engine.models.qwen3_encoder import load_qwen3_tokenizer, qwen3_tokenizer_id
 from engine.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer, tokenizer_identity
 from engine.runtime import ops
 from engine.runtime.memory import GB, MemoryManager, auto_budget
+from engine.runtime.placement import activation_excess
 
 RAM_SHARE = 0.6  # of the machine's RAM that loaded models may take before older ones are let go
 EVICTION_ORDER = (
@@ -77,6 +78,7 @@ class ModelCache:
     _tokenizers: dict[tuple[str, str], object] = field(default_factory=dict)
     _projections: dict[ModelKey, torch.Tensor] = field(default_factory=dict)
     _auto_budget: int | None = None
+    _activation_cut: int = 0  # taken from this job's automatic budget for its activations
     _budget_was_auto: bool = True
 
     # ---- what is loaded ----
@@ -95,20 +97,26 @@ class ModelCache:
 
     # ---- a job ----
 
-    def start_job(self, device: torch.device, budget_gb: float | None) -> MemoryManager:
+    def start_job(self, device: torch.device, budget_gb: float | None, activations: int = 0) -> MemoryManager:
         """The manager for `device`, its budget set for this job. The automatic budget is measured once, before
-        this cache holds any VRAM (measured later, our own weights would shrink it job after job), and follows
-        any out-of-memory cut."""
+        this cache holds any VRAM (measured later, our own weights would shrink it job after job), follows any
+        out-of-memory cut, and gives way to a long sequence's activations (`activations`: placement's
+        `activation_bytes` for this job) for this job only."""
         self._in_use.clear()
         if self.memory is None or self.memory.device != device:
             for role in list(self._loaded):
                 self._drop(role)
             self._auto_budget = auto_budget(device)
             self.memory = MemoryManager(device, self._auto_budget)
-        elif self._budget_was_auto:
-            self._auto_budget = self.memory.budget  # an out-of-memory retry may have lowered it
+        elif self._budget_was_auto and self.memory.budget is not None:
+            # an out-of-memory retry may have lowered it; the last job's cut for its activations is given back
+            self._auto_budget = self.memory.budget + self._activation_cut
         self._budget_was_auto = budget_gb is None
         budget = self._auto_budget if budget_gb is None else int(budget_gb * GB)
+        self._activation_cut = 0
+        if budget_gb is None and budget is not None:
+            self._activation_cut = min(budget, activation_excess(activations))
+            budget -= self._activation_cut
         if self.memory.budget != budget:
             self.memory.set_budget(budget)
         self.memory.reset_stats()

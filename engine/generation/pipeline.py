@@ -37,6 +37,7 @@ from engine.generation.preview import preview
 from engine.generation.step_cache import FirstBlockCache
 from engine.runtime.devices import pick_device
 from engine.runtime.memory import MemoryManager, tune_host_allocator
+from engine.runtime.placement import activation_bytes
 
 
 @dataclass
@@ -140,7 +141,8 @@ class Engine:
         for skipped in files.notes:
             on_event(Message(skipped))
         request = edits.resolve(request, files, self.models.loras)  # the edit's model checks, size, guidance
-        self.models.start_job(device, request.vram_budget)
+        activations = _activations(request, files.components["transformer"].shapes(), precision.transformer)
+        self.models.start_job(device, request.vram_budget, activations)
         schnell = not families.has_guidance_embedding(files.components["transformer"].shapes())
         return Plan(request, files, device, precision, schnell, files.family)
 
@@ -178,6 +180,23 @@ class Engine:
             transformer, inputs, step_cache, progress, cancel,
             memory=self.models.memory, on_event=on_event, nonfinite_cause=lambda: nonfinite_cause(plan),
         )  # fmt: skip
+
+
+REFERENCE_TOKENS = 4096  # a Kontext or klein reference is sized to about 1 MP: 4096 tokens at most
+REDUX_TOKENS = 729  # SigLIP's 27 × 27 patches per Redux image
+TEXT_TOKENS = 512
+
+
+def _activations(request: GenerateRequest, shapes: dict[str, tuple[int, ...]], dtype: torch.dtype) -> int:
+    """This job's largest activations on the device (placement.activation_bytes), for the sequence it really
+    runs: image tokens, reference tokens, text and Redux tokens, both CFG passes in one batch."""
+    tokens = (request.width // 16) * (request.height // 16) * request.batch
+    tokens += (
+        REFERENCE_TOKENS * len(request.references) + TEXT_TOKENS + REDUX_TOKENS * len(request.redux_images)
+    )
+    hidden = shapes.get("img_in.weight", (3072,))[0]
+    rows = 2 if request.cfg > 1 else 1
+    return activation_bytes(tokens, hidden, 4 * hidden, torch.empty((), dtype=dtype).element_size(), rows)
 
 
 def _with_prompt_loras(request: GenerateRequest) -> GenerateRequest:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from engine.formats.gguf_quants import QType, raw_nbytes
 from engine.runtime import footprint
-from engine.runtime.placement import GB, ModelBytes, Placement, place
+from engine.runtime.placement import GB, ModelBytes, Placement, activation_bytes, place
 from engine.runtime.speed import Speed
 
 TEXT_TOKENS = {"flux1-dev": 512, "flux1-schnell": 256, "klein-4b": 512, "klein-9b": 512}
@@ -90,7 +90,7 @@ def estimate(
 ) -> Estimate:
     """Placement, verdict and time of `steps` steps at `width`×`height` for these models on `machine`."""
     models = _stages([p.model_bytes() for p in parts])
-    placed = place(models, machine.vram)
+    placed = place(models, machine.vram, _activations(parts, machine, width, height))
     if machine.ram >= placed.ram_well:
         fits = True
         if placed.gpu:
@@ -112,6 +112,17 @@ def estimate(
         why = f"{where} needs {_gb(placed.ram_needed)} RAM, this machine has {_gb(machine.ram)}"
     step, image = _times(parts, models, placed, machine, steps, width, height)
     return Estimate(placed, fits, why, step, image)
+
+
+def _activations(parts: list[Part], machine: Machine, width: int, height: int) -> int:
+    """The transformer's largest activations at this size (the engine takes the same for a job)."""
+    transformer = next((p for p in parts if p.arch in footprint.TRANSFORMER_ARCHITECTURES), None)
+    if transformer is None:
+        return 0
+    shape = footprint.transformer_params(transformer.arch)
+    tokens = (width // 16) * (height // 16) + TEXT_TOKENS[transformer.arch]
+    dtype_bytes = 4 if machine.speed is not None and machine.speed.compute_dtype == "float32" else 2
+    return activation_bytes(tokens, shape.hidden_size, shape.mlp_hidden, dtype_bytes)
 
 
 def _stages(models: list[ModelBytes]) -> list[ModelBytes]:

@@ -64,6 +64,16 @@ class Layout:
         return ModelBytes(name, blocks, round(self.rest_params * per_param))
 
 
+def transformer_params(arch: str) -> FluxParams | Flux2Params:
+    """The published shape of a transformer architecture (TRANSFORMER_ARCHITECTURES)."""
+    return {
+        "flux1-dev": FLUX1_DEV,
+        "flux1-schnell": FLUX1_SCHNELL,
+        "klein-4b": KLEIN_4B,
+        "klein-9b": KLEIN_9B,
+    }[arch]
+
+
 def _meta_model(arch: str) -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel, Qwen3Config, Qwen3Model, T5Config, T5EncoderModel
 

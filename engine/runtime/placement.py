@@ -23,6 +23,7 @@ PIN_FACTOR, PIN_SLACK = 1.5, 2 * GB  # streamed blocks are pinned only when RAM 
 # the activations and the allocator's slack. Measured 1.17-1.21 (tests/test_memory_rss.py holds it within 0.1).
 RSS_PER_LARGEST = 1.2
 RUNTIME_RAM = 1.0 * GB  # Python, torch, tokenizers and the TUI's engine process before any weight
+ACTIVATIONS_IN_RESERVE = 1.0 * GB  # of the reserve, what activations may take before the budget gives way
 
 
 def spread(count: int, keep: int) -> list[int]:
@@ -54,9 +55,23 @@ def make_plan(block_bytes: list[int], rest_bytes: int, budget: int | None) -> Pl
     return Plan(resident, rest_bytes + total - streamed, streamed)
 
 
-def vram_budget(free: int, total: int) -> int:
-    """Weight bytes allowed on a card with `free` of `total` bytes free: the rest is the activations' reserve."""
-    return max(0, free - int(max(VRAM_RESERVE, VRAM_RESERVE_SHARE * total)))
+def activation_bytes(tokens: int, hidden: int, mlp: int, dtype_bytes: int, rows: int = 1) -> int:
+    """The largest live activations of a FLUX block over `tokens` tokens in `rows` batch rows: its input and
+    output, its qkv and its MLP's hidden state at once (attention runs in memory-efficient kernels that hold no
+    tokens² scores). A 1024² FLUX.1 step in bf16: 0.24 GB; Kontext's reference doubles the image tokens."""
+    return rows * tokens * (5 * hidden + mlp) * dtype_bytes
+
+
+def activation_excess(activations: int) -> int:
+    """What a job's activations need beyond the reserve's share for them: taken from the weights' budget."""
+    return max(0, activations - int(ACTIVATIONS_IN_RESERVE))
+
+
+def vram_budget(free: int, total: int, activations: int = 0) -> int:
+    """Weight bytes allowed on a card with `free` of `total` bytes free: the rest is the reserve for activations
+    and the autoencoder, grown when a job's sequence needs more (`activations`: `activation_bytes`)."""
+    reserve = int(max(VRAM_RESERVE, VRAM_RESERVE_SHARE * total)) + activation_excess(activations)
+    return max(0, free - reserve)
 
 
 def may_pin(available: int, nbytes: int) -> bool:
@@ -107,7 +122,7 @@ def place(models: list[ModelBytes], vram_total: int | None, activations: int = 0
     if vram_total is None:
         peak = int(RSS_PER_LARGEST * largest.total) + activations + int(RUNTIME_RAM)
         return Placement(False, {}, peak, peak, largest.name)
-    budget = vram_budget(max(0, vram_total - int(VRAM_IN_USE)), vram_total)
+    budget = vram_budget(max(0, vram_total - int(VRAM_IN_USE)), vram_total, activations)
     plans = {m.name: make_plan(list(m.block_bytes), m.rest_bytes, budget) for m in models}
     streamed = max(plan.streamed_bytes for plan in plans.values())
     heaviest = max(models, key=lambda m: plans[m.name].streamed_bytes)
