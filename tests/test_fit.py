@@ -14,7 +14,7 @@ from bootstrap.hardware import GpuInfo, SystemInfo
 from bootstrap.manifest import load_manifest
 from engine.models.flux1 import Flux
 from engine.runtime import footprint
-from engine.runtime.estimate import Machine, Part, bytes_per_weight, duration, estimate
+from engine.runtime.estimate import Machine, Part, duration, estimate
 from engine.runtime.memory import MemoryManager
 from engine.runtime.placement import (
     GB,
@@ -54,7 +54,7 @@ def test_architecture_counts_reproduce_the_published_file_sizes():
         parts = fit.parts_of(f)
         if not parts or not f.size or parts[0].arch == "controlnet":  # no published shape to count
             continue
-        predicted = sum(footprint.layout(p.arch).file_params * bytes_per_weight(p.fmt) for p in parts)
+        predicted = sum(p.expected_bytes() for p in parts)
         # all-in-one and T5 files carry T5's embedding twice (+2.8 %); Q4_K_M mixes in Q6_K (+8 %); BFL's
         # [klein] fp8 files keep some layers in bf16 and fp32 scales (+4-6 %), ComfyUI's fp8mixed more (+15 %)
         tolerance = 0.09 if "Q4_K_M" in f.name else 0.03

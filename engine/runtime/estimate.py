@@ -34,8 +34,21 @@ class Part:
             size = self.file_bytes or 0
             return ModelBytes(CONTROLNET, (size // CONTROLNET_BLOCKS,) * CONTROLNET_BLOCKS, 0)
         layout = footprint.layout(self.arch)
-        size = self.file_bytes or round(layout.file_params * bytes_per_weight(self.fmt))
-        return layout.bytes_for(self.arch, size)
+        return layout.bytes_for(self.arch, self.file_bytes or round(self.expected_bytes()))
+
+    def expected_bytes(self) -> float:
+        """The file's bytes for this model when none are published: its weights at the format's bytes per weight;
+        a GGUF transformer keeps what is outside its blocks (embedders, modulations, final layer) in bf16, as the
+        published FLUX.1 and [klein] GGUF files do (their sizes to within the header)."""
+        layout = footprint.layout(self.arch)
+        per_weight = bytes_per_weight(self.fmt)
+        if (
+            self.fmt in ("bf16", "fp16", "fp32", "fp8")
+            or self.arch not in footprint.TRANSFORMER_ARCHITECTURES
+        ):
+            return layout.file_params * per_weight
+        blocks = sum(layout.block_params)
+        return blocks * per_weight + (layout.file_params - blocks) * 2
 
 
 def bytes_per_weight(fmt: str) -> float:
