@@ -53,16 +53,21 @@ class Wine:
         }
         if path:  # prepended to Windows' PATH (an empty WINEPATH would hide cmd.exe itself)
             env["WINEPATH"] = ";".join(windows_path(p) for p in path)
-        done = subprocess.run(
-            ["wine", "cmd", "/c", windows_path(launch)],
-            cwd=elsewhere,
-            env=env,
-            input="\n\n\n",
-            capture_output=True,
-            text=True,
-            errors="replace",
-            timeout=120,
-        )
+        for _ in range(2):  # a fresh prefix can answer its first commands with nothing while wineboot settles
+            done = subprocess.run(
+                ["wine", "cmd", "/c", windows_path(launch)],
+                cwd=elsewhere,
+                env=env,
+                input="\n\n\n",
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=120,
+            )
+            if (
+                done.stdout or done.stderr or log.exists()
+            ):  # every path of the launchers says or logs something
+                break
         calls = log.read_text(encoding="utf-8").splitlines() if log.exists() else []
         return Run(done.returncode, done.stdout + done.stderr, calls)
 
