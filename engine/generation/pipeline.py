@@ -196,7 +196,7 @@ def _activations(request: GenerateRequest, shapes: dict[str, tuple[int, ...]], d
     )
     hidden = shapes.get("img_in.weight", (3072,))[0]
     rows = 2 if request.cfg > 1 else 1
-    return activation_bytes(tokens, hidden, 4 * hidden, torch.empty((), dtype=dtype).element_size(), rows)
+    return activation_bytes(tokens, hidden, 4 * hidden, dtype.itemsize, rows)
 
 
 def _with_prompt_loras(request: GenerateRequest) -> GenerateRequest:

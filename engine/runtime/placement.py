@@ -106,10 +106,6 @@ class Placement:
         plan = self.plans.get(name)
         return plan.streamed_bytes if plan else 0
 
-    def resident_bytes(self, name: str) -> int:
-        plan = self.plans.get(name)
-        return plan.resident_bytes if plan else 0
-
 
 def place(models: list[ModelBytes], vram_total: int | None, activations: int = 0) -> Placement:
     """The placement of `models` (run one after another, each released before the next, as the engine's stages
